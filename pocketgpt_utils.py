@@ -1,0 +1,757 @@
+"""
+pocketGPT: everything the four notebooks call, in pipeline order.
+
+    environment and paths -> demo data -> tokenizer -> model -> training -> SFT
+    -> evaluation -> export -> plotting -> command line
+
+Run the whole suite headless (papermill runs notebooks/01..04, each stage's folder feeds the next):
+    python pocketgpt_utils.py pipeline --profile demo
+Make the demo corpus and dialogs:
+    python pocketgpt_utils.py demo-data --out DIR
+Time a training step on this device:
+    python pocketgpt_utils.py bench --profile t4 --reference
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import codecs
+import csv
+import dataclasses
+import glob
+import hashlib
+import importlib.metadata
+import importlib.util
+import inspect
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import sys
+import time
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+SPECIAL_TOKENS = ["<pad>", "<unk>", "<|bos|>", "<|eos|>"]  # ids 0..3, in this order
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+STAGES = {"tokenizer": "01_tokenizer", "pretrain": "02_pretrain", "sft": "03_sft", "export": "04_eval_export"}
+
+
+class PocketGPTError(Exception):
+    """An error the user can fix: the message names the file or parameter and what to do."""
+
+
+# -----------------------------------------------------------------------------
+# Environment and paths
+
+def on_kaggle() -> bool:
+    """Kaggle sets KAGGLE_KERNEL_RUN_TYPE in every kernel (interactive or batch)."""
+    return "KAGGLE_KERNEL_RUN_TYPE" in os.environ
+
+
+def kaggle_root() -> Path:
+    """The /kaggle root; POCKETGPT_KAGGLE_ROOT lets tests simulate Kaggle's layout in a temp dir."""
+    return Path(os.environ.get("POCKETGPT_KAGGLE_ROOT", "/kaggle"))
+
+
+def default_run_dir(profile: str) -> Path:
+    """Where a run's stage folders live: /kaggle/working on Kaggle, runs/<profile> here."""
+    return kaggle_root() / "working" if on_kaggle() else HERE / "runs" / profile
+
+
+def library_versions() -> dict:
+    """Versions of what made an artifact, recorded in every manifest."""
+    out = {"python": platform.python_version()}
+    for name in ["torch", "transformers", "tokenizers", "accelerate", "numpy", "gguf"]:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def fingerprint(path) -> str:
+    """sha256 of a file, or of a stage folder's manifest (which lists and dates its files)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "manifest.json"
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def read_json(path) -> dict:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def write_json(path, obj) -> None:
+    """Write JSON atomically, so a crash mid-write never leaves half a file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, default=str)
+    os.replace(tmp, path)
+
+
+def find_stage(stage: str, path=None, run_dir=None) -> Path:
+    """Find the folder a finished `stage` wrote, by its manifest.json.
+
+    `path` (a notebook parameter) wins: the folder itself, or any folder above it. On Kaggle the
+    inputs are searched under /kaggle/input (mount paths have changed before, so none is
+    hard-coded); locally the stage's folder in the run folder. The newest finished one wins.
+    """
+    if path is not None:
+        roots, where = [Path(path)], f"{path}"
+        if not Path(path).exists():
+            raise PocketGPTError(f"{stage}: the path {path} does not exist. Pass the folder the "
+                                 f"{STAGES[stage]} notebook wrote (it holds a manifest.json).")
+    elif on_kaggle():
+        roots, where = [kaggle_root() / "input"], f"{kaggle_root() / 'input'} (attached inputs)"
+    else:
+        roots, where = [Path(run_dir) / stage], f"{Path(run_dir) / stage}"
+    found = []
+    for root in roots:
+        candidates = [root / "manifest.json"] + sorted(root.glob("**/manifest.json")) if root.is_dir() else []
+        for m in candidates:
+            try:
+                manifest = read_json(m)
+            except (OSError, ValueError):
+                continue
+            if manifest.get("stage") == stage and manifest.get("finished_at"):
+                found.append((manifest["finished_at"], m.parent))
+    if not found:
+        hint = (f"attach the output of the {STAGES[stage]} notebook to this one" if on_kaggle()
+                else f"run notebooks/{STAGES[stage]}.ipynb first")
+        raise PocketGPTError(f"No finished '{stage}' stage found in {where}: {hint}, "
+                             f"or pass its folder (the one holding manifest.json) as a parameter.")
+    return max(found)[1]
+
+
+def check_writable(out_dir: Path, param: str = "out_dir") -> None:
+    """Fail before hours of work if the output folder cannot be written."""
+    parent = Path(out_dir).parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        probe = parent / f".pocketgpt-write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise PocketGPTError(f"Cannot write the output folder {out_dir} ({e.strerror}). "
+                             f"Set {param} to a writable folder.") from None
+
+
+@contextmanager
+def stage_output(out_dir, stage: str, params: dict, inputs: dict | None = None):
+    """Write a stage into `<out_dir>.partial`, then rename it into place with its manifest.
+
+    A folder without manifest.json never counts as finished, so a crash (or Kaggle's 12-hour
+    kill) can leave a .partial behind (handy: it holds the last checkpoint) but never a folder
+    that looks done. The manifest says what made the folder: parameters, versions, inputs.
+    """
+    out_dir = Path(out_dir)
+    check_writable(out_dir)
+    work = out_dir.with_name(out_dir.name + ".partial")
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    started = now_iso()
+    yield work
+    manifest = {
+        "stage": stage,
+        "notebook": f"notebooks/{STAGES[stage]}.ipynb",
+        "params": params,
+        "versions": library_versions(),
+        "started_at": started,
+        "finished_at": now_iso(),
+        "inputs": {k: {"path": str(v), "fingerprint": fingerprint(v)} for k, v in (inputs or {}).items()},
+        "files": sorted(str(p.relative_to(work)) for p in work.rglob("*") if p.is_file()),
+    }
+    write_json(work / "manifest.json", manifest)
+    if out_dir.exists():
+        old = out_dir.with_name(out_dir.name + f".old-{os.getpid()}")
+        os.replace(out_dir, old)
+        os.replace(work, out_dir)
+        shutil.rmtree(old)
+    else:
+        os.replace(work, out_dir)
+
+
+# -----------------------------------------------------------------------------
+# Profiles and stage configurations
+# A profile is a named set of defaults; any notebook parameter left None takes the profile's value.
+
+PROFILES = {
+    "demo": dict(  # a tiny model that trains in minutes on a laptop CPU
+        vocab_size=4096, n_layer=4, n_head=4, n_embd=128, n_positions=128, dropout=0.0,
+        batch_size=16, grad_accum_steps=1, learning_rate=2e-3, min_lr=2e-4, warmup_steps=30,
+        max_steps=600, max_hours=0.1, log_interval=25, eval_interval=100, checkpoint_minutes=5,
+        sft_epochs=2, sft_batch_size=32, sft_learning_rate=5e-4, sft_max_hours=0.05,
+    ),
+    "t4": dict(  # the seed's 27M GPT-2 with batches that fill a 16 GB T4
+        vocab_size=24000, n_layer=10, n_head=6, n_embd=384, n_positions=384, dropout=0.0,
+        batch_size=32, grad_accum_steps=4, learning_rate=6e-4, min_lr=6e-5, warmup_steps=1000,
+        max_steps=40000, max_hours=11.25, log_interval=500, eval_interval=2000, checkpoint_minutes=30,
+        sft_epochs=3, sft_batch_size=64, sft_learning_rate=1e-4, sft_max_hours=11.25,
+    ),
+}
+
+
+def make_config(cls, profile: str, **given):
+    """Build a stage's dataclass: explicit values, else the profile's, else the field default."""
+    if profile not in PROFILES:
+        raise PocketGPTError(f"profile={profile!r} is unknown: use one of {sorted(PROFILES)}.")
+    defaults = PROFILES[profile]
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(given) - known
+    if unknown:
+        raise PocketGPTError(f"Unknown parameter(s) {sorted(unknown)} for {cls.__name__}.")
+    prefix = getattr(cls, "profile_prefix", "")
+    values = {}
+    for name in known:
+        if given.get(name) is not None:
+            values[name] = given[name]
+        elif prefix + name in defaults:
+            values[name] = defaults[prefix + name]
+        elif name in defaults:
+            values[name] = defaults[name]
+    return cls(profile=profile, **{k: v for k, v in values.items() if k != "profile"})
+
+
+@dataclasses.dataclass
+class TokenizerConfig:
+    profile: str = "demo"
+    run_dir: str | None = None
+    seed: int = 1337
+    corpus_path: str | None = None        # file, folder or glob; None = the demo corpus in the run folder
+    vocab_size: int = 24000
+    val_fraction: float = 0.01
+    out_dir: str | None = None
+    on_invalid_utf8: str = "fail"         # "fail" or "replace" (with U+FFFD)
+
+    def __post_init__(self):
+        self.run_dir = str(self.run_dir or default_run_dir(self.profile))
+        self.out_dir = str(self.out_dir or Path(self.run_dir) / "tokenizer")
+        if not 260 <= int(self.vocab_size) <= 65535:  # 256 bytes + 4 specials; uint16 .bin files
+            raise PocketGPTError(f"vocab_size={self.vocab_size}: must be between 260 (256 byte tokens + "
+                                 f"{len(SPECIAL_TOKENS)} special tokens) and 65535 (ids are stored as uint16).")
+        if not 0 < float(self.val_fraction) < 0.5:
+            raise PocketGPTError(f"val_fraction={self.val_fraction}: use a fraction between 0 and 0.5, e.g. 0.01.")
+        if self.on_invalid_utf8 not in ("fail", "replace"):
+            raise PocketGPTError(f"on_invalid_utf8={self.on_invalid_utf8!r}: use 'fail' or 'replace'.")
+
+
+# -----------------------------------------------------------------------------
+# Demo data: ML prose from the docstrings of the installed ML libraries
+# Read from source with `ast` (never imported: importing torch's 2,000 modules is slow and noisy).
+
+# Smallest first: what a small library cannot fill of its share rolls over to the big ones.
+DEMO_PACKAGES = ["safetensors", "tokenizers", "accelerate", "datasets", "sklearn", "scipy", "pandas",
+                 "numpy", "transformers", "torch"]
+QUESTION_TEMPLATES = [
+    "What does {name} do?",
+    "Explain {qualname}.",
+    "What is `{name}` used for?",
+    "Describe the {kind} {qualname}.",
+    "In {package}, what is {name}?",
+    "Summarize the documentation of {qualname}.",
+]
+
+
+def iter_docstrings(packages=DEMO_PACKAGES):
+    """Yield (package, qualname, kind, docstring) for every public documented object, in a fixed order."""
+    for package in packages:
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            continue
+        root = Path(list(spec.submodule_search_locations)[0])
+        for file in sorted(root.rglob("*.py")):
+            rel = file.relative_to(root.parent).with_suffix("")
+            if any(part.startswith("_") and part != "__init__" or part in ("tests", "testing") for part in rel.parts):
+                continue
+            module = ".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)
+            try:
+                tree = ast.parse(file.read_bytes(), filename=str(file))
+            except (SyntaxError, ValueError):
+                continue
+            yield from _walk_docstrings(tree, module, package)
+
+
+def _walk_docstrings(node, prefix: str, package: str):
+    kind = {"Module": "module", "ClassDef": "class"}.get(type(node).__name__, "function")
+    doc = ast.get_docstring(node)
+    if doc:
+        yield package, prefix, kind, doc
+    for child in getattr(node, "body", []):
+        if isinstance(child, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and not child.name.startswith("_"):
+            yield from _walk_docstrings(child, f"{prefix}.{child.name}", package)
+
+
+def clean_docstring(doc: str) -> str:
+    """One document per docstring: dedented, no blank lines inside (blank lines separate documents)."""
+    lines = [line.rstrip() for line in inspect.cleandoc(doc).splitlines()]
+    return "\n".join(line for line in lines if line.strip())
+
+
+def summary_paragraph(doc: str) -> str:
+    """The first paragraph of a docstring, on one line: the answer to 'what does X do?'."""
+    first = inspect.cleandoc(doc).split("\n\n")[0]
+    return " ".join(first.split())
+
+
+def make_demo_data(out_dir, max_bytes: int = 6_000_000, max_dialogs: int = 20_000,
+                   packages=DEMO_PACKAGES) -> dict:
+    """Write corpus.txt (documents separated by blank lines) and dialogs.csv; deterministic."""
+    out_dir = Path(out_dir)
+    check_writable(out_dir / "corpus.txt", "--out")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    packages = [p for p in packages if importlib.util.find_spec(p) is not None]
+    seen, n_bytes, n_docs, dialogs = set(), 0, 0, []
+    tmp = out_dir / "corpus.txt.tmp"
+    with open(tmp, "w", encoding="utf-8", newline="\n") as corpus:
+        for i, package in enumerate(packages):  # an equal share each, so no one library dominates
+            budget = n_bytes + (max_bytes - n_bytes) // (len(packages) - i)
+            dialog_budget = len(dialogs) + (max_dialogs - len(dialogs)) // (len(packages) - i)
+            for _, qualname, kind, doc in iter_docstrings([package]):
+                text = clean_docstring(doc)
+                key = hashlib.blake2b(text.encode(), digest_size=16).digest()
+                if len(text) < 80 or key in seen:
+                    continue
+                seen.add(key)
+                document = f"{qualname}\n{text}"
+                size = len(document.encode()) + 2
+                if n_bytes + size > budget:
+                    if budget - n_bytes < 2000:
+                        break
+                    continue  # one long docstring; smaller ones may still fit
+                corpus.write(document + "\n\n")
+                n_bytes, n_docs = n_bytes + size, n_docs + 1
+                answer = summary_paragraph(doc)
+                if kind != "module" and 40 <= len(answer) <= 600 and len(dialogs) < dialog_budget:
+                    name = qualname.rsplit(".", 1)[-1]
+                    for k in sorted({key[0] % len(QUESTION_TEMPLATES), key[1] % len(QUESTION_TEMPLATES)}):
+                        q = QUESTION_TEMPLATES[k].format(name=name, qualname=qualname, kind=kind, package=package)
+                        dialogs.append((q, answer))
+    os.replace(tmp, out_dir / "corpus.txt")
+    with open(out_dir / "dialogs.csv.tmp", "w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["instruction", "response"])
+        writer.writerows(dialogs[:max_dialogs])
+    os.replace(out_dir / "dialogs.csv.tmp", out_dir / "dialogs.csv")
+    return {"corpus": str(out_dir / "corpus.txt"), "documents": n_docs, "bytes": n_bytes,
+            "dialogs": str(out_dir / "dialogs.csv"), "dialog_rows": min(len(dialogs), max_dialogs)}
+
+
+# -----------------------------------------------------------------------------
+# Reading a corpus: documents are separated by blank lines; read as a stream
+
+def corpus_files(corpus_path) -> list[Path]:
+    """A corpus is a file, a folder (every *.txt under it) or a glob; files in sorted order."""
+    if corpus_path is None:
+        raise PocketGPTError("corpus_path is not set: pass a text file, a folder of .txt files or a glob.")
+    p = Path(corpus_path)
+    if p.is_file():
+        return [p]
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*.txt") if f.is_file())
+        if not files:
+            raise PocketGPTError(f"corpus_path={corpus_path}: the folder holds no .txt files.")
+        return files
+    files = sorted(Path(f) for f in glob.glob(str(corpus_path), recursive=True) if Path(f).is_file())
+    if not files:
+        raise PocketGPTError(f"corpus_path={corpus_path}: no such file, folder or glob match. "
+                             f"Check the path (on Kaggle, attach the dataset holding your corpus).")
+    return files
+
+
+class InvalidUTF8:
+    """Counts invalid UTF-8 bytes and remembers where the first ones are (file, line, byte offset)."""
+
+    def __init__(self):
+        self.count, self.where = 0, []
+
+    def decode(self, raw: bytes, file, line_no: int, offset: int) -> str:
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            pass
+        out, pos = [], 0
+        while True:
+            try:
+                out.append(raw[pos:].decode("utf-8"))
+                return "".join(out)
+            except UnicodeDecodeError as e:
+                out.append(raw[pos:pos + e.start].decode("utf-8") + "\ufffd")
+                self.count += e.end - e.start
+                if len(self.where) < 5:
+                    self.where.append(f"{file}:{line_no} (byte {offset + pos + e.start})")
+                pos += e.end
+
+
+def iter_documents(files, invalid: InvalidUTF8 | None = None, progress=None):
+    """Yield documents (text between blank lines) from the files, one line in memory at a time.
+
+    Lines keep their leading spaces; line endings become "\\n"; invalid UTF-8 becomes U+FFFD and
+    is counted in `invalid`. `progress` (a tqdm bar) is advanced by the bytes read.
+    """
+    invalid = invalid or InvalidUTF8()
+    for file in files:
+        lines, offset = [], 0
+        with open(file, "rb") as f:
+            for line_no, raw in enumerate(f, 1):
+                line = invalid.decode(raw, file, line_no, offset).rstrip("\r\n")
+                offset += len(raw)
+                if progress is not None:
+                    progress.update(len(raw))
+                if line.strip():
+                    lines.append(line)
+                elif lines:
+                    yield "\n".join(lines)
+                    lines = []
+        if lines:
+            yield "\n".join(lines)
+
+
+def scan_corpus(files, on_invalid_utf8: str = "fail") -> dict:
+    """One cheap pass before the work: sizes, document count, invalid UTF-8 (fail or replace)."""
+    invalid, n_docs, n_bytes = InvalidUTF8(), 0, sum(f.stat().st_size for f in files)
+    for _ in iter_documents(files, invalid):
+        n_docs += 1
+    if n_docs == 0:
+        raise PocketGPTError(f"The corpus {', '.join(map(str, files))} is empty (no text). "
+                             f"Point corpus_path at a file with documents separated by blank lines.")
+    if invalid.count and on_invalid_utf8 == "fail":
+        raise PocketGPTError(f"The corpus has {invalid.count} invalid UTF-8 byte(s), first at "
+                             f"{'; '.join(invalid.where)}. Fix the file(s), or set "
+                             f"on_invalid_utf8='replace' to replace them with U+FFFD.")
+    return {"files": [str(f) for f in files], "bytes": n_bytes, "documents": n_docs,
+            "invalid_utf8_bytes": invalid.count, "invalid_utf8_where": invalid.where}
+
+
+def split_of(document: str, seed: int, val_fraction: float) -> str:
+    """'train' or 'val' from a seeded hash of the text: deterministic, disjoint, and streaming.
+
+    Hashing the text (not its position) also puts exact duplicates in the same split, so the
+    validation loss never measures memorized training documents.
+    """
+    h = hashlib.blake2b(document.encode("utf-8", "surrogatepass"), digest_size=8, key=str(seed).encode())
+    return "val" if int.from_bytes(h.digest(), "little") / 2**64 < val_fraction else "train"
+
+
+# -----------------------------------------------------------------------------
+# Tokenizer: byte-level BPE trained with `tokenizers`, wrapped as GPT2TokenizerFast
+
+def train_tokenizer(documents, vocab_size: int, n_documents: int | None = None):
+    """Train a byte-level BPE on an iterator of documents (streamed in batches, never all in memory).
+
+    ByteLevel with add_prefix_space=False and a ByteLevel decoder round-trips any text exactly;
+    the 256 byte symbols are in the initial alphabet, so no text ever needs <unk>.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, min_frequency=2, special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+
+    def batches(size=1000):
+        batch = []
+        for doc in documents:
+            batch.append(doc)
+            if len(batch) == size:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+    tok.train_from_iterator(batches(), trainer=trainer, length=n_documents)
+    return tok
+
+
+def wrap_tokenizer(tok, model_max_length: int = 1024):
+    """The transformers face of the tokenizer: GPT2TokenizerFast with the four special tokens set."""
+    from transformers import GPT2TokenizerFast
+
+    return GPT2TokenizerFast(tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|eos|>",
+                             pad_token="<pad>", unk_token="<unk>", add_prefix_space=False,
+                             model_max_length=model_max_length)
+
+
+def save_tokenizer(hf_tok, out_dir) -> None:
+    """save_pretrained, plus vocab.json/merges.txt (transformers 5 writes only tokenizer.json)."""
+    out_dir = Path(out_dir)
+    hf_tok.save_pretrained(out_dir)
+    hf_tok.backend_tokenizer.model.save(str(out_dir))
+
+
+def load_tokenizer(folder):
+    """Load a saved tokenizer, with an error that names the folder when it is missing or corrupt."""
+    from transformers import GPT2TokenizerFast
+
+    folder = Path(folder)
+    if not (folder / "tokenizer.json").is_file():
+        raise PocketGPTError(f"{folder} holds no tokenizer.json: point tokenizer_dir at the folder the "
+                             f"01_tokenizer notebook wrote, or run that notebook again.")
+    try:
+        tok = GPT2TokenizerFast.from_pretrained(str(folder))
+    except Exception as e:  # a truncated or hand-edited file fails deep inside the library
+        raise PocketGPTError(f"The tokenizer in {folder} cannot be loaded ({type(e).__name__}: {e}). "
+                             f"Run the 01_tokenizer notebook again to rebuild it.") from None
+    if tok.convert_tokens_to_ids(SPECIAL_TOKENS) != [PAD_ID, UNK_ID, BOS_ID, EOS_ID]:
+        raise PocketGPTError(f"The tokenizer in {folder} does not have {SPECIAL_TOKENS} at ids 0-3: "
+                             f"it was not made by pocketGPT's 01_tokenizer notebook.")
+    return tok
+
+
+def encode_corpus(files, tok, out_dir, seed: int, val_fraction: float, total_bytes: int,
+                  batch_docs: int = 2000) -> dict:
+    """Encode every document as <|bos|> ... <|eos|> into uint16 train.bin / val.bin.
+
+    Batches go through the Rust tokenizer's parallel encode_batch; the ids are appended to the
+    files as they come, so memory stays flat for any corpus size. Per-document lengths are kept
+    (doc_stats.npz) for the length plots; val-split byte and word counts give the compression.
+    """
+    from tqdm import tqdm
+
+    out_dir = Path(out_dir)
+    outs = {s: open(out_dir / f"{s}.bin", "wb") for s in ("train", "val")}
+    stats = {s: {"docs": 0, "tokens": 0, "bytes": 0, "words": 0, "chars": 0} for s in outs}
+    lengths = {"split": [], "bytes": [], "tokens": []}
+    started = time.time()
+
+    def flush(batch):
+        for doc, enc in zip(batch, tok.encode_batch(batch, add_special_tokens=False)):
+            ids = np.array([BOS_ID, *enc.ids, EOS_ID], dtype=np.uint16)
+            s = split_of(doc, seed, val_fraction)
+            outs[s].write(ids.tobytes())
+            st, nb = stats[s], len(doc.encode("utf-8"))
+            st["docs"] += 1; st["tokens"] += len(ids); st["bytes"] += nb
+            st["words"] += len(doc.split()); st["chars"] += len(doc)
+            lengths["split"].append(s == "val"); lengths["bytes"].append(nb); lengths["tokens"].append(len(ids))
+
+    try:
+        with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="encode") as bar:
+            batch = []
+            for doc in iter_documents(files, progress=bar):
+                batch.append(doc)
+                if len(batch) == batch_docs:
+                    flush(batch); batch = []
+            if batch:
+                flush(batch)
+    finally:
+        for f in outs.values():
+            f.close()
+    seconds = time.time() - started
+    if stats["val"]["docs"] == 0 or stats["train"]["docs"] == 0:
+        empty = "val" if stats["val"]["docs"] == 0 else "train"
+        raise PocketGPTError(f"The {empty} split is empty ({stats['train']['docs'] + stats['val']['docs']} "
+                             f"documents, val_fraction={val_fraction}). Use a larger corpus or adjust val_fraction.")
+    np.savez(out_dir / "doc_stats.npz", **{k: np.array(v) for k, v in lengths.items()})
+    v = stats["val"]
+    return {
+        "train_tokens": stats["train"]["tokens"], "val_tokens": v["tokens"],
+        "train_documents": stats["train"]["docs"], "val_documents": v["docs"],
+        "val_bytes_per_token": v["bytes"] / (v["tokens"] - 2 * v["docs"]),
+        "val_chars_per_token": v["chars"] / (v["tokens"] - 2 * v["docs"]),
+        "val_tokens_per_word": (v["tokens"] - 2 * v["docs"]) / max(v["words"], 1),
+        "val_bytes": v["bytes"],
+        "encode_seconds": seconds, "encode_mb_per_s": total_bytes / 1e6 / max(seconds, 1e-9),
+    }
+
+
+def build_tokenizer_stage(cfg: TokenizerConfig) -> Path:
+    """Stage 1, whole: scan, train the BPE, save it, encode the splits, write meta and manifest."""
+    if cfg.corpus_path is None:
+        cfg.corpus_path = str(Path(cfg.run_dir) / "data" / "corpus.txt")
+        if not Path(cfg.corpus_path).exists():
+            make_demo_data(Path(cfg.run_dir) / "data")
+    files = corpus_files(cfg.corpus_path)
+    scan = scan_corpus(files, cfg.on_invalid_utf8)
+    print(f"corpus: {len(files)} file(s), {scan['bytes'] / 1e6:.1f} MB, {scan['documents']:,} documents"
+          + (f", {scan['invalid_utf8_bytes']} invalid UTF-8 bytes replaced" if scan["invalid_utf8_bytes"] else ""))
+    inputs = {f"corpus:{f.name}" if len(files) > 1 else "corpus": f for f in files}
+    with stage_output(cfg.out_dir, "tokenizer", dataclasses.asdict(cfg), inputs) as work:
+        started = time.time()
+        tok = train_tokenizer(iter_documents(files), cfg.vocab_size, scan["documents"])
+        train_seconds = time.time() - started
+        print(f"trained a {tok.get_vocab_size():,}-token BPE in {train_seconds:.1f}s")
+        save_tokenizer(wrap_tokenizer(tok), work)
+        enc = encode_corpus(files, tok, work, cfg.seed, cfg.val_fraction, scan["bytes"])
+        meta = {"vocab_size": tok.get_vocab_size(), "dtype": "uint16",
+                "special_tokens": dict(zip(SPECIAL_TOKENS, range(4))),
+                "bos_id": BOS_ID, "eos_id": EOS_ID, "pad_id": PAD_ID,
+                "corpus_bytes": scan["bytes"], "documents": scan["documents"],
+                "invalid_utf8_bytes": scan["invalid_utf8_bytes"], **enc}
+        write_json(work / "meta.json", meta)
+        write_json(work / "metrics.json", {"train_seconds": train_seconds, "train_mb_per_s":
+                                          scan["bytes"] / 1e6 / train_seconds, **meta})
+    return Path(cfg.out_dir)
+
+
+def compression_table(stage_dir) -> list[dict]:
+    """Rows for the notebook's table: how well the tokenizer compresses held-out text."""
+    m = read_json(Path(stage_dir) / "meta.json")
+    return [
+        {"measure": "bytes per token (val)", "value": f"{m['val_bytes_per_token']:.3f}"},
+        {"measure": "characters per token (val)", "value": f"{m['val_chars_per_token']:.3f}"},
+        {"measure": "tokens per word (val)", "value": f"{m['val_tokens_per_word']:.3f}"},
+        {"measure": "train tokens", "value": f"{m['train_tokens']:,}"},
+        {"measure": "val tokens", "value": f"{m['val_tokens']:,}"},
+        {"measure": "vocab size", "value": f"{m['vocab_size']:,}"},
+    ]
+
+
+def sample_tokenizations(tok, texts) -> list[dict]:
+    """How some ML terms split into tokens: a quick look at what the BPE learned."""
+    rows = []
+    for text in texts:
+        ids = tok.encode(text, add_special_tokens=False)
+        rows.append({"text": text, "n_tokens": len(ids), "tokens": " | ".join(repr(tok.decode([i]))[1:-1] for i in ids)})
+    return rows
+
+
+def read_bin(path) -> np.memmap:
+    """Memory-map a uint16 token file (train.bin/val.bin) without reading it."""
+    return np.memmap(path, dtype=np.uint16, mode="r")
+
+
+def decode_documents(ids: np.ndarray, tok) -> list[str]:
+    """Split a token stream at <|bos|> and decode each document (a check that nothing was lost)."""
+    starts = np.flatnonzero(ids == BOS_ID)
+    ends = list(starts[1:]) + [len(ids)]
+    return [tok.decode(ids[s + 1:e - 1].tolist()) for s, e in zip(starts, ends)]
+
+
+# -----------------------------------------------------------------------------
+# Plotting (figures are returned for the notebook to show, and saved as PNG beside the data)
+
+def plot_length_distributions(stage_dir):
+    """Histograms of document length in bytes and in tokens (log scale: corpora have long tails)."""
+    import matplotlib.pyplot as plt
+
+    d = np.load(Path(stage_dir) / "doc_stats.npz")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.5))
+    for ax, key, unit in zip(axes, ["bytes", "tokens"], ["bytes", "tokens"]):
+        values = np.maximum(d[key], 1)
+        bins = np.logspace(0, np.log10(values.max() + 1), 50)
+        ax.hist(values, bins=bins, color="tab:blue", alpha=0.8)
+        ax.set_xscale("log")
+        ax.set_xlabel(f"document length ({unit})")
+        ax.set_ylabel("documents")
+        ax.set_title(f"median {np.median(values):,.0f} {unit}, max {values.max():,} {unit}")
+    fig.tight_layout()
+    fig.savefig(Path(stage_dir) / "lengths.png", dpi=100)
+    return fig
+
+
+# -----------------------------------------------------------------------------
+# Command line: the pipeline (papermill), demo data, the benchmark
+
+def parse_value(text: str):
+    """`-p NAME VALUE`: a Python literal where it is one (3, 0.1, None, True), else the string."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def run_notebook(notebook: Path, out_path: Path, parameters: dict, log_output: bool = True) -> None:
+    """Execute one notebook with papermill, save it, render it to HTML; one clear error on failure."""
+    import papermill as pm
+
+    declared = pm.inspect_notebook(str(notebook))
+    params = {k: v for k, v in parameters.items() if k in declared}
+    try:
+        pm.execute_notebook(str(notebook), str(out_path), parameters=params, cwd=str(notebook.parent),
+                            kernel_name="python3", log_output=log_output, progress_bar=False)
+    except pm.PapermillExecutionError as e:
+        raise PocketGPTError(f"{notebook.stem} failed in cell {e.exec_count} ({e.ename}: {e.evalue}). "
+                             f"The executed notebook is saved at {out_path}.") from None
+    finally:
+        if out_path.exists():
+            render_html(out_path)
+
+
+def render_html(notebook_path: Path) -> Path:
+    """An executed notebook as one self-contained HTML page (plots embedded) to read in a browser."""
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    body, _ = HTMLExporter().from_notebook_node(nbformat.read(str(notebook_path), as_version=4))
+    html = notebook_path.with_suffix(".html")
+    html.write_text(body, encoding="utf-8")
+    return html
+
+
+def run_pipeline(profile: str = "demo", run_dir=None, corpus=None, dialogs=None, params=None,
+                 stages=None, log_output: bool = True) -> Path:
+    """Run the notebooks that exist, 01 -> 04, each reading the folder the previous one wrote."""
+    run_dir = Path(run_dir or default_run_dir(profile)).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if corpus is None:
+        data = run_dir / "data"
+        if not (data / "corpus.txt").exists():
+            print(f"building the demo data in {data}")
+            make_demo_data(data)
+        corpus, dialogs = data / "corpus.txt", dialogs or data / "dialogs.csv"
+    parameters = {"profile": profile, "run_dir": str(run_dir), "corpus_path": str(corpus),
+                  **({"dialogs_path": str(dialogs)} if dialogs else {}), **(params or {})}
+    (run_dir / "notebooks").mkdir(exist_ok=True)
+    for stage, name in STAGES.items():
+        notebook = HERE / "notebooks" / f"{name}.ipynb"
+        if not notebook.exists() or (stages and stage not in stages):
+            continue
+        started = time.time()
+        print(f"== {name} ==", flush=True)
+        run_notebook(notebook, run_dir / "notebooks" / f"{name}.ipynb", parameters, log_output)
+        print(f"== {name} done in {time.time() - started:.0f}s ==", flush=True)
+    return run_dir
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="pocketgpt_utils.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("pipeline", help="run notebooks 01-04 with papermill")
+    p.add_argument("--profile", default="demo", choices=sorted(PROFILES))
+    p.add_argument("--run-dir", help="the run folder (default runs/<profile>)")
+    p.add_argument("--corpus", help="your corpus: a .txt file, folder or glob (default: demo data)")
+    p.add_argument("--dialogs", help="your instruction/response CSV (default: demo data)")
+    p.add_argument("--stages", nargs="+", choices=list(STAGES), help="run only these stages")
+    p.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
+                   help="a notebook parameter, e.g. -p max_steps 100")
+    d = sub.add_parser("demo-data", help="write the demo corpus.txt and dialogs.csv")
+    d.add_argument("--out", required=True)
+    d.add_argument("--max-bytes", type=int, default=6_000_000)
+    d.add_argument("--max-dialogs", type=int, default=20_000)
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "pipeline":
+            params = {k: parse_value(v) for k, v in args.param}
+            run_dir = run_pipeline(args.profile, args.run_dir, args.corpus, args.dialogs, params, args.stages)
+            print(f"done: {run_dir}")
+        elif args.command == "demo-data":
+            print(json.dumps(make_demo_data(args.out, args.max_bytes, args.max_dialogs)))
+    except PocketGPTError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
