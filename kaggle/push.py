@@ -67,17 +67,17 @@ def write_kernel_folder(name, out, username, data_slug, profile="t4", resume=Fal
     (folder / "kernel-metadata.json").write_text(json.dumps(meta, indent=2) + "\n")
     return meta
 
-def write_dataset_folder(name, out, username, data_slug, files=()):
-    """out/<name>/ with dataset-metadata.json and copies of `files` (a folder is copied whole)."""
+def write_dataset_folder(name, out, username, data_slug, files=None):
+    """out/<name>/ with dataset-metadata.json and `files` ({name in the dataset: source}) copied in."""
     meta = load_template(name, username, data_slug)
     folder = Path(out) / name
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "dataset-metadata.json").write_text(json.dumps(meta, indent=2) + "\n")
-    for f in map(Path, files):
-        if f.is_dir():
-            shutil.copytree(f, folder / f.name, dirs_exist_ok=True)
+    for dest, src in (files or {}).items():
+        if Path(src).is_dir():
+            shutil.copytree(src, folder / dest, dirs_exist_ok=True)
         else:
-            shutil.copy2(f, folder / f.name)
+            shutil.copy2(src, folder / dest)
     return meta
 
 # -----------------------------------------------------------------------------
@@ -147,14 +147,18 @@ def main(argv=None):
     p.add_argument("--dry-run", action="store_true", help="write the filled folders and print the commands only")
     args = p.parse_args(argv)
 
-    data_files = [f for f in (args.corpus, args.dialogs) if f]
+    data_files = {}  # the names the notebooks look for
+    if args.corpus:
+        data_files["corpus" if Path(args.corpus).is_dir() else "corpus.txt"] = args.corpus
+    if args.dialogs:
+        data_files["dialogs.csv"] = args.dialogs
     steps = args.only or (["code"] + (["data"] if data_files else []) + ["01", "02", "03", "04"])
     out = Path(args.out or tempfile.mkdtemp(prefix="pocketgpt-kaggle-"))
     print(f"# filled copies in {out}")
     user, slug, dry = args.username, args.data_slug, args.dry_run
 
     if "code" in steps:
-        meta = write_dataset_folder("code", out, user, slug, [args.module])
+        meta = write_dataset_folder("code", out, user, slug, {"pocketgpt_utils.py": args.module})
         push_dataset(out / "code", meta, None, dry, args.poll)
     if "data" in steps:
         if not data_files:
