@@ -36,6 +36,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
 
 HERE = Path(__file__).resolve().parent
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<|bos|>", "<|eos|>"]  # ids 0..3, in this order
@@ -638,6 +641,582 @@ def decode_documents(ids: np.ndarray, tok) -> list[str]:
 
 
 # -----------------------------------------------------------------------------
+# Model: Hugging Face's GPT2LMHeadModel, so every stage saves a standard folder
+
+@dataclasses.dataclass
+class PretrainConfig:
+    profile: str = "demo"
+    run_dir: str | None = None
+    seed: int = 1337
+    tokenizer_dir: str | None = None      # None: found by manifest (run folder, or /kaggle/input)
+    out_dir: str | None = None
+    resume_from: str | None = None        # a pretrain folder (or its .partial) holding ckpt.pt; "auto": this run's
+    n_layer: int = 10
+    n_head: int = 6
+    n_embd: int = 384
+    n_positions: int = 384
+    dropout: float = 0.0
+    batch_size: int = 32                  # sequences per device per micro-step
+    grad_accum_steps: int = 4
+    learning_rate: float = 6e-4
+    min_lr: float = 6e-5
+    warmup_steps: int = 1000
+    max_steps: int = 40000
+    max_hours: float = 11.25              # stop cleanly (checkpoint, eval, plots) before this
+    log_interval: int = 500
+    eval_interval: int = 2000
+    eval_batches: int = 20
+    checkpoint_minutes: float = 30
+    precision: str = "auto"               # auto | fp32 | bf16 | fp16
+    compile: str | bool = "auto"          # auto = on a GPU
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+
+    def __post_init__(self):
+        self.run_dir = str(self.run_dir or default_run_dir(self.profile))
+        self.out_dir = str(self.out_dir or Path(self.run_dir) / "pretrain")
+        check_model_shape(self)
+        check_training_params(self)
+
+
+def check_model_shape(cfg) -> None:
+    for name in ["n_layer", "n_head", "n_embd", "n_positions"]:
+        if int(getattr(cfg, name)) < 1:
+            raise PocketGPTError(f"{name}={getattr(cfg, name)} must be a positive integer.")
+    if cfg.n_embd % cfg.n_head:
+        divisors = [h for h in range(1, 17) if cfg.n_embd % h == 0]
+        raise PocketGPTError(f"n_head={cfg.n_head} does not divide n_embd={cfg.n_embd}: "
+                             f"use one of {divisors} (or change n_embd).")
+
+
+def check_training_params(cfg) -> None:
+    for name in ["batch_size", "grad_accum_steps", "log_interval", "eval_interval"]:
+        if int(getattr(cfg, name)) < 1:
+            raise PocketGPTError(f"{name}={getattr(cfg, name)} must be a positive integer.")
+    if not 0 <= cfg.dropout < 1:
+        raise PocketGPTError(f"dropout={cfg.dropout} must be in [0, 1).")
+    if cfg.precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise PocketGPTError(f"precision={cfg.precision!r}: use 'auto', 'fp32', 'bf16' or 'fp16'.")
+    if not 0 < cfg.max_hours:
+        raise PocketGPTError(f"max_hours={cfg.max_hours} must be positive.")
+
+
+def build_model(vocab_size: int, cfg, seed: int | None = None):
+    """A GPT-2 with tied embeddings and SDPA attention; the seed fixes the initial weights."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(
+        vocab_size=vocab_size, n_positions=cfg.n_positions, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
+        n_head=cfg.n_head, resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout,
+        bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID, tie_word_embeddings=True,
+        use_cache=False, attn_implementation="sdpa")  # use_cache=False: no KV cache objects while training
+    config.n_ctx = cfg.n_positions  # llama.cpp's own converter reads n_ctx; costs nothing
+    torch.manual_seed(cfg.seed if seed is None else seed)
+    return GPT2LMHeadModel(config)
+
+
+def count_params(model) -> int:
+    """Unique parameters (the tied lm_head is the embedding, counted once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def flops_per_token(model) -> float:
+    """Training FLOPs per token: 6 per weight (forward + backward) plus attention (PaLM appendix B)."""
+    c = model.config
+    n = count_params(model) - c.n_positions * c.n_embd  # position embeddings do no matmuls
+    return 6 * n + 12 * c.n_layer * c.n_embd * c.n_positions
+
+
+class LMLoss(nn.Module):
+    """Next-token cross-entropy on pre-shifted targets, straight from the hidden states.
+
+    The stock `labels=` path shifts and copies the logits and upcasts them to fp32 before the
+    loss; here the targets are already shifted (y = x moved by one) and cross_entropy reads
+    the logits as they are, which is what makes the HF model as fast as a plain one.
+    Targets of -100 (padding, SFT prompts) are ignored.
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, y, reduction: str = "mean"):
+        h = self.model.transformer(input_ids=x, use_cache=False).last_hidden_state
+        logits = self.model.lm_head(h)
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), ignore_index=-100,
+                               reduction=reduction)
+
+class PlainGPT(nn.Module):
+    """The reference for `bench --reference`: a GPT-2 of the same shape in plain PyTorch
+    (fused QKV nn.Linear, SDPA, F.cross_entropy on pre-shifted targets), as in nanoGPT."""
+
+    def __init__(self, vocab_size, n_layer, n_head, n_embd, n_positions):
+        super().__init__()
+        self.n_head = n_head
+        self.wte, self.wpe = nn.Embedding(vocab_size, n_embd), nn.Embedding(n_positions, n_embd)
+        self.blocks = nn.ModuleList(nn.ModuleDict(dict(
+            ln1=nn.LayerNorm(n_embd), qkv=nn.Linear(n_embd, 3 * n_embd), proj=nn.Linear(n_embd, n_embd),
+            ln2=nn.LayerNorm(n_embd), fc=nn.Linear(n_embd, 4 * n_embd), out=nn.Linear(4 * n_embd, n_embd),
+        )) for _ in range(n_layer))
+        self.ln_f = nn.LayerNorm(n_embd)
+        self.apply(lambda m: nn.init.normal_(m.weight, std=0.02) if isinstance(m, (nn.Linear, nn.Embedding)) else None)
+
+    def forward(self, x, y):
+        B, T = x.shape
+        h = self.wte(x) + self.wpe(torch.arange(T, device=x.device))
+        for b in self.blocks:
+            q, k, v = b.qkv(b.ln1(h)).split(h.size(-1), dim=2)
+            q, k, v = (t.view(B, T, self.n_head, -1).transpose(1, 2) for t in (q, k, v))
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            h = h + b.proj(a.transpose(1, 2).reshape(B, T, -1))
+            h = h + b.out(F.gelu(b.fc(b.ln2(h)), approximate="tanh"))
+        logits = F.linear(self.ln_f(h), self.wte.weight)  # tied embeddings
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1))
+
+
+# -----------------------------------------------------------------------------
+# Device and precision
+
+PEAK_TFLOPS = {"H200": 989, "H100": 989, "A100": 312, "L4": 121, "A10": 125, "V100": 125, "T4": 65, "P100": 18.7}
+
+
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX: the CPU computes bf16 matmuls in hardware (measured ~1.5x fp32 here)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
+
+
+def choose_precision(requested: str = "auto") -> str:
+    """bf16 on compute capability >= 8.0, fp16 (+GradScaler) on a T4/P100/V100, fp32 or bf16 on a CPU.
+
+    torch.cuda.is_bf16_supported() answers True on a T4, where bf16 is emulated and slow, so the
+    decision is made on the compute capability itself.
+    """
+
+    if torch.cuda.is_available():
+        native_bf16 = torch.cuda.get_device_capability()[0] >= 8
+        if requested == "auto":
+            return "bf16" if native_bf16 else "fp16"
+        if requested == "bf16" and not native_bf16:
+            raise PocketGPTError(f"precision='bf16': {torch.cuda.get_device_name()} has no native bf16 "
+                                 f"(compute capability < 8.0). Use precision='fp16' or 'auto'.")
+        return requested
+    if requested == "fp16":
+        raise PocketGPTError("precision='fp16' needs a GPU; on a CPU use 'auto', 'bf16' or 'fp32'.")
+    if requested == "auto":
+        return "bf16" if cpu_has_native_bf16() else "fp32"
+    return requested
+
+
+def peak_flops(device, precision: str) -> float | None:
+    """The device's dense peak for the precision in use; None on a CPU (no honest MFU there)."""
+
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in PEAK_TFLOPS.items():
+        if key in name:
+            return tflops * 1e12 if precision != "fp32" else tflops * 1e12 / (16 if key in ("T4",) else 2)
+    return None
+
+
+def device_name(device) -> str:
+
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} x{torch.cuda.device_count()}"
+    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def make_accelerator(precision: str, compile_model: bool):
+    """accelerate does the device placement, autocast, GradScaler (fp16) and multi-GPU wrapping."""
+    from accelerate import Accelerator
+
+    return Accelerator(mixed_precision={"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision],
+                       dynamo_backend="inductor" if compile_model else "no")
+
+
+def resolve_compile(setting) -> bool:
+
+    if setting == "auto":
+        return torch.cuda.is_available()
+    if isinstance(setting, str):
+        return setting.lower() in ("true", "1", "yes")
+    return bool(setting)
+
+
+# -----------------------------------------------------------------------------
+# Data: memory-mapped token windows, visited in a seeded order, resumable
+
+class TokenWindows:
+    """Non-overlapping (T+1)-token windows of a .bin file, in a seeded random order, epoch after epoch.
+
+    The position (epoch, index) is all the state there is, so a checkpoint can resume the data
+    exactly. With several processes each takes its own slice of every global batch.
+    """
+
+    def __init__(self, path, context: int, batch_size: int, seed: int, vocab_size: int, rank: int = 0, world: int = 1):
+        self.path, self.T, self.B, self.seed, self.rank, self.world = Path(path), context, batch_size, seed, rank, world
+        self.data = read_bin(path)
+        self.n = (len(self.data) - 1) // context
+        if self.n < 1:
+            raise PocketGPTError(f"{path} holds {len(self.data)} tokens, fewer than one context window of "
+                                 f"{context + 1}: use a smaller n_positions or a larger corpus/val_fraction.")
+        check_token_ids(self.data, vocab_size, path)
+        self.epoch, self.index, self._order = 0, 0, None
+
+    def order(self) -> np.ndarray:
+        if self._order is None or self._order[0] != self.epoch:
+            self._order = (self.epoch, np.random.default_rng([self.seed, self.epoch]).permutation(self.n))
+        return self._order[1]
+
+    def next_batch(self):
+        import torch
+
+        picked = []
+        while len(picked) < self.B * self.world:
+            take = min(self.B * self.world - len(picked), self.n - self.index)
+            picked.extend(self.order()[self.index:self.index + take])
+            self.index += take
+            if self.index == self.n:
+                self.epoch, self.index = self.epoch + 1, 0
+        mine = picked[self.rank * self.B:(self.rank + 1) * self.B]
+        rows = np.stack([self.data[i * self.T:i * self.T + self.T + 1] for i in mine]).astype(np.int64)
+        return torch.from_numpy(rows[:, :-1].copy()), torch.from_numpy(rows[:, 1:].copy())
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state(self, state: dict) -> None:
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+
+    def eval_batches(self, n_batches: int):
+        """The first windows in file order: the same every evaluation, so val losses compare."""
+        import torch
+
+        k = min(self.n, n_batches * self.B)
+        rows = np.stack([self.data[i * self.T:i * self.T + self.T + 1] for i in range(k)]).astype(np.int64)
+        return [(torch.from_numpy(rows[i:i + self.B, :-1].copy()), torch.from_numpy(rows[i:i + self.B, 1:].copy()))
+                for i in range(0, k, self.B)]
+
+
+def check_token_ids(data: np.ndarray, vocab_size: int, path) -> None:
+    """A token id outside the vocabulary would index past the embedding: catch it with a name."""
+    chunk = 1 << 24
+    for start in range(0, len(data), chunk):
+        top = int(data[start:start + chunk].max())
+        if top >= vocab_size:
+            pos = start + int(np.argmax(data[start:start + chunk] >= vocab_size))
+            raise PocketGPTError(f"{path} holds token id {data[pos]} at position {pos}, but the vocabulary has "
+                                 f"{vocab_size} tokens: the .bin files and the tokenizer do not belong together. "
+                                 f"Run 01_tokenizer again.")
+
+
+# -----------------------------------------------------------------------------
+# Training: one loop for pretraining and SFT (accelerate, accumulation, schedule, budget, checkpoints)
+
+def lr_at(step: int, cfg) -> float:
+    """Linear warmup, then cosine decay to min_lr at max_steps."""
+    if step < cfg.warmup_steps:
+        return cfg.learning_rate * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
+
+
+def make_optimizer(model, cfg, device):
+    """AdamW, weight decay on matrices only (not biases, norms); fused kernels on a GPU."""
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, 0.95), eps=1e-8,
+                             fused=device.type == "cuda")
+
+
+def train_step(acc, loss_fn, optimizer, batches, grad_clip: float):
+    """One optimizer step over the micro-batches; gradients sync only on the last one."""
+    import contextlib
+
+    total = 0.0
+    for i, (x, y) in enumerate(batches):
+        sync = i == len(batches) - 1
+        with contextlib.nullcontext() if sync else acc.no_sync(loss_fn):
+            loss = loss_fn(x.to(acc.device, non_blocking=True), y.to(acc.device, non_blocking=True))
+            acc.backward(loss / len(batches))
+        total = total + loss.detach()
+    grad_norm = acc.clip_grad_norm_(loss_fn.parameters(), grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total / len(batches), grad_norm
+
+
+def evaluate(acc, loss_fn, batches) -> float:
+    """Mean loss per target token over fixed batches (ignored targets do not count)."""
+
+    loss_fn.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for x, y in batches:
+            y = y.to(acc.device)
+            total += float(loss_fn(x.to(acc.device), y, reduction="sum"))
+            count += int((y != -100).sum())
+    loss_fn.train()
+    return total / max(count, 1)
+
+
+def rng_state() -> dict:
+    import random
+
+
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict) -> None:
+    import random
+
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_checkpoint(folder) -> dict:
+    """ckpt.pt from a stage folder (finished, or the .partial a stopped run left)."""
+
+    path = Path(folder) / "ckpt.pt"
+    if not path.is_file():
+        raise PocketGPTError(f"resume_from={folder}: no ckpt.pt there. Point it at a pretrain/sft folder "
+                             f"(or its .partial) written by an earlier run.")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)  # our own file: RNG states inside
+    except Exception as e:
+        raise PocketGPTError(f"{path} cannot be read ({type(e).__name__}: {e}); it may be truncated. "
+                             f"Resume from an earlier copy or start again.") from None
+
+
+LOG_COLUMNS = ["step", "tokens", "train_loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "mfu", "elapsed_s"]
+
+
+def append_log(path: Path, row: dict) -> None:
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=LOG_COLUMNS)
+        if new:
+            w.writeheader()
+        w.writerow({k: ("" if row.get(k) is None else row[k]) for k in LOG_COLUMNS})
+
+
+def train(model, train_data, val_batches, cfg, work: Path, resume: dict | None = None,
+          stop_at_step: int | None = None, stage: str = "pretrain") -> dict:
+    """The loop both stages share. Returns the final numbers; writes log.csv and ckpt.pt into `work`.
+
+    Stops at max_steps, or early when the max_hours budget would run out (keeping enough time to
+    evaluate, checkpoint and save), or at `stop_at_step` (tests use it to simulate a cut-off).
+    """
+    from accelerate.utils import set_seed
+    from tqdm import tqdm
+
+    precision, compiled = choose_precision(cfg.precision), resolve_compile(cfg.compile)
+    acc = make_accelerator(precision, compiled)
+    set_seed(cfg.seed)
+    train_data.rank, train_data.world = acc.process_index, acc.num_processes
+    model.to(acc.device)
+    optimizer = make_optimizer(model, cfg, acc.device)
+    step, log_path, ckpt_path = 0, work / "log.csv", work / "ckpt.pt"
+    if resume:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        train_data.load_state(resume["data"])
+        step = resume["step"]
+        for row in resume.get("log", []):
+            append_log(log_path, row)
+    loss_fn, optimizer = acc.prepare(LMLoss(model), optimizer)
+    if resume:
+        if acc.scaler is not None and resume.get("scaler"):
+            acc.scaler.load_state_dict(resume["scaler"])
+        set_rng_state(resume["rng"])
+    flops, peak = flops_per_token(model), peak_flops(acc.device, precision)
+    peak = peak * acc.num_processes if peak else None
+    log_rows = list(resume.get("log", [])) if resume else []
+    started = time.time()
+    elapsed_before = resume.get("elapsed_s", 0.0) if resume else 0.0
+    last_ckpt, eval_seconds, step_seconds, stop_reason = time.time(), 0.0, 0.0, "max_steps"
+    val_loss = loss = None
+    tokens = resume.get("tokens", 0) if resume else 0
+
+    def save_ckpt():
+        if acc.is_main_process:
+            state = {"model": acc.unwrap_model(loss_fn).model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scaler": acc.scaler.state_dict() if acc.scaler is not None else None, "step": step,
+                     "data": train_data.state(), "rng": rng_state(), "config": dataclasses.asdict(cfg),
+                     "model_config": model.config.to_dict(), "log": log_rows, "stage": stage, "tokens": tokens,
+                     "elapsed_s": elapsed_before + time.time() - started}
+            torch.save(state, ckpt_path.with_suffix(".tmp"))
+            os.replace(ckpt_path.with_suffix(".tmp"), ckpt_path)
+        acc.wait_for_everyone()
+
+    bar = tqdm(total=cfg.max_steps, initial=step, desc=stage, unit="step",
+               **({} if acc.is_main_process else {"disable": True}))
+    window_started, window_tokens = time.time(), 0
+    try:
+        while step < cfg.max_steps:
+            if stop_at_step is not None and step >= stop_at_step:
+                stop_reason = "stopped"
+                break
+            reserve = 3 * eval_seconds + 5 * step_seconds + 30  # time to evaluate, checkpoint and save
+            if elapsed_before + time.time() - started + reserve > cfg.max_hours * 3600 and step > 0:
+                stop_reason = "time_budget"
+                break
+            lr = lr_at(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            t0 = time.time()
+            batches = [train_data.next_batch() for _ in range(cfg.grad_accum_steps)]
+            loss, grad_norm = train_step(acc, loss_fn, optimizer, batches, cfg.grad_clip)
+            step += 1
+            n_tokens = sum(x.numel() for x, _ in batches) * acc.num_processes
+            tokens, window_tokens = tokens + n_tokens, window_tokens + n_tokens
+            bar.update(1)
+            if step % cfg.log_interval == 0 or step == cfg.max_steps:
+                last_loss = float(loss)  # the one sync with the device per log line
+                window_steps = step - (int(log_rows[-1]["step"]) if log_rows else 0)
+                if not math.isfinite(last_loss):
+                    raise PocketGPTError(
+                        f"{stage}: the training loss is {last_loss} at step {step}. The last good checkpoint "
+                        f"({ckpt_path if ckpt_path.exists() else 'none yet'}) is kept. Lower learning_rate "
+                        f"(now {cfg.learning_rate}) or use precision='fp32', and resume_from that folder.")
+                dt = time.time() - window_started
+                step_seconds = dt / window_steps
+                tps = window_tokens / dt
+                row = {"step": step, "tokens": tokens, "train_loss": round(last_loss, 4),
+                       "lr": f"{lr:.3e}", "grad_norm": round(float(grad_norm), 3), "tokens_per_s": round(tps),
+                       "mfu": round(flops * tps / peak, 4) if peak else None,
+                       "elapsed_s": round(elapsed_before + time.time() - started, 1)}
+                if step % cfg.eval_interval == 0 or step == cfg.max_steps:
+                    t_eval = time.time()
+                    val_loss = evaluate(acc, loss_fn, val_batches)
+                    eval_seconds = time.time() - t_eval
+                    row["val_loss"] = round(val_loss, 4)
+                log_rows.append(row)
+                if acc.is_main_process:
+                    append_log(log_path, row)
+                remaining = (cfg.max_steps - step) * step_seconds
+                bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{tps:,.0f}")
+                if acc.is_main_process:
+                    tqdm.write(f"step {step}/{cfg.max_steps} loss {last_loss:.4f}"
+                          + (f" val {val_loss:.4f}" if "val_loss" in row else "")
+                          + f" lr {lr:.2e} {tps:,.0f} tok/s" + (f" mfu {row['mfu']:.1%}" if peak else "")
+                          + f" eta {remaining / 60:.1f} min")
+                window_started, window_tokens = time.time(), 0
+                if time.time() - last_ckpt > cfg.checkpoint_minutes * 60:
+                    save_ckpt()
+                    last_ckpt = time.time()
+    except torch.cuda.OutOfMemoryError:
+        raise PocketGPTError(
+            f"{stage}: out of GPU memory with batch_size={cfg.batch_size}. Try batch_size={max(1, cfg.batch_size // 2)} "
+            f"with grad_accum_steps={cfg.grad_accum_steps * 2} (the same tokens per step).") from None
+    finally:
+        bar.close()
+    # final evaluation and checkpoint, whatever stopped the loop
+    if not log_rows or log_rows[-1]["step"] != step or log_rows[-1].get("val_loss") is None:
+        val_loss = evaluate(acc, loss_fn, val_batches)
+        row = {"step": step, "tokens": tokens, "val_loss": round(val_loss, 4),
+               "train_loss": round(float(loss), 4) if loss is not None else None, "lr": f"{lr_at(step, cfg):.3e}",
+               "elapsed_s": round(elapsed_before + time.time() - started, 1)}
+        log_rows.append(row)
+        if acc.is_main_process:
+            append_log(log_path, row)
+    save_ckpt()
+    rates = [r["tokens_per_s"] for r in log_rows if r.get("tokens_per_s")]
+    mfus = [r["mfu"] for r in log_rows if r.get("mfu")]
+    return {"steps": step, "tokens": tokens, "final_val_loss": val_loss,
+            "final_train_loss": next((r["train_loss"] for r in reversed(log_rows) if r.get("train_loss") is not None), None),
+            "tokens_per_s": float(np.median(rates)) if rates else None,
+            "mfu": float(np.median(mfus)) if mfus else None, "params": count_params(model),
+            "flops_per_token": flops, "precision": precision, "compiled": compiled,
+            "device": device_name(acc.device), "processes": acc.num_processes, "stop_reason": stop_reason,
+            "finished": step >= cfg.max_steps, "hours": (elapsed_before + time.time() - started) / 3600,
+            "is_main_process": acc.is_main_process, "model": acc.unwrap_model(loss_fn).model}
+
+
+def save_hf_folder(model, tokenizer, out_dir) -> None:
+    """A standard save_pretrained folder in fp32 (transformers 5 reloads in the saved dtype)."""
+    model = model.float()
+    model.generation_config.bos_token_id, model.generation_config.eos_token_id = BOS_ID, EOS_ID
+    model.generation_config.pad_token_id = PAD_ID
+    model.save_pretrained(out_dir)
+    save_tokenizer(tokenizer, out_dir)
+
+
+# -----------------------------------------------------------------------------
+# Stage 2: pretraining
+
+def resolve_resume(resume_from, stage: str, run_dir) -> Path | None:
+    """None: a fresh run, except on Kaggle where an attached earlier run of this stage is continued."""
+    if resume_from == "auto":
+        for folder in [Path(run_dir) / stage, Path(run_dir) / f"{stage}.partial"]:
+            if (folder / "ckpt.pt").exists():
+                return folder
+        return None
+    if resume_from:
+        return Path(resume_from)
+    if on_kaggle():
+        try:
+            return find_stage(stage)
+        except PocketGPTError:
+            return None
+    return None
+
+
+def run_pretrain_stage(cfg: PretrainConfig) -> Path:
+    """Stage 2, whole: data, model, the loop, then checkpoint, HF folder, log, plot, metrics."""
+    tok_dir = find_stage("tokenizer", cfg.tokenizer_dir, cfg.run_dir)
+    tokenizer = load_tokenizer(tok_dir)
+    meta = read_json(tok_dir / "meta.json")
+    resume_dir = resolve_resume(cfg.resume_from, "pretrain", cfg.run_dir)
+    resume = load_checkpoint(resume_dir) if resume_dir else None
+    if resume:
+        old = resume["config"]
+        for name in ["n_layer", "n_head", "n_embd", "n_positions"]:
+            if old[name] != getattr(cfg, name):
+                raise PocketGPTError(f"resume_from={resume_dir}: that run has {name}={old[name]}, these parameters "
+                                     f"say {getattr(cfg, name)}. Use the same model shape to resume.")
+        print(f"resuming {resume_dir} at step {resume['step']}")
+    train_data = TokenWindows(tok_dir / "train.bin", cfg.n_positions, cfg.batch_size, cfg.seed, meta["vocab_size"])
+    val_data = TokenWindows(tok_dir / "val.bin", cfg.n_positions, cfg.batch_size, cfg.seed, meta["vocab_size"])
+    model = build_model(meta["vocab_size"], cfg)
+    inputs = {"tokenizer": tok_dir, **({"resumed_from": resume_dir / "ckpt.pt"} if resume else {})}
+    with stage_output(cfg.out_dir, "pretrain", dataclasses.asdict(cfg), inputs) as work:
+        result = train(model, train_data, val_data.eval_batches(cfg.eval_batches), cfg, work, resume)
+        if not result.pop("is_main_process"):
+            return Path(cfg.out_dir)
+        model = result.pop("model")
+        save_hf_folder(model, tokenizer, work / "model")
+        write_json(work / "metrics.json", {**result, "train_tokens_available": meta["train_tokens"],
+                                           "epochs": result["tokens"] / max(meta["train_tokens"], 1)})
+        plot_losses({"pretrain": work / "log.csv"}, work / "loss.png")
+    return Path(cfg.out_dir)
+
+
+def launch(fn, *args):
+    """Run a stage on every GPU: notebook_launcher inside a notebook when there are several
+    (Kaggle's T4 x2), a plain call otherwise (`accelerate launch` starts the processes itself)."""
+
+    n = torch.cuda.device_count()
+    if n > 1 and "WORLD_SIZE" not in os.environ and "ipykernel" in sys.modules:
+        from accelerate import notebook_launcher
+
+        notebook_launcher(fn, args, num_processes=n)
+        return None
+    return fn(*args)
+
+
+# -----------------------------------------------------------------------------
 # Plotting (figures are returned for the notebook to show, and saved as PNG beside the data)
 
 def plot_length_distributions(stage_dir):
@@ -656,6 +1235,35 @@ def plot_length_distributions(stage_dir):
         ax.set_title(f"median {np.median(values):,.0f} {unit}, max {values.max():,} {unit}")
     fig.tight_layout()
     fig.savefig(Path(stage_dir) / "lengths.png", dpi=100)
+    return fig
+
+
+def read_log(path) -> list[dict]:
+    """log.csv as a list of rows, numbers as floats and empty cells as None."""
+    with open(path, newline="") as f:
+        return [{k: (float(v) if v not in ("", None) else None) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def plot_losses(logs: dict, out_png=None):
+    """Train and val loss against tokens seen, one colour per stage; saved as PNG when asked."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for i, (name, path) in enumerate(logs.items()):
+        rows, color = read_log(path), f"C{i}"
+        train = [(r["tokens"], r["train_loss"]) for r in rows if r["train_loss"] is not None]
+        val = [(r["tokens"], r["val_loss"]) for r in rows if r["val_loss"] is not None]
+        if train:
+            ax.plot(*zip(*train), color=color, alpha=0.6, label=f"{name} train")
+        if val:
+            ax.plot(*zip(*val), "o-", color=color, label=f"{name} val")
+    ax.set_xlabel("tokens seen")
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    if out_png:
+        fig.savefig(out_png, dpi=100)
     return fig
 
 

@@ -7,13 +7,16 @@
 
 It calls the `kaggle` CLI (pip install kaggle), which reads your API token itself; this script never
 sees or stores credentials. The templates in kaggle/ are never edited: filled-in copies (username and
-data slug substituted, each notebook copied beside its metadata with `profile = "t4"` in its
-parameters cell) are written to --out, a temporary folder by default, and pushed from there.
+data slug substituted, each notebook copied beside its metadata with its parameters cell set for
+Kaggle: `profile = "t4"`, corpus_path/dialogs_path as globs under /kaggle/input, and any -p NAME VALUE)
+are written to --out, a temporary folder by default, and pushed from there.
 See kaggle/README.md for the whole walk-through.
 """
 import argparse
+import ast
 import json
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -37,29 +40,43 @@ def load_template(name, username, data_slug):
     path = HERE / name / ("dataset-metadata.json" if name in ("code", "data") else "kernel-metadata.json")
     return json.loads(fill(path.read_text(), username, data_slug))
 
-def set_profile(notebook, profile):
-    """Set `profile = ...` in the code cell tagged `parameters` (papermill's convention); returns the notebook."""
+def literal(value):
+    """A parameter value as Python source: strings in double quotes, numbers and None as typed."""
+    if isinstance(value, str):
+        try:
+            value = ast.literal_eval(value)  # "11.5" -> 11.5, "None" -> None, "'x'" -> 'x'
+        except (ValueError, SyntaxError):
+            pass
+    return json.dumps(value) if isinstance(value, str) else repr(value)
+
+def set_params(notebook, params, add=("profile",)):
+    """Rewrite `name = value` lines in the code cell tagged `parameters` (papermill's convention).
+
+    A name the cell lacks is skipped (01 has no dialogs_path), except those in `add`, which are appended.
+    A trailing comment on the line is kept. Returns the notebook.
+    """
     cells = [c for c in notebook.get("cells", [])
              if c.get("cell_type") == "code" and "parameters" in c.get("metadata", {}).get("tags", [])]
     if not cells:
         raise ValueError("no code cell tagged 'parameters' in the notebook")
     cell = cells[0]
     source = cell["source"] if isinstance(cell["source"], str) else "".join(cell["source"])
-    line = re.compile(r"^(\s*profile\s*=\s*)(\"[^\"]*\"|'[^']*'|None)", re.MULTILINE)
-    if line.search(source):
-        source = line.sub(lambda m: m.group(1) + json.dumps(profile), source, count=1)  # keeps a trailing comment
-    else:
-        source = source.rstrip("\n") + f"\nprofile = {json.dumps(profile)}\n"
+    for name, value in params.items():
+        line = re.compile(rf"^(\s*{re.escape(name)}\s*=\s*)(\"[^\"\n]*\"|'[^'\n]*'|[^#\n]*[^#\s])", re.MULTILINE)
+        if line.search(source):
+            source = line.sub(lambda m: m.group(1) + literal(value), source, count=1)
+        elif name in add:
+            source = source.rstrip("\n") + f"\n{name} = {literal(value)}\n"
     cell["source"] = source.splitlines(keepends=True)
     return notebook
 
-def write_kernel_folder(name, out, username, data_slug, profile="t4", resume=False, notebooks_dir=None):
-    """out/<name>/ with kernel-metadata.json and the notebook it names; returns the metadata."""
+def write_kernel_folder(name, out, username, data_slug, params=None, resume=False, notebooks_dir=None):
+    """out/<name>/ with kernel-metadata.json and the notebook it names, `params` set; returns the metadata."""
     meta = load_template(name, username, data_slug)
     src = Path(notebooks_dir or REPO / "notebooks") / f"{name}.ipynb"
     folder = Path(out) / name
     folder.mkdir(parents=True, exist_ok=True)
-    notebook = set_profile(json.loads(src.read_text(encoding="utf-8")), profile)
+    notebook = set_params(json.loads(src.read_text(encoding="utf-8")), params or {"profile": "t4"})
     (folder / src.name).write_text(json.dumps(notebook, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     meta["code_file"] = src.name  # the CLI resolves code_file relative to the metadata's folder
     if resume:  # attach this kernel's own last output: the checkpoint to continue from
@@ -83,46 +100,54 @@ def write_dataset_folder(name, out, username, data_slug, files=None):
 # -----------------------------------------------------------------------------
 # talking to the kaggle CLI
 
-def kaggle(*args, dry_run=False, check=True):
-    print("$ kaggle " + " ".join(args), flush=True)
+def kaggle(*args, dry_run=False, check=True, quiet=False):
+    """Run `kaggle ARGS`; its stdout, or None when it failed and check is off."""
+    if not quiet:
+        print("$ " + shlex.join(["kaggle", *args]), flush=True)
     if dry_run:
         return ""
     result = subprocess.run(["kaggle", *args], capture_output=True, text=True)
-    print(result.stdout + result.stderr, end="", flush=True)
+    if not quiet or result.returncode != 0:
+        print(result.stdout + result.stderr, end="", flush=True)
     if check and result.returncode != 0:
         sys.exit(f"kaggle {args[0]} {args[1]} failed (exit {result.returncode})")
     return result.stdout if result.returncode == 0 else None
 
+def wait_until(what, args, done, failed, poll):
+    """Poll `kaggle ARGS` until its answer contains `done`; exit on `failed`. Prints each new status once."""
+    last = None
+    while True:
+        status = (kaggle(*args, quiet=True) or "").strip()
+        if status != last:
+            print(f"# {what}: {status}", flush=True)
+            last = status
+        if done in status.lower():
+            return
+        if any(f in status.lower() for f in failed):
+            sys.exit(f"{what} did not succeed: {status}")
+        time.sleep(poll)
+
 def push_dataset(folder, meta, dir_mode, dry_run, poll):
+    """Create the dataset, or add a version when it exists; wait until kernels can attach it."""
     dataset_id = meta["id"]
     extra = ["-r", dir_mode] if dir_mode else []  # without -r, `datasets create` skips sub-folders
     if dry_run:
         print(f"# creates {dataset_id}, or adds a version if it exists:")
         kaggle("datasets", "create", "-p", str(folder), *extra, dry_run=True)
         return
-    if kaggle("datasets", "status", dataset_id, check=False) is None:
+    if kaggle("datasets", "status", dataset_id, check=False, quiet=True) is None:
         kaggle("datasets", "create", "-p", str(folder), *extra)
     else:
         kaggle("datasets", "version", "-p", str(folder), "-m", "pushed by kaggle/push.py", *extra)
-    while "ready" not in (kaggle("datasets", "status", dataset_id) or "").lower():  # a kernel can attach it then
-        time.sleep(poll)
-
-def wait_for_kernel(kernel_id, poll):
-    """Poll until the kernel's run ends; exit if it failed."""
-    while True:
-        status = (kaggle("kernels", "status", kernel_id) or "").lower()
-        if "complete" in status:
-            return
-        if "error" in status or "cancel" in status:
-            sys.exit(f"{kernel_id} did not complete: see its log at https://www.kaggle.com/code/{kernel_id}")
-        time.sleep(poll)
+    wait_until(dataset_id, ["datasets", "status", dataset_id], "ready", ["failed"], poll)
 
 def pretrain_finished(kernel_id, out):
     """Did the last run of 02 write a finished pretrain/ stage (its manifest.json)?"""
     dest = Path(out) / "02_pretrain_output"
     kaggle("kernels", "output", kernel_id, "-p", str(dest), "--file-pattern", r"manifest\.json$", "-o")
     for manifest in dest.rglob("manifest.json"):
-        if json.loads(manifest.read_text()).get("stage") == "pretrain":
+        m = json.loads(manifest.read_text())
+        if m.get("stage") == "pretrain" and m.get("finished_at"):  # what the notebooks' find_stage accepts
             return True
     return False
 
@@ -137,7 +162,8 @@ def main(argv=None):
     p.add_argument("--only", nargs="+", choices=["code", "data", "01", "02", "03", "04"],
                    help="push only these steps (default: code, data if --corpus/--dialogs, 01 02 03 04)")
     p.add_argument("--resume", action="store_true", help="02 attaches its own last output and continues from it")
-    p.add_argument("--profile", default="t4", help="the profile written into each notebook's parameters cell")
+    p.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
+                   help="set a parameter in the notebooks that have it (like papermill -p); repeatable")
     p.add_argument("--no-wait", action="store_true", help="push and return; do not wait for each run to end")
     p.add_argument("--download", default=".", help="where 04's export/pocketGPT.zip is downloaded")
     p.add_argument("--out", help="folder for the filled copies (default: a new temporary folder)")
@@ -146,42 +172,52 @@ def main(argv=None):
     p.add_argument("--poll", type=float, default=60, help="seconds between status checks")
     p.add_argument("--dry-run", action="store_true", help="write the filled folders and print the commands only")
     args = p.parse_args(argv)
+    user, slug, dry = args.username, args.data_slug, args.dry_run
 
-    data_files = {}  # the names the notebooks look for
+    data_files = {}  # named as the notebooks look for them
     if args.corpus:
         data_files["corpus" if Path(args.corpus).is_dir() else "corpus.txt"] = args.corpus
     if args.dialogs:
         data_files["dialogs.csv"] = args.dialogs
     steps = args.only or (["code"] + (["data"] if data_files else []) + ["01", "02", "03", "04"])
+    if "data" in steps and not data_files:
+        sys.exit("pushing the data dataset needs --corpus and/or --dialogs")
+    # the inputs are found by searching /kaggle/input: mount paths have changed before
+    corpus = "/kaggle/input/**/corpus/**/*.txt" if "corpus" in data_files else "/kaggle/input/**/corpus.txt"
+    params = {"profile": "t4", "corpus_path": corpus, "dialogs_path": "/kaggle/input/**/dialogs.csv", **dict(args.param)}
+
+    # write every filled folder first, so a missing file stops us before anything is pushed
     out = Path(args.out or tempfile.mkdtemp(prefix="pocketgpt-kaggle-"))
     print(f"# filled copies in {out}")
-    user, slug, dry = args.username, args.data_slug, args.dry_run
+    metas = {}
+    try:
+        if "code" in steps:
+            metas["code"] = write_dataset_folder("code", out, user, slug, {"pocketgpt_utils.py": args.module})
+        if "data" in steps:
+            metas["data"] = write_dataset_folder("data", out, user, slug, data_files)
+        for name in NOTEBOOKS:
+            if name[:2] in steps:
+                resume = args.resume and name == "02_pretrain"
+                metas[name] = write_kernel_folder(name, out, user, slug, params, resume, args.notebooks)
+    except (OSError, ValueError) as e:
+        sys.exit(f"nothing pushed: {e}")
 
-    if "code" in steps:
-        meta = write_dataset_folder("code", out, user, slug, {"pocketgpt_utils.py": args.module})
-        push_dataset(out / "code", meta, None, dry, args.poll)
-    if "data" in steps:
-        if not data_files:
-            sys.exit("--only data needs --corpus and/or --dialogs")
-        meta = write_dataset_folder("data", out, user, slug, data_files)
-        push_dataset(out / "data", meta, "zip", dry, args.poll)  # zip: a corpus folder keeps its files
-
-    for name in NOTEBOOKS:
-        if name[:2] not in steps:
+    # then push, in order
+    for name, meta in metas.items():
+        if name in ("code", "data"):
+            push_dataset(out / name, meta, "zip" if name == "data" else None, dry, args.poll)  # zip keeps a corpus folder
             continue
-        resume = args.resume and name == "02_pretrain"
-        meta = write_kernel_folder(name, out, user, slug, args.profile, resume, args.notebooks)
         kaggle("kernels", "push", "-p", str(out / name), dry_run=dry)
         if dry or args.no_wait:
             continue
-        wait_for_kernel(meta["id"], args.poll)
+        wait_until(meta["id"], ["kernels", "status", meta["id"]], "complete", ["error", "cancel"], args.poll)
         if name == "02_pretrain" and not pretrain_finished(meta["id"], out):
             sys.exit(f"02 stopped at its time budget with a checkpoint. Continue it with\n"
                      f"  python kaggle/push.py --username {user} --only 02 --resume\n"
                      f"and when it has finished: python kaggle/push.py --username {user} --only 03 04")
         if name == "04_eval_export":
             kaggle("kernels", "output", meta["id"], "-p", args.download, "--file-pattern", r"pocketGPT\.zip$", "-o")
-            print(f"# pocketGPT.zip is under {Path(args.download) / 'export'}")
+            print(f"# pocketGPT.zip is in {Path(args.download) / 'export'}")
 
 if __name__ == "__main__":
     main()

@@ -132,20 +132,27 @@ def notebook(params_source, tagged=True):
 def params(nb):
     return "".join(nb["cells"][1]["source"])
 
-def test_set_profile_rewrites_the_parameters_line_only():
-    nb = push.set_profile(notebook(['run_dir = None\n', 'profile = "demo"  # demo | t4\n', 'seed = 0\n']), "t4")
-    assert params(nb) == 'run_dir = None\nprofile = "t4"  # demo | t4\nseed = 0\n'
+def test_set_params_rewrites_the_parameters_lines_only():
+    source = ['run_dir = None\n', 'profile = "demo"  # demo | t4\n', 'corpus_path = None      # a file\n', 'seed = 0\n']
+    nb = push.set_params(notebook(source), {"profile": "t4", "corpus_path": "/kaggle/input/**/corpus.txt"})
+    assert params(nb) == ('run_dir = None\nprofile = "t4"  # demo | t4\n'
+                          'corpus_path = "/kaggle/input/**/corpus.txt"      # a file\nseed = 0\n')
     assert nb["cells"][2]["source"] == 'print(profile)  # profile = "demo" here is not a parameter'
 
-def test_set_profile_accepts_a_string_source_and_single_quotes():
-    assert 'profile = "t4"' in params(push.set_profile(notebook("seed = 1\nprofile='demo'"), "t4"))
+def test_set_params_accepts_a_string_source_and_single_quotes():
+    assert params(push.set_params(notebook("seed = 1\nprofile='demo'"), {"profile": "t4"})) == 'seed = 1\nprofile="t4"'
 
-def test_set_profile_adds_the_line_when_missing():
-    assert params(push.set_profile(notebook("seed = 1"), "t4")) == 'seed = 1\nprofile = "t4"\n'
+def test_set_params_writes_numbers_and_none_as_python():
+    nb = push.set_params(notebook("max_hours = 11.0\nresume_from = 'x'"), {"max_hours": "5.5", "resume_from": "None"})
+    assert params(nb) == "max_hours = 5.5\nresume_from = None"
 
-def test_set_profile_needs_a_parameters_cell():
+def test_set_params_adds_profile_but_skips_parameters_the_notebook_lacks():
+    nb = push.set_params(notebook("seed = 1"), {"profile": "t4", "dialogs_path": "/kaggle/input/**/dialogs.csv"})
+    assert params(nb) == 'seed = 1\nprofile = "t4"\n'
+
+def test_set_params_needs_a_parameters_cell():
     with pytest.raises(ValueError, match="parameters"):
-        push.set_profile(notebook('profile = "demo"', tagged=False), "t4")
+        push.set_params(notebook('profile = "demo"', tagged=False), {"profile": "t4"})
 
 # -----------------------------------------------------------------------------
 # push.py --dry-run
@@ -155,8 +162,10 @@ def dry_run(tmp_path):
     """Run push.py --dry-run on tiny notebooks; no kaggle CLI on PATH, so nothing can be pushed."""
     nb_dir = tmp_path / "notebooks"
     nb_dir.mkdir()
+    data_param = {"01_tokenizer": "corpus_path = None\n", "03_sft": "dialogs_path = None\n"}
     for name in NOTEBOOKS:
-        (nb_dir / f"{name}.ipynb").write_text(json.dumps(notebook(['profile = "demo"\n', 'seed = 0\n'])))
+        source = ['profile = "demo"\n', data_param.get(name, ""), 'seed = 0\n']
+        (nb_dir / f"{name}.ipynb").write_text(json.dumps(notebook(source)))
     (tmp_path / "pocketgpt_utils.py").write_text("# the module\n")
     (tmp_path / "c.txt").write_text("some text\n")
     (tmp_path / "d.csv").write_text("prompt,response\nhi,hello\n")
@@ -193,7 +202,9 @@ def test_dry_run_writes_filled_folders_with_no_placeholder_left(dry_run):
                                                          meta["dataset_sources"] + meta["kernel_sources"])
         assert meta["code_file"] == f"{name}.ipynb"
         nb = json.loads((out / name / meta["code_file"]).read_text())
-        assert params(nb) == 'profile = "t4"\nseed = 0\n'
+        data_param = {"01_tokenizer": 'corpus_path = "/kaggle/input/**/corpus.txt"\n',  # found wherever Kaggle
+                      "03_sft": 'dialogs_path = "/kaggle/input/**/dialogs.csv"\n'}   # mounts the data
+        assert params(nb) == 'profile = "t4"\n' + data_param.get(name, "") + 'seed = 0\n'
     pushes = re.findall(r"kaggle kernels push -p \S+/(\w+)", stdout)
     assert pushes == NOTEBOOKS  # in order
     assert stdout.index("datasets create") < stdout.index("kernels push")
@@ -206,6 +217,26 @@ def test_dry_run_resume_attaches_02s_own_output(dry_run):
     assert sorted(p.name for p in out.iterdir()) == ["02_pretrain"]
     assert stdout.count("kernels push") == 1
 
+def test_dry_run_passes_parameters_through(dry_run):
+    out, _ = dry_run("--only", "01", "03", "-p", "seed", "7", "-p", "dialogs_path", "/kaggle/input/x/d.csv")
+    assert params(json.loads((out / "01_tokenizer" / "01_tokenizer.ipynb").read_text())).endswith("seed = 7\n")
+    assert 'dialogs_path = "/kaggle/input/x/d.csv"' in params(json.loads((out / "03_sft" / "03_sft.ipynb").read_text()))
+
 def test_dry_run_without_resume_leaves_02_unattached_to_itself(dry_run):
     out, _ = dry_run("--only", "02", "03")
     assert filled("02_pretrain")["id"] not in json.loads((out / "02_pretrain" / "kernel-metadata.json").read_text())["kernel_sources"]
+
+def test_push_stops_after_02_when_pretraining_has_not_finished(dry_run, tmp_path):
+    """With a stand-in `kaggle` that reports every run complete but 02's output holds no finished
+    pretrain manifest, the push waits for 02, then stops with the resume command instead of pushing 03."""
+    fake = tmp_path / "kaggle"
+    fake.write_text(f"#!{sys.executable}\n"
+                    "import sys; print(' '.join(sys.argv[1:]), file=open(sys.argv[0] + '.log', 'a'))\n"
+                    "if sys.argv[1:3] == ['kernels', 'status']: print('KernelWorkerStatus.COMPLETE')\n")
+    fake.chmod(0o755)
+    cmd = [sys.executable, str(KAGGLE / "push.py"), "--username", USER, "--only", "02", "03", "--poll", "0",
+           "--notebooks", str(tmp_path / "notebooks"), "--out", str(tmp_path / "out")]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PATH=str(tmp_path)))
+    assert result.returncode != 0 and "--only 02 --resume" in result.stderr
+    calls = (tmp_path / "kaggle.log").read_text().splitlines()
+    assert [c.split()[:2] for c in calls] == [["kernels", "push"], ["kernels", "status"], ["kernels", "output"]]
