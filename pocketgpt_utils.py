@@ -743,7 +743,7 @@ class LMLoss(nn.Module):
     def forward(self, x, y, reduction: str = "mean"):
         h = self.model.transformer(input_ids=x, use_cache=False).last_hidden_state
         logits = self.model.lm_head(h)
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), ignore_index=-100,
+        return F.cross_entropy(logits.flatten(0, 1), y.reshape(-1), ignore_index=-100,
                                reduction=reduction)
 
 class PlainGPT(nn.Module):
@@ -830,12 +830,10 @@ def device_name(device) -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
-def make_accelerator(precision: str, compile_model: bool):
-    """accelerate does the device placement, autocast, GradScaler (fp16) and multi-GPU wrapping."""
-    from accelerate import Accelerator
-
-    return Accelerator(mixed_precision={"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision],
-                       dynamo_backend="inductor" if compile_model else "no")
+def autocast(device, precision: str):
+    """bf16/fp16 autocast for the forward pass; a no-op context in fp32."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
 def resolve_compile(setting) -> bool:
@@ -935,29 +933,35 @@ def make_optimizer(model, cfg, device):
                              fused=device.type == "cuda")
 
 
-def train_step(acc, loss_fn, optimizer, batches, grad_clip: float):
-    """One optimizer step over the micro-batches; gradients sync only on the last one."""
+def train_step(acc, loss_fn, optimizer, scaler, batches, grad_clip: float, precision: str):
+    """One optimizer step over the micro-batches; gradients sync across GPUs only on the last one.
+
+    fp16 needs the GradScaler: the loss is scaled up so small gradients survive in fp16, the
+    gradients are unscaled before clipping, and a step with inf/nan gradients is skipped.
+    """
     import contextlib
 
     total = 0.0
     for i, (x, y) in enumerate(batches):
         sync = i == len(batches) - 1
         with contextlib.nullcontext() if sync else acc.no_sync(loss_fn):
-            loss = loss_fn(x.to(acc.device, non_blocking=True), y.to(acc.device, non_blocking=True))
-            acc.backward(loss / len(batches))
+            with autocast(acc.device, precision):
+                loss = loss_fn(x.to(acc.device, non_blocking=True), y.to(acc.device, non_blocking=True))
+            scaler.scale(loss / len(batches)).backward()
         total = total + loss.detach()
-    grad_norm = acc.clip_grad_norm_(loss_fn.parameters(), grad_clip)
-    optimizer.step()
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(loss_fn.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
     optimizer.zero_grad(set_to_none=True)
     return total / len(batches), grad_norm
 
 
-def evaluate(acc, loss_fn, batches) -> float:
+def evaluate(acc, loss_fn, batches, precision: str = "fp32") -> float:
     """Mean loss per target token over fixed batches (ignored targets do not count)."""
-
     loss_fn.eval()
     total, count = 0.0, 0
-    with torch.no_grad():
+    with torch.no_grad(), autocast(acc.device, precision):
         for x, y in batches:
             y = y.to(acc.device)
             total += float(loss_fn(x.to(acc.device), y, reduction="sum"))
@@ -1021,8 +1025,10 @@ def train(model, train_data, val_batches, cfg, work: Path, resume: dict | None =
     from accelerate.utils import set_seed
     from tqdm import tqdm
 
+    from accelerate import Accelerator
+
     precision, compiled = choose_precision(cfg.precision), resolve_compile(cfg.compile)
-    acc = make_accelerator(precision, compiled)
+    acc = Accelerator()  # device placement and multi-GPU (DDP); precision is ours, explicit below
     set_seed(cfg.seed)
     train_data.rank, train_data.world = acc.process_index, acc.num_processes
     model.to(acc.device)
@@ -1035,10 +1041,14 @@ def train(model, train_data, val_batches, cfg, work: Path, resume: dict | None =
         step = resume["step"]
         for row in resume.get("log", []):
             append_log(log_path, row)
-    loss_fn, optimizer = acc.prepare(LMLoss(model), optimizer)
+    scaler = torch.amp.GradScaler(acc.device.type, enabled=precision == "fp16")
+    loss_fn = LMLoss(model)
+    if compiled:
+        loss_fn = torch.compile(loss_fn)  # compiled before the DDP wrap, as nanoGPT does
+    loss_fn, optimizer = acc.prepare(loss_fn, optimizer)
     if resume:
-        if acc.scaler is not None and resume.get("scaler"):
-            acc.scaler.load_state_dict(resume["scaler"])
+        if resume.get("scaler"):
+            scaler.load_state_dict(resume["scaler"])
         set_rng_state(resume["rng"])
     flops, peak = flops_per_token(model), peak_flops(acc.device, precision)
     peak = peak * acc.num_processes if peak else None
@@ -1051,8 +1061,8 @@ def train(model, train_data, val_batches, cfg, work: Path, resume: dict | None =
 
     def save_ckpt():
         if acc.is_main_process:
-            state = {"model": acc.unwrap_model(loss_fn).model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scaler": acc.scaler.state_dict() if acc.scaler is not None else None, "step": step,
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scaler": scaler.state_dict() if scaler.is_enabled() else None, "step": step,
                      "data": train_data.state(), "rng": rng_state(), "config": dataclasses.asdict(cfg),
                      "model_config": model.config.to_dict(), "log": log_rows, "stage": stage, "tokens": tokens,
                      "elapsed_s": elapsed_before + time.time() - started}
@@ -1075,9 +1085,8 @@ def train(model, train_data, val_batches, cfg, work: Path, resume: dict | None =
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            t0 = time.time()
             batches = [train_data.next_batch() for _ in range(cfg.grad_accum_steps)]
-            loss, grad_norm = train_step(acc, loss_fn, optimizer, batches, cfg.grad_clip)
+            loss, grad_norm = train_step(acc, loss_fn, optimizer, scaler, batches, cfg.grad_clip, precision)
             step += 1
             n_tokens = sum(x.numel() for x, _ in batches) * acc.num_processes
             tokens, window_tokens = tokens + n_tokens, window_tokens + n_tokens
@@ -1099,7 +1108,7 @@ def train(model, train_data, val_batches, cfg, work: Path, resume: dict | None =
                        "elapsed_s": round(elapsed_before + time.time() - started, 1)}
                 if step % cfg.eval_interval == 0 or step == cfg.max_steps:
                     t_eval = time.time()
-                    val_loss = evaluate(acc, loss_fn, val_batches)
+                    val_loss = evaluate(acc, loss_fn, val_batches, precision)
                     eval_seconds = time.time() - t_eval
                     row["val_loss"] = round(val_loss, 4)
                 log_rows.append(row)
@@ -1124,7 +1133,7 @@ def train(model, train_data, val_batches, cfg, work: Path, resume: dict | None =
         bar.close()
     # final evaluation and checkpoint, whatever stopped the loop
     if not log_rows or log_rows[-1]["step"] != step or log_rows[-1].get("val_loss") is None:
-        val_loss = evaluate(acc, loss_fn, val_batches)
+        val_loss = evaluate(acc, loss_fn, val_batches, precision)
         row = {"step": step, "tokens": tokens, "val_loss": round(val_loss, 4),
                "train_loss": round(float(loss), 4) if loss is not None else None, "lr": f"{lr_at(step, cfg):.3e}",
                "elapsed_s": round(elapsed_before + time.time() - started, 1)}
@@ -1141,7 +1150,7 @@ def train(model, train_data, val_batches, cfg, work: Path, resume: dict | None =
             "flops_per_token": flops, "precision": precision, "compiled": compiled,
             "device": device_name(acc.device), "processes": acc.num_processes, "stop_reason": stop_reason,
             "finished": step >= cfg.max_steps, "hours": (elapsed_before + time.time() - started) / 3600,
-            "is_main_process": acc.is_main_process, "model": acc.unwrap_model(loss_fn).model}
+            "is_main_process": acc.is_main_process, "model": model}
 
 
 def save_hf_folder(model, tokenizer, out_dir) -> None:
@@ -1173,7 +1182,7 @@ def resolve_resume(resume_from, stage: str, run_dir) -> Path | None:
     return None
 
 
-def run_pretrain_stage(cfg: PretrainConfig) -> Path:
+def run_pretrain_stage(cfg: PretrainConfig, stop_at_step: int | None = None) -> Path:
     """Stage 2, whole: data, model, the loop, then checkpoint, HF folder, log, plot, metrics."""
     tok_dir = find_stage("tokenizer", cfg.tokenizer_dir, cfg.run_dir)
     tokenizer = load_tokenizer(tok_dir)
@@ -1192,7 +1201,7 @@ def run_pretrain_stage(cfg: PretrainConfig) -> Path:
     model = build_model(meta["vocab_size"], cfg)
     inputs = {"tokenizer": tok_dir, **({"resumed_from": resume_dir / "ckpt.pt"} if resume else {})}
     with stage_output(cfg.out_dir, "pretrain", dataclasses.asdict(cfg), inputs) as work:
-        result = train(model, train_data, val_data.eval_batches(cfg.eval_batches), cfg, work, resume)
+        result = train(model, train_data, val_data.eval_batches(cfg.eval_batches), cfg, work, resume, stop_at_step)
         if not result.pop("is_main_process"):
             return Path(cfg.out_dir)
         model = result.pop("model")
@@ -1201,6 +1210,21 @@ def run_pretrain_stage(cfg: PretrainConfig) -> Path:
                                            "epochs": result["tokens"] / max(meta["train_tokens"], 1)})
         plot_losses({"pretrain": work / "log.csv"}, work / "loss.png")
     return Path(cfg.out_dir)
+
+
+def describe_pretrain(cfg: PretrainConfig) -> dict:
+    """What is about to be trained: size, FLOPs per token, tokens per step, data. Touches no GPU
+    (notebook_launcher needs CUDA untouched before it starts the processes)."""
+    tok_dir = find_stage("tokenizer", cfg.tokenizer_dir, cfg.run_dir)
+    meta = read_json(tok_dir / "meta.json")
+    model = build_model(meta["vocab_size"], cfg)
+    gpus = torch.cuda.device_count()
+    tokens_per_step = cfg.batch_size * cfg.grad_accum_steps * cfg.n_positions * max(gpus, 1)
+    return {"tokenizer": str(tok_dir), "vocab_size": meta["vocab_size"], "parameters": count_params(model),
+            "flops_per_token": flops_per_token(model), "tokens_per_step": tokens_per_step,
+            "train_tokens": meta["train_tokens"], "val_tokens": meta["val_tokens"],
+            "epochs_at_max_steps": round(tokens_per_step * cfg.max_steps / meta["train_tokens"], 2),
+            "gpus": gpus, "cpu_native_bf16": cpu_has_native_bf16()}
 
 
 def launch(fn, *args):
@@ -1214,6 +1238,46 @@ def launch(fn, *args):
         notebook_launcher(fn, args, num_processes=n)
         return None
     return fn(*args)
+
+
+# -----------------------------------------------------------------------------
+# Generation and evaluation
+
+SAMPLING = dict(do_sample=True, top_p=0.9, temperature=0.8)  # the seed's sampling
+
+
+def load_model(folder):
+    """A saved model folder, with an error that names it when it is not one."""
+    from transformers import GPT2LMHeadModel
+
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise PocketGPTError(f"{folder} holds no config.json: point at a model folder a pocketGPT stage wrote.")
+    model = GPT2LMHeadModel.from_pretrained(str(folder))
+    return model.eval()
+
+
+def generate(model, tok, prompt_ids: list[int], max_new_tokens: int = 64, greedy: bool = False,
+             seed: int = 1337, streamer=None) -> list[int]:
+    """New token ids after the prompt (stopping at <|eos|>), sampled as the seed does or greedy."""
+    torch.manual_seed(seed)
+    room = model.config.n_positions - len(prompt_ids)
+    x = torch.tensor([prompt_ids], device=model.device)
+    with torch.no_grad():
+        out = model.generate(x, max_new_tokens=max(1, min(max_new_tokens, room)), eos_token_id=EOS_ID,
+                             pad_token_id=PAD_ID, streamer=streamer,
+                             **({"do_sample": False} if greedy else SAMPLING))
+    return out[0, len(prompt_ids):].tolist()
+
+
+def sample_continuations(model_dir, prompts, max_new_tokens: int = 40) -> list[dict]:
+    """The pretrained model continuing a few prompts (a document starts with <|bos|>)."""
+    model, tok = load_model(model_dir), load_tokenizer(model_dir)
+    rows = []
+    for p in prompts:
+        ids = generate(model, tok, [BOS_ID] + tok.encode(p), max_new_tokens)
+        rows.append({"prompt": p, "continuation": tok.decode(ids, skip_special_tokens=True)})
+    return rows
 
 
 # -----------------------------------------------------------------------------

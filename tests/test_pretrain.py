@@ -1,0 +1,159 @@
+"""Stage 2: the model, the loop, resuming, precision, and the errors a user can hit."""
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import pocketgpt_utils as pg
+from conftest import TINY
+
+
+def pretrain_cfg(tokenizer_stage, tmp_path, **kw):
+    params = {k: v for k, v in TINY.items() if k != "vocab_size"}
+    params.update(tokenizer_dir=str(tokenizer_stage), out_dir=str(tmp_path / "pretrain"), precision="fp32",
+                  max_hours=1, checkpoint_minutes=60)
+    params.update(kw)
+    return pg.make_config(pg.PretrainConfig, "demo", run_dir=str(tmp_path), **params)
+
+
+def test_t4_profile_is_the_seeds_27m_model():
+    cfg = pg.make_config(pg.PretrainConfig, "t4", run_dir="/tmp/unused")
+    model = pg.build_model(24000, cfg)
+    assert (cfg.n_embd, cfg.n_head, cfg.n_layer, cfg.n_positions) == (384, 6, 10, 384)
+    assert 27.0e6 < pg.count_params(model) < 27.2e6
+    assert model.lm_head.weight is model.transformer.wte.weight  # tied
+
+
+def test_loss_matches_the_stock_hf_loss(tokenizer_stage):
+    cfg = pg.make_config(pg.PretrainConfig, "demo", run_dir="/tmp/unused", **{k: v for k, v in TINY.items() if k != "vocab_size"})
+    model = pg.build_model(TINY["vocab_size"], cfg).eval()
+    ids = torch.randint(0, TINY["vocab_size"], (3, 33))
+    ours = pg.LMLoss(model)(ids[:, :-1], ids[:, 1:])
+    stock = model(ids, labels=ids).loss
+    assert torch.allclose(ours, stock, atol=1e-5)
+
+
+def test_pretraining_lowers_the_loss_and_writes_a_loadable_folder(tokenizer_stage, tmp_path):
+    out = pg.run_pretrain_stage(pretrain_cfg(tokenizer_stage, tmp_path, max_steps=40))
+    rows = pg.read_log(out / "log.csv")
+    assert {"step", "tokens", "train_loss", "val_loss", "lr", "tokens_per_s"} <= set(rows[0])
+    vals = [r["val_loss"] for r in rows if r["val_loss"] is not None]
+    assert vals[-1] < vals[0] - 0.3 and vals[-1] < np.log(TINY["vocab_size"]) - 0.5  # learned beyond uniform
+    metrics = pg.read_json(out / "metrics.json")
+    assert metrics["finished"] and metrics["steps"] == 40 and metrics["stop_reason"] == "max_steps"
+    assert metrics["tokens"] == 40 * TINY["batch_size"] * TINY["n_positions"]
+    assert (out / "loss.png").stat().st_size > 1000
+    model = pg.load_model(out / "model")
+    assert model.config.vocab_size == TINY["vocab_size"] and model.dtype == torch.float32
+    assert pg.find_stage("pretrain", run_dir=tmp_path) == out
+
+
+def test_a_stopped_and_resumed_run_matches_the_uninterrupted_one(tokenizer_stage, tmp_path):
+    kw = dict(max_steps=16, log_interval=2, eval_interval=4, dropout=0.1)  # dropout: the RNG must resume too
+    full = pg.run_pretrain_stage(pretrain_cfg(tokenizer_stage, tmp_path / "a", **kw))
+    part = pg.run_pretrain_stage(pretrain_cfg(tokenizer_stage, tmp_path / "b", **kw), stop_at_step=7)
+    assert not pg.read_json(part / "metrics.json")["finished"]
+    resumed = pg.run_pretrain_stage(pretrain_cfg(tokenizer_stage, tmp_path / "b", resume_from=str(part), **kw))
+    a, b = pg.read_log(full / "log.csv"), pg.read_log(resumed / "log.csv")
+    a = {r["step"]: r for r in a}
+    b = {r["step"]: r for r in b if r["train_loss"] is not None and r["step"] != 7}
+    assert sorted(b) == sorted(k for k in a if a[k]["train_loss"] is not None)
+    for step, row in b.items():
+        assert row["train_loss"] == pytest.approx(a[step]["train_loss"], abs=2e-4), step
+    assert pg.read_json(resumed / "metrics.json")["final_val_loss"] == pytest.approx(
+        pg.read_json(full / "metrics.json")["final_val_loss"], abs=2e-4)
+
+
+@pytest.mark.skipif(not pg.cpu_has_native_bf16(), reason="this CPU has no native bf16")
+def test_bf16_on_this_cpu_follows_the_fp32_loss_curve(tokenizer_stage, tmp_path):
+    runs = {p: pg.run_pretrain_stage(pretrain_cfg(tokenizer_stage, tmp_path / p, max_steps=40, precision=p))
+            for p in ["fp32", "bf16"]}
+    logs = {p: [r["val_loss"] for r in pg.read_log(d / "log.csv") if r["val_loss"] is not None] for p, d in runs.items()}
+    assert pg.read_json(runs["bf16"] / "metrics.json")["precision"] == "bf16"
+    for a, b in zip(logs["fp32"], logs["bf16"]):
+        assert abs(a - b) / a < 0.02
+    assert pg.choose_precision("auto") == "bf16"
+
+
+def test_precision_choice_never_trusts_emulated_bf16(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # what a T4 reports
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla T4")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 5))
+    assert pg.choose_precision("auto") == "fp16"
+    with pytest.raises(pg.PocketGPTError, match="no native bf16"):
+        pg.choose_precision("bf16")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))
+    assert pg.choose_precision("auto") == "bf16"
+
+
+def test_data_order_is_seeded_and_covers_every_window_once_per_epoch(tokenizer_stage):
+    d = pg.TokenWindows(tokenizer_stage / "train.bin", 16, 4, seed=1, vocab_size=TINY["vocab_size"])
+    order = d.order()
+    assert sorted(order.tolist()) == list(range(d.n))
+    x, y = d.next_batch()
+    expected = np.stack([d.data[i * 16:i * 16 + 17] for i in order[:4]]).astype(np.int64)
+    assert torch.equal(x, torch.from_numpy(expected[:, :-1])) and torch.equal(y, torch.from_numpy(expected[:, 1:]))
+    again = pg.TokenWindows(tokenizer_stage / "train.bin", 16, 4, seed=1, vocab_size=TINY["vocab_size"])
+    assert torch.equal(again.next_batch()[0], x)  # same seed, same order
+    other = pg.TokenWindows(tokenizer_stage / "train.bin", 16, 4, seed=2, vocab_size=TINY["vocab_size"])
+    assert not torch.equal(other.next_batch()[0], x)
+    d.load_state({"epoch": 0, "index": d.n - 2})  # a batch that crosses into the next epoch
+    d.next_batch()
+    assert d.state() == {"epoch": 1, "index": 2}
+    assert not np.array_equal(d.order(), order)  # a new order each epoch
+
+
+# --- bad input ------------------------------------------------------------------------------------
+
+def test_missing_tokenizer_folder_is_named(tmp_path):
+    with pytest.raises(pg.PocketGPTError, match="No finished 'tokenizer' stage.*01_tokenizer"):
+        pg.run_pretrain_stage(pg.make_config(pg.PretrainConfig, "demo", run_dir=str(tmp_path)))
+
+
+def test_corrupt_tokenizer_is_named(tokenizer_stage, tmp_path):
+    broken = tmp_path / "tok"
+    shutil.copytree(tokenizer_stage, broken)
+    (broken / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "BPE", "vocab": ')
+    with pytest.raises(pg.PocketGPTError, match=f"tokenizer in {broken} cannot be loaded"):
+        pg.run_pretrain_stage(pretrain_cfg(broken, tmp_path))
+
+
+def test_token_id_beyond_the_vocabulary_is_caught(tokenizer_stage, tmp_path):
+    bad = tmp_path / "tok"
+    shutil.copytree(tokenizer_stage, bad)
+    ids = np.fromfile(bad / "train.bin", dtype=np.uint16)
+    ids[123] = 60000
+    ids.tofile(bad / "train.bin")
+    with pytest.raises(pg.PocketGPTError, match="train.bin holds token id 60000 at position 123"):
+        pg.run_pretrain_stage(pretrain_cfg(bad, tmp_path))
+
+
+def test_split_shorter_than_a_window_is_caught(tokenizer_stage, tmp_path):
+    short = tmp_path / "tok"
+    shutil.copytree(tokenizer_stage, short)
+    np.arange(4, 40, dtype=np.uint16).tofile(short / "val.bin")
+    with pytest.raises(pg.PocketGPTError, match="val.bin holds 36 tokens, fewer than one context window of 65"):
+        pg.run_pretrain_stage(pretrain_cfg(short, tmp_path))
+
+
+def test_bad_model_shape_names_the_parameter(tmp_path):
+    with pytest.raises(pg.PocketGPTError, match="n_head=7 does not divide n_embd=384"):
+        pg.make_config(pg.PretrainConfig, "t4", run_dir=str(tmp_path), n_head=7)
+
+
+def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tokenizer_stage, tmp_path):
+    cfg = pretrain_cfg(tokenizer_stage, tmp_path, max_steps=200, learning_rate=1e4, min_lr=1e4, warmup_steps=1,
+                       grad_clip=1e9, log_interval=1, checkpoint_minutes=0)
+    with pytest.raises(pg.PocketGPTError, match=r"training loss is (nan|inf) at step \d+.*last good checkpoint"):
+        pg.run_pretrain_stage(cfg)
+    ckpt = pg.load_checkpoint(tmp_path / "pretrain.partial")
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    assert not (tmp_path / "pretrain").exists()
+
+
+def test_resuming_with_another_model_shape_is_refused(tokenizer_stage, tmp_path):
+    part = pg.run_pretrain_stage(pretrain_cfg(tokenizer_stage, tmp_path, max_steps=4))
+    with pytest.raises(pg.PocketGPTError, match="that run has n_layer=2"):
+        pg.run_pretrain_stage(pretrain_cfg(tokenizer_stage, tmp_path / "x", n_layer=3, resume_from=str(part)))
