@@ -201,13 +201,15 @@ PROFILES = {
         vocab_size=4096, n_layer=4, n_head=4, n_embd=128, n_positions=128, dropout=0.0,
         batch_size=16, grad_accum_steps=1, learning_rate=2e-3, min_lr=2e-4, warmup_steps=30,
         max_steps=600, max_hours=0.1, log_interval=25, eval_interval=100, checkpoint_minutes=5,
-        sft_epochs=2, sft_batch_size=32, sft_learning_rate=5e-4, sft_max_hours=0.05,
+        sft_epochs=2, sft_batch_size=32, sft_learning_rate=5e-4, sft_max_hours=0.1,
+        sft_log_interval=25, sft_eval_interval=100, sft_checkpoint_minutes=5,
     ),
     "t4": dict(  # the seed's 27M GPT-2 with batches that fill a 16 GB T4
         vocab_size=24000, n_layer=10, n_head=6, n_embd=384, n_positions=384, dropout=0.0,
         batch_size=32, grad_accum_steps=4, learning_rate=6e-4, min_lr=6e-5, warmup_steps=1000,
         max_steps=40000, max_hours=11.25, log_interval=500, eval_interval=2000, checkpoint_minutes=30,
         sft_epochs=3, sft_batch_size=64, sft_learning_rate=1e-4, sft_max_hours=11.25,
+        sft_log_interval=100, sft_eval_interval=1000, sft_checkpoint_minutes=30,
     ),
 }
 
@@ -226,9 +228,9 @@ def make_config(cls, profile: str, **given):
     for name in known:
         if given.get(name) is not None:
             values[name] = given[name]
-        elif prefix + name in defaults:
+        elif prefix + name in defaults:  # a prefixed class (SFT) reads only its own keys
             values[name] = defaults[prefix + name]
-        elif name in defaults:
+        elif not prefix and name in defaults:
             values[name] = defaults[name]
     return cls(profile=profile, **{k: v for k, v in values.items() if k != "profile"})
 
@@ -1241,6 +1243,285 @@ def launch(fn, *args):
         notebook_launcher(fn, args, num_processes=n)
         return None
     return fn(*args)
+
+
+# -----------------------------------------------------------------------------
+# Stage 3: supervised finetuning on instruction/response pairs, loss on the response only
+
+CHAT_TEMPLATE = (  # the seed's format: <|bos|>Instruction: {prompt}\nResponse: {answer}<|eos|>
+    "{% for m in messages %}"
+    "{% if m['role'] == 'user' %}{{ '<|bos|>Instruction: ' + m['content'] + '\\n' }}"
+    "{% elif m['role'] == 'assistant' %}{{ 'Response: ' + m['content'] + '<|eos|>' }}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Response:' }}{% endif %}")
+COLUMN_PAIRS = [("question", "answer"), ("instruction", "response"), ("prompt", "completion"),
+                ("input", "output"), ("prompt", "response"), ("instruction", "output"), ("query", "response"),
+                ("question", "response"), ("user", "assistant")]
+
+
+@dataclasses.dataclass
+class SFTConfig:
+    profile_prefix = "sft_"               # sft_epochs etc. in PROFILES feed epochs etc. here
+    profile: str = "demo"
+    run_dir: str | None = None
+    seed: int = 1337
+    pretrain_dir: str | None = None       # None: found by manifest
+    dialogs_path: str | None = None       # a CSV, a folder of CSVs or a glob; None: the demo dialogs
+    prompt_column: str | None = None      # None: detected (question/answer, instruction/response, ...)
+    response_column: str | None = None
+    out_dir: str | None = None
+    resume_from: str | None = None
+    epochs: float = 3
+    batch_size: int = 64
+    grad_accum_steps: int = 1
+    learning_rate: float = 1e-4
+    min_lr: float | None = None           # None: learning_rate / 10
+    warmup_steps: int | None = None       # None: 3% of the steps
+    max_hours: float = 11.25
+    val_fraction: float = 0.05
+    too_long: str = "truncate"            # rows longer than the context: "truncate" the answer or "drop"
+    log_interval: int = 50
+    eval_interval: int = 200
+    eval_batches: int = 50
+    checkpoint_minutes: float = 30
+    precision: str = "auto"
+    compile: str | bool = "auto"
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    max_steps: int | None = None          # None: epochs x batches per epoch (set once the data is read)
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        self.run_dir = str(self.run_dir or default_run_dir(self.profile))
+        self.out_dir = str(self.out_dir or Path(self.run_dir) / "sft")
+        self.min_lr = self.learning_rate / 10 if self.min_lr is None else self.min_lr
+        if self.too_long not in ("truncate", "drop"):
+            raise PocketGPTError(f"too_long={self.too_long!r}: use 'truncate' or 'drop'.")
+        if not self.epochs > 0:
+            raise PocketGPTError(f"epochs={self.epochs} must be positive.")
+        check_training_params(self)
+
+
+def dialog_files(dialogs_path, run_dir) -> list[Path]:
+    """The dialog CSVs: a file, a folder (every *.csv in it) or a glob; None = the demo dialogs."""
+    if dialogs_path is None:
+        dialogs_path = (str(kaggle_root() / "input" / "**" / "dialogs.csv") if on_kaggle()
+                        else str(Path(run_dir) / "data" / "dialogs.csv"))
+    p = Path(dialogs_path)
+    if p.is_file():
+        return [p]
+    files = sorted(p.rglob("*.csv")) if p.is_dir() else sorted(Path(f) for f in glob.glob(str(p), recursive=True))
+    if not files:
+        raise PocketGPTError(f"dialogs_path={dialogs_path}: no such CSV file, folder or glob match. "
+                             f"Pass the CSV of instruction/response pairs (on Kaggle, attach its dataset).")
+    return files
+
+
+def detect_columns(columns, prompt_column=None, response_column=None, file="") -> tuple[str, str]:
+    """The prompt and response columns: as given, or the first known pair (any case)."""
+    lower = {c.strip().lower(): c for c in columns}
+    if prompt_column or response_column:
+        for name, param in [(prompt_column, "prompt_column"), (response_column, "response_column")]:
+            if name is None or name not in columns:
+                raise PocketGPTError(f"{file}: {param}={name!r} is not a column; the columns are {list(columns)}. "
+                                     f"Set both prompt_column and response_column.")
+        return prompt_column, response_column
+    for p, r in COLUMN_PAIRS:
+        if p in lower and r in lower:
+            return lower[p], lower[r]
+    raise PocketGPTError(f"{file}: no prompt/response columns found among {list(columns)}. Name them with "
+                         f"prompt_column=... and response_column=... (known pairs: "
+                         f"{', '.join('/'.join(pr) for pr in COLUMN_PAIRS[:4])}, ...).")
+
+
+def read_dialogs(files, prompt_column=None, response_column=None) -> tuple[list[tuple[str, str]], dict]:
+    """Read every CSV into (prompt, response) pairs, stripped, without empty rows or exact duplicates."""
+    import pandas as pd
+
+    pairs, report = [], {"files": [str(f) for f in files], "rows_read": 0, "dropped_empty": 0, "dropped_duplicates": 0}
+    for f in files:
+        try:
+            df = pd.read_csv(f, dtype=str, keep_default_na=False, encoding="utf-8")
+        except pd.errors.EmptyDataError:
+            raise PocketGPTError(f"{f} is empty: it needs a header row and instruction/response rows.") from None
+        except UnicodeDecodeError as e:
+            raise PocketGPTError(f"{f} is not UTF-8 (byte {e.start}: {e.reason}). Save it as UTF-8 and try again.") from None
+        except pd.errors.ParserError as e:
+            raise PocketGPTError(f"{f} is not a readable CSV ({e}).") from None
+        pc, rc = detect_columns(list(df.columns), prompt_column, response_column, f)
+        report.setdefault("columns", {})[str(f)] = [pc, rc]
+        for p, r in zip(df[pc], df[rc]):
+            report["rows_read"] += 1
+            p, r = p.strip(), r.strip()
+            if not p or not r or p.lower() == "nan" or r.lower() == "nan":
+                report["dropped_empty"] += 1
+                continue
+            pairs.append((p, r))
+    unique = list(dict.fromkeys(pairs))
+    report["dropped_duplicates"] = len(pairs) - len(unique)
+    if not unique:
+        raise PocketGPTError(f"{', '.join(map(str, files))}: no usable rows (every row had an empty prompt or response).")
+    return unique, report
+
+
+def encode_dialog(tok, prompt: str, response: str) -> tuple[list[int], list[int]]:
+    """Ids of the seed's template and the training targets: -100 on the prompt, the answer and
+    <|eos|> kept. The prompt ends exactly at "Response:"; the answer brings its own leading space
+    (a space left at the end of the prompt would merge with the answer's first word under
+    byte-level BPE, and the model would never see the split it sees at generation time)."""
+    p = tok.encode(f"<|bos|>Instruction: {prompt}\nResponse:", add_special_tokens=False)
+    a = tok.encode(f" {response}<|eos|>", add_special_tokens=False)
+    return p + a, [-100] * len(p) + a
+
+
+def encode_dialogs(tok, pairs, context: int, too_long: str) -> tuple[list, list, dict]:
+    """Encode every pair; rows longer than context+1 tokens get their answer cut (still ending in
+    <|eos|>) or are dropped, by `too_long`. Returns the kept pairs, their rows and the counts."""
+    kept, rows, truncated, dropped = [], [], 0, 0
+    for prompt, response in pairs:
+        ids, labels = encode_dialog(tok, prompt, response)
+        if len(ids) > context + 1:
+            n_prompt = labels.count(-100)
+            if too_long == "drop" or n_prompt + 2 > context + 1:
+                dropped += 1
+                continue
+            ids = ids[:context] + [EOS_ID]
+            labels = labels[:context] + [EOS_ID]
+            truncated += 1
+        kept.append((prompt, response))
+        rows.append((ids, labels))
+    return kept, rows, {"truncated": truncated, "dropped_too_long": dropped}
+
+
+class DialogBatches:
+    """Batches of rows of similar length, so little of a batch is padding; seeded and resumable.
+
+    Each epoch: a seeded shuffle, rows sorted by length inside chunks of 64 batches, the batches
+    shuffled again. Inputs are padded with <pad>, targets with -100 (ignored by the loss).
+    """
+
+    def __init__(self, rows, batch_size: int, seed: int, rank: int = 0, world: int = 1):
+        self.rows, self.B, self.seed, self.rank, self.world = rows, batch_size, seed, rank, world
+        self.epoch, self.index, self._batches = 0, 0, None
+
+    def batches(self) -> list:
+        if self._batches is None or self._batches[0] != self.epoch:
+            rng = np.random.default_rng([self.seed, self.epoch])
+            order, size = rng.permutation(len(self.rows)), self.B * self.world
+            chunks = [sorted(order[i:i + 64 * size], key=lambda j: len(self.rows[j][0]))
+                      for i in range(0, len(order), 64 * size)]
+            batches = [c[i:i + size] for c in chunks for i in range(0, len(c), size)]
+            self._batches = (self.epoch, [batches[i] for i in rng.permutation(len(batches))])
+        return self._batches[1]
+
+    def __len__(self) -> int:
+        return -(-len(self.rows) // (self.B * self.world))
+
+    def collate(self, idx):
+        width = max(len(self.rows[i][0]) for i in idx) - 1
+        x = torch.full((len(idx), width), PAD_ID, dtype=torch.long)
+        y = torch.full((len(idx), width), -100, dtype=torch.long)
+        for k, i in enumerate(idx):
+            ids, labels = self.rows[i]
+            x[k, :len(ids) - 1] = torch.tensor(ids[:-1])
+            y[k, :len(ids) - 1] = torch.tensor(labels[1:])
+        return x, y
+
+    def next_batch(self):
+        idx = self.batches()[self.index]
+        self.index += 1
+        if self.index == len(self.batches()):
+            self.epoch, self.index = self.epoch + 1, 0
+        size = max(1, len(idx) // self.world)
+        return self.collate(idx[self.rank * size:(self.rank + 1) * size] or idx[:1])
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state(self, state: dict) -> None:
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+
+    def real_token_fraction(self) -> float:
+        """Share of the input positions in an epoch's batches that are real tokens, not padding."""
+        real = sum(len(self.rows[i][0]) - 1 for b in self.batches() for i in b)
+        padded = sum(len(b) * (max(len(self.rows[i][0]) for i in b) - 1) for b in self.batches())
+        return real / padded
+
+    def eval_batches(self, n_batches: int):
+        order = sorted(range(len(self.rows)), key=lambda j: len(self.rows[j][0]))
+        return [self.collate(order[i:i + self.B]) for i in range(0, len(order), self.B)][:n_batches]
+
+
+def prepare_sft_data(cfg: SFTConfig, tok, context: int) -> dict:
+    """Read, clean, encode and split the dialogs; every count is kept for the report."""
+    files = dialog_files(cfg.dialogs_path, cfg.run_dir)
+    pairs, report = read_dialogs(files, cfg.prompt_column, cfg.response_column)
+    kept, rows, lengths = encode_dialogs(tok, pairs, context, cfg.too_long)
+    report.update(lengths)
+    rows_by_split, pairs_by_split = {"train": [], "val": []}, {"train": [], "val": []}
+    for pair, row in zip(kept, rows):  # split by a seeded hash of the row, as the corpus is
+        s = split_of(f"{pair[0]}\n{pair[1]}", cfg.seed, cfg.val_fraction)
+        rows_by_split[s].append(row)
+        pairs_by_split[s].append(pair)
+    if not rows_by_split["val"] or not rows_by_split["train"]:
+        raise PocketGPTError(f"{len(rows)} usable dialog rows cannot be split with val_fraction={cfg.val_fraction}: "
+                             f"provide more rows or change val_fraction.")
+    report.update(train_rows=len(rows_by_split["train"]), val_rows=len(rows_by_split["val"]),
+                  train_tokens=sum(len(r[0]) for r in rows_by_split["train"]),
+                  response_tokens=sum(sum(t != -100 for t in r[1]) for r in rows_by_split["train"]))
+    return {"rows": rows_by_split, "pairs": pairs_by_split, "report": report}
+
+
+def run_sft_stage(cfg: SFTConfig, stop_at_step: int | None = None) -> Path:
+    """Stage 3, whole: the pretrained model and tokenizer, the dialogs, the shared loop, the folder."""
+    pre = find_stage("pretrain", cfg.pretrain_dir, cfg.run_dir)
+    tok = load_tokenizer(pre / "model")
+    tok.chat_template = CHAT_TEMPLATE
+    model = load_model(pre / "model").train()
+    data = prepare_sft_data(cfg, tok, model.config.n_positions)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    train_data = DialogBatches(data["rows"]["train"], cfg.batch_size, cfg.seed)
+    val_data = DialogBatches(data["rows"]["val"], cfg.batch_size, cfg.seed)
+    steps_per_epoch = -(-len(data["rows"]["train"]) // (cfg.batch_size * world * cfg.grad_accum_steps))
+    cfg.max_steps = cfg.max_steps or max(1, round(cfg.epochs * steps_per_epoch))
+    cfg.warmup_steps = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, cfg.max_steps // 33)
+    report = {**data["report"], "real_token_fraction": train_data.real_token_fraction(),
+              "steps_per_epoch": steps_per_epoch, "max_steps": cfg.max_steps}
+    resume_dir = resolve_resume(cfg.resume_from, "sft", cfg.run_dir)
+    resume = load_checkpoint(resume_dir) if resume_dir else None
+    inputs = {"pretrain": pre, **{f"dialogs:{Path(f).name}": Path(f) for f in data["report"]["files"]}}
+    with stage_output(cfg.out_dir, "sft", dataclasses.asdict(cfg), inputs) as work:
+        write_json(work / "data_report.json", report)
+        write_json(work / "heldout.json", [{"prompt": p, "response": r} for p, r in data["pairs"]["val"][:50]])
+        result = train(model, train_data, val_data.eval_batches(cfg.eval_batches), cfg, work, resume,
+                       stop_at_step, stage="sft")
+        if not result.pop("is_main_process"):
+            return Path(cfg.out_dir)
+        save_hf_folder(result.pop("model"), tok, work / "model")
+        pre_metrics = read_json(pre / "metrics.json")
+        write_json(work / "metrics.json", {**result, **{f"data_{k}": v for k, v in report.items() if k != "columns"},
+                                           "pretrain_val_loss": pre_metrics.get("final_val_loss")})
+        plot_losses({"sft": work / "log.csv"}, work / "loss.png")
+    return Path(cfg.out_dir)
+
+
+def chat_prompt_ids(tok, prompt: str) -> list[int]:
+    """The ids the seed feeds generate(): <|bos|>Instruction: {prompt}\\nResponse:"""
+    return tok.encode(f"<|bos|>Instruction: {prompt}\nResponse:", add_special_tokens=False)
+
+
+def compare_answers(before_dir, after_dir, prompts, max_new_tokens: int = 64) -> list[dict]:
+    """Answers to the same instructions from two models (before and after SFT), sampled as the seed does."""
+    models = {"before": load_model(before_dir), "after": load_model(after_dir)}
+    tok = load_tokenizer(after_dir)
+    rows = []
+    for p in prompts:
+        row = {"instruction": p}
+        for name, model in models.items():
+            ids = generate(model, tok, chat_prompt_ids(tok, p), max_new_tokens)
+            row[name] = tok.decode(ids, skip_special_tokens=True).strip()
+        rows.append(row)
+    return rows
 
 
 # -----------------------------------------------------------------------------
