@@ -1,0 +1,158 @@
+"""Stage 3: dialogs are read, cleaned and formatted as the seed does; only the response is learned."""
+import csv
+
+import pytest
+import torch
+
+import pocketgpt_utils as pg
+from conftest import TINY
+
+
+@pytest.fixture(scope="module")
+def pretrain_stage(tokenizer_stage, tmp_path_factory):
+    run = tmp_path_factory.mktemp("sftrun")
+    params = {k: v for k, v in TINY.items() if k != "vocab_size"}
+    cfg = pg.make_config(pg.PretrainConfig, "demo", run_dir=str(run), tokenizer_dir=str(tokenizer_stage),
+                         precision="fp32", **params)
+    return pg.run_pretrain_stage(cfg)
+
+
+@pytest.fixture(scope="module")
+def tok(pretrain_stage):
+    t = pg.load_tokenizer(pretrain_stage / "model")
+    t.chat_template = pg.CHAT_TEMPLATE
+    return t
+
+
+def write_csv(path, header, rows):
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    return path
+
+
+def sft_cfg(pretrain_stage, tmp_path, dialogs, **kw):
+    kw = {"batch_size": 8, "log_interval": 5, "eval_interval": 10, "precision": "fp32", "epochs": 1, **kw}
+    return pg.make_config(pg.SFTConfig, "demo", run_dir=str(tmp_path), pretrain_dir=str(pretrain_stage),
+                          dialogs_path=str(dialogs), out_dir=str(tmp_path / "sft"), **kw)
+
+
+def test_template_ids_match_the_chat_template_and_the_seed_prompt(tok):
+    prompt, answer = "What does torch.nn.LayerNorm do?", "Applies layer normalization."
+    ids, labels = pg.encode_dialog(tok, prompt, answer)
+    assert tok.decode(ids) == f"<|bos|>Instruction: {prompt}\nResponse: {answer}<|eos|>"
+    chat = tok.apply_chat_template([{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}],
+                                   tokenize=True, return_dict=False)
+    assert list(chat) == ids
+    gen = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                  tokenize=True, return_dict=False)
+    seed_prompt = tok.encode(f"<|bos|>Instruction: {prompt}\nResponse:")
+    assert list(gen) == seed_prompt == ids[:len(seed_prompt)]  # generation prompt ends exactly at "Response:"
+    n_prompt = labels.count(-100)
+    assert n_prompt == len(seed_prompt) and labels[n_prompt:] == ids[n_prompt:] and labels[-1] == pg.EOS_ID
+
+
+def test_masked_prompt_tokens_get_no_gradient_and_response_tokens_do(pretrain_stage, tok):
+    model = pg.load_model(pretrain_stage / "model").train()
+    ids, labels = pg.encode_dialog(tok, "Explain dropout.", "It zeroes random activations.")
+    x, y = torch.tensor([ids[:-1]]), torch.tensor([labels[1:]])
+    emb = model.transformer.wte(x).detach().requires_grad_(True)
+    h = model.transformer(inputs_embeds=emb).last_hidden_state
+    logits = model.lm_head(h)
+    loss = torch.nn.functional.cross_entropy(logits[0], y[0], ignore_index=-100)
+    # the output at a masked position must not contribute: perturbing only its logits changes nothing
+    grads = torch.autograd.grad(loss, logits, retain_graph=True)[0][0]
+    masked = (y[0] == -100).nonzero().flatten()
+    kept = (y[0] != -100).nonzero().flatten()
+    assert grads[masked].abs().max() == 0
+    assert (grads[kept].abs().sum(-1) > 0).all()
+    assert pg.LMLoss(model)(x, y).item() == pytest.approx(loss.item(), rel=1e-5)
+
+
+def test_columns_are_detected_in_any_case_or_named(tmp_path):
+    assert pg.detect_columns(["ID", "Question", "ANSWER"]) == ("Question", "ANSWER")
+    assert pg.detect_columns(["prompt", "completion"]) == ("prompt", "completion")
+    assert pg.detect_columns(["a", "b"], "a", "b") == ("a", "b")
+    with pytest.raises(pg.PocketGPTError, match=r"no prompt/response columns found among \['text', 'label'\].*prompt_column"):
+        pg.detect_columns(["text", "label"], file="d.csv")
+    with pytest.raises(pg.PocketGPTError, match="response_column='answer' is not a column"):
+        pg.detect_columns(["q", "a"], "q", "answer", file="d.csv")
+
+
+def test_cleaning_counts_empty_duplicate_and_long_rows(tmp_path, tok):
+    f = write_csv(tmp_path / "d.csv", ["Instruction", "Response"], [
+        ["  What is a tensor? ", " An array.  "], ["What is a tensor?", "An array."],  # duplicate once stripped
+        ["", "orphan answer"], ["no answer", "   "], ["nan", "x"], ["Long?", "word " * 400],
+    ])
+    pairs, report = pg.read_dialogs([f])
+    assert pairs[0] == ("What is a tensor?", "An array.")
+    assert (report["rows_read"], report["dropped_empty"], report["dropped_duplicates"]) == (6, 3, 1)
+    kept, rows, counts = pg.encode_dialogs(tok, pairs, 64, "truncate")
+    assert counts == {"truncated": 1, "dropped_too_long": 0}
+    long_ids, long_labels = rows[1]
+    assert len(long_ids) == 65 and long_ids[-1] == pg.EOS_ID and long_labels[-1] == pg.EOS_ID
+    assert pg.encode_dialogs(tok, pairs, 64, "drop")[2] == {"truncated": 0, "dropped_too_long": 1}
+
+
+def test_length_grouped_batches_are_mostly_real_tokens(tmp_path, tok, demo_data):
+    pairs, _ = pg.read_dialogs([demo_data / "dialogs.csv"])
+    _, rows, _ = pg.encode_dialogs(tok, pairs, 64, "truncate")
+    batches = pg.DialogBatches(rows, 16, seed=0)
+    assert batches.real_token_fraction() >= 0.9
+    x, y = batches.next_batch()
+    assert x.shape == y.shape and (y[x == pg.PAD_ID] == -100).all()
+    seen = [i for b in batches.batches() for i in b]
+    assert sorted(seen) == list(range(len(rows)))  # every row once per epoch
+
+
+def test_sft_learns_and_writes_a_chat_ready_folder(pretrain_stage, tmp_path, demo_data):
+    out = pg.run_sft_stage(sft_cfg(pretrain_stage, tmp_path, demo_data / "dialogs.csv", epochs=1, learning_rate=1e-3))
+    metrics = pg.read_json(out / "metrics.json")
+    rows = pg.read_log(out / "log.csv")
+    vals = [r["val_loss"] for r in rows if r["val_loss"] is not None]
+    assert vals[-1] < vals[0] and metrics["finished"]
+    assert metrics["data_real_token_fraction"] >= 0.9
+    for name in ["config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja", "vocab.json", "merges.txt"]:
+        assert (out / "model" / name).is_file(), name
+    tok = pg.load_tokenizer(out / "model")
+    ids = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=True,
+                                  return_dict=False)
+    assert tok.decode(ids) == "<|bos|>Instruction: hi\nResponse:"
+    assert (out / "loss.png").exists() and pg.read_json(out / "manifest.json")["stage"] == "sft"
+
+
+def test_sft_resume_continues_the_same_run(pretrain_stage, tmp_path, demo_data):
+    kw = dict(max_steps=12, log_interval=2, eval_interval=4)
+    full = pg.run_sft_stage(sft_cfg(pretrain_stage, tmp_path / "a", demo_data / "dialogs.csv", **kw))
+    part = pg.run_sft_stage(sft_cfg(pretrain_stage, tmp_path / "b", demo_data / "dialogs.csv", **kw), stop_at_step=5)
+    resumed = pg.run_sft_stage(sft_cfg(pretrain_stage, tmp_path / "b", demo_data / "dialogs.csv",
+                                       resume_from=str(part), **kw))
+    a = {r["step"]: r["train_loss"] for r in pg.read_log(full / "log.csv") if r["train_loss"] is not None}
+    b = {r["step"]: r["train_loss"] for r in pg.read_log(resumed / "log.csv") if r["train_loss"] is not None and r["step"] != 5}
+    assert b and all(b[s] == pytest.approx(a[s], abs=2e-4) for s in b)
+
+
+# --- bad input ------------------------------------------------------------------------------------
+
+def test_missing_dialogs_file_is_named(pretrain_stage, tmp_path):
+    with pytest.raises(pg.PocketGPTError, match="dialogs_path=.*missing.csv: no such CSV"):
+        pg.run_sft_stage(sft_cfg(pretrain_stage, tmp_path, tmp_path / "missing.csv"))
+
+
+def test_empty_dialogs_file_is_named(pretrain_stage, tmp_path):
+    (tmp_path / "empty.csv").write_text("")
+    with pytest.raises(pg.PocketGPTError, match="empty.csv is empty"):
+        pg.run_sft_stage(sft_cfg(pretrain_stage, tmp_path, tmp_path / "empty.csv"))
+
+
+def test_non_utf8_dialogs_file_is_named(pretrain_stage, tmp_path):
+    (tmp_path / "latin1.csv").write_bytes("question,answer\ncafé?,oui\n".encode("latin-1"))
+    with pytest.raises(pg.PocketGPTError, match="latin1.csv is not UTF-8"):
+        pg.run_sft_stage(sft_cfg(pretrain_stage, tmp_path, tmp_path / "latin1.csv"))
+
+
+def test_csv_without_the_answer_column_is_rejected_with_its_columns(pretrain_stage, tmp_path):
+    f = write_csv(tmp_path / "d.csv", ["question", "context"], [["q", "c"]])
+    with pytest.raises(pg.PocketGPTError, match=r"d.csv: no prompt/response columns found among \['question', 'context'\]"):
+        pg.run_sft_stage(sft_cfg(pretrain_stage, tmp_path, f))
