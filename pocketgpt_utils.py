@@ -1161,6 +1161,7 @@ def train(model, train_data, val_batches, cfg, work: Path, resume: dict | None =
 def save_hf_folder(model, tokenizer, out_dir) -> None:
     """A standard save_pretrained folder in fp32 (transformers 5 reloads in the saved dtype)."""
     model = model.float()
+    tokenizer.model_max_length = model.config.n_positions
     model.generation_config.bos_token_id, model.generation_config.eos_token_id = BOS_ID, EOS_ID
     model.generation_config.pad_token_id = PAD_ID
     model.save_pretrained(out_dir)
@@ -1616,6 +1617,646 @@ def sample_continuations(model_dir, prompts, max_new_tokens: int = 40) -> list[d
     return rows
 
 
+def distinct_n(texts, n: int = 2) -> float:
+    """Unique n-grams / all n-grams over the answers: low values mean the model repeats itself."""
+    grams = [tuple(w[i:i + n]) for t in texts for w in [t.split()] for i in range(len(w) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def eval_val_split(model, tokenizer_dir, batch_size: int = 8, max_batches: int = 50) -> dict:
+    """Loss, perplexity and bits per byte on the pretraining val split (bits per byte does not
+    depend on the tokenizer, so models with different vocabularies compare)."""
+    meta = read_json(Path(tokenizer_dir) / "meta.json")
+    data = TokenWindows(Path(tokenizer_dir) / "val.bin", model.config.n_positions, batch_size, 0, meta["vocab_size"])
+    loss_fn, total, count = LMLoss(model).eval(), 0.0, 0
+    with torch.no_grad():
+        for x, y in data.eval_batches(max_batches):
+            total += float(loss_fn(x, y, reduction="sum"))
+            count += y.numel()
+    loss = total / count
+    bytes_per_token = meta["val_bytes"] / meta["val_tokens"]
+    return {"val_loss": loss, "perplexity": math.exp(loss), "bits_per_byte": loss / math.log(2) / bytes_per_token,
+            "tokens_evaluated": count}
+
+
+def eval_responses(model, tok, pairs, batch_size: int = 16) -> float:
+    """Loss on response tokens of held-out dialogs (the SFT objective)."""
+    _, rows, _ = encode_dialogs(tok, pairs, model.config.n_positions, "truncate")
+    batches = DialogBatches(rows, batch_size, 0).eval_batches(10**9)
+    loss_fn, total, count = LMLoss(model).eval(), 0.0, 0
+    with torch.no_grad():
+        for x, y in batches:
+            total += float(loss_fn(x, y, reduction="sum"))
+            count += int((y != -100).sum())
+    return total / max(count, 1)
+
+
+def answer_table(model, tok, prompts, max_length: int = 384, seed: int = 1337) -> tuple[list[dict], dict]:
+    """Sampled (the seed's settings) and greedy answers, whether each ended with <|eos|>, and distinct-2."""
+    rows = []
+    for p in prompts:
+        ids = chat_prompt_ids(tok, p)
+        row = {"instruction": p}
+        for mode in ["sampled", "greedy"]:
+            new = generate(model, tok, ids, max_length - len(ids), greedy=mode == "greedy", seed=seed)
+            row[mode] = tok.decode(new, skip_special_tokens=True).strip()
+            row[f"{mode}_eos"] = bool(new) and new[-1] == EOS_ID
+        rows.append(row)
+    summary = {f"{m}_eos_share": sum(r[f"{m}_eos"] for r in rows) / len(rows) for m in ["sampled", "greedy"]}
+    summary.update({f"{m}_distinct2": distinct_n([r[m] for r in rows]) for m in ["sampled", "greedy"]})
+    return rows, summary
+
+
+def ask(model, tok, prompt: str, max_length: int = 384, stream: bool = False, greedy: bool = False) -> str:
+    """Ask the model one instruction; with stream=True the answer prints as it is generated."""
+    from transformers import TextStreamer
+
+    ids = chat_prompt_ids(tok, prompt)
+    streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True) if stream else None
+    new = generate(model, tok, ids, max_length - len(ids), greedy=greedy, streamer=streamer)
+    return tok.decode(new, skip_special_tokens=True).strip()
+
+
+def write_export_folder(model, tok, out_dir, card: str) -> None:
+    """The seed's folder: everything transformers 5 writes, plus the files it no longer writes
+    (pytorch_model.bin, vocab.json, merges.txt, special_tokens_map.json), and a model card."""
+    out_dir = Path(out_dir)
+    save_hf_folder(model, tok, out_dir)
+    torch.save(model.state_dict(), out_dir / "pytorch_model.bin")
+    write_json(out_dir / "special_tokens_map.json", {"bos_token": "<|bos|>", "eos_token": "<|eos|>",
+                                                     "unk_token": "<unk>", "pad_token": "<pad>"})
+    gen = read_json(out_dir / "generation_config.json")
+    gen.update({"bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID,
+                "do_sample": True, "top_p": 0.9, "temperature": 0.8})  # the seed's sampling as the default
+    write_json(out_dir / "generation_config.json", gen)
+    (out_dir / "README.md").write_text(card, encoding="utf-8")
+
+
+VERIFY_SCRIPT = r'''
+import json, sys, numpy as np, torch
+from transformers import GPT2LMHeadModel, GPT2TokenizerFast, GPT2Tokenizer
+path, prompt = sys.argv[1], sys.argv[2]
+model = GPT2LMHeadModel.from_pretrained(path); tokenizer = GPT2TokenizerFast.from_pretrained(path)
+slow = GPT2Tokenizer(vocab=f"{path}/vocab.json", merges=f"{path}/merges.txt", bos_token="<|bos|>",
+                     eos_token="<|eos|>", unk_token="<unk>", pad_token="<pad>")
+inputs = tokenizer.encode(f"<|bos|>Instruction: {prompt}\nResponse:", return_tensors="pt")
+torch.manual_seed(0)
+out = model.generate(inputs, max_length=384, do_sample=True, top_p=0.9, temperature=0.8,
+                     eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+text = tokenizer.decode(out[0], skip_special_tokens=True)
+with torch.no_grad():
+    logits = model(inputs).logits[0].numpy()
+probe = "Tokenizers split text: naïve café 🤗 <|eos|>  x\n\ty<pad>"
+print(json.dumps({"text": text, "logits": logits.tolist(), "len_tokenizer": len(tokenizer),
+                  "vocab_size": model.config.vocab_size, "dtype": str(model.dtype),
+                  "slow_ids_equal": slow.encode(probe) == tokenizer.encode(probe) and len(slow) == len(tokenizer),
+                  "eos": tokenizer.eos_token_id, "pad": tokenizer.pad_token_id}))
+'''
+
+
+def verify_export(folder, model, prompt: str = "What does a tokenizer do?") -> dict:
+    """Load the folder in a fresh process with the seed's inference code; compare with the model in memory."""
+    import subprocess
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    proc = subprocess.run([sys.executable, "-c", VERIFY_SCRIPT, str(folder), prompt], capture_output=True,
+                          text=True, env=env)
+    if proc.returncode != 0:
+        raise PocketGPTError(f"The exported folder {folder} does not load in a fresh process:\n{proc.stderr[-2000:]}")
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    tok = load_tokenizer(folder)
+    with torch.no_grad():
+        ref = model.eval()(torch.tensor([chat_prompt_ids(tok, prompt)])).logits[0].float().numpy()
+    checks = {
+        "max_abs_logit_diff": float(np.abs(np.array(got["logits"]) - ref).max()),
+        "text_starts_with_instruction": got["text"].startswith(f"Instruction: {prompt}\nResponse:"),
+        "tokenizer_matches_vocab": got["len_tokenizer"] == got["vocab_size"],
+        "slow_tokenizer_matches_fast": got["slow_ids_equal"],
+        "special_ids": got["eos"] == EOS_ID and got["pad"] == PAD_ID,
+        "dtype": got["dtype"], "sample": got["text"][:300],
+    }
+    failed = [k for k in ["text_starts_with_instruction", "tokenizer_matches_vocab", "slow_tokenizer_matches_fast",
+                          "special_ids"] if not checks[k]]
+    if failed or checks["max_abs_logit_diff"] > 1e-4:
+        raise PocketGPTError(f"The exported folder {folder} failed checks {failed or ['logits differ']}: {checks}")
+    return checks
+
+
+# -----------------------------------------------------------------------------
+# GGUF for llama.cpp, written with the `gguf` package and checked against Hugging Face
+
+GGUF_FTYPES = ("f32", "f16", "q8_0")  # the file types write_gguf can produce
+
+# How closely each file type must follow the Hugging Face model (see verify_gguf).
+# rel_tol bounds max|logit diff| as a fraction of the logit range; min_top1 is the share of
+# positions whose next token must agree (near-ties excepted); greedy: must the generated text
+# be identical. q8_0 rounds every weight to 8 bits: its logits drift by ~1% of their range and
+# its greedy text may take another branch at a close call, so it gets a looser bound, 99% top-1
+# agreement and no greedy requirement (its greedy figures are still reported).
+GGUF_TOLERANCES = {
+    "f32":  dict(rel_tol=1e-3, min_top1=1.0, greedy=True),
+    "f16":  dict(rel_tol=1e-2, min_top1=1.0, greedy=True),
+    "q8_0": dict(rel_tol=5e-2, min_top1=0.99, greedy=False),
+}
+
+
+def gguf_tensors(model):
+    """Map a GPT2LMHeadModel's weights to llama.cpp's gpt2 tensor names, as float32 arrays.
+
+    llama.cpp names tensors by role (blk.N.attn_qkv, ...) and stores every matrix as
+    [out, in]; HF GPT-2 keeps its attention and MLP matrices in Conv1D layout [in, out], so
+    those are transposed. Embeddings are [vocab, n_embd] in both and are not transposed.
+    """
+    sd = {k: v.detach().float().cpu().numpy() for k, v in model.state_dict().items()}
+    t = {
+        "token_embd.weight": sd["transformer.wte.weight"],
+        "position_embd.weight": sd["transformer.wpe.weight"],
+        "output_norm.weight": sd["transformer.ln_f.weight"],
+        "output_norm.bias": sd["transformer.ln_f.bias"],
+    }
+    for i in range(model.config.n_layer):
+        h, b = f"transformer.h.{i}.", f"blk.{i}."
+        t[b + "attn_norm.weight"] = sd[h + "ln_1.weight"]
+        t[b + "attn_norm.bias"] = sd[h + "ln_1.bias"]
+        t[b + "attn_qkv.weight"] = sd[h + "attn.c_attn.weight"].T  # Conv1D [in, out] -> [out, in]
+        t[b + "attn_qkv.bias"] = sd[h + "attn.c_attn.bias"]
+        t[b + "attn_output.weight"] = sd[h + "attn.c_proj.weight"].T
+        t[b + "attn_output.bias"] = sd[h + "attn.c_proj.bias"]
+        t[b + "ffn_norm.weight"] = sd[h + "ln_2.weight"]
+        t[b + "ffn_norm.bias"] = sd[h + "ln_2.bias"]
+        t[b + "ffn_up.weight"] = sd[h + "mlp.c_fc.weight"].T
+        t[b + "ffn_up.bias"] = sd[h + "mlp.c_fc.bias"]
+        t[b + "ffn_down.weight"] = sd[h + "mlp.c_proj.weight"].T
+        t[b + "ffn_down.bias"] = sd[h + "mlp.c_proj.bias"]
+    if not model.config.tie_word_embeddings:  # tied: no output.weight, llama.cpp reuses token_embd
+        t["output.weight"] = sd["lm_head.weight"]
+    return {name: np.ascontiguousarray(arr) for name, arr in t.items()}
+
+
+def gguf_encode_tensor(name, arr, ftype):
+    """Return (data, raw_dtype) for one tensor in the requested file type.
+
+    Only 2-D weight matrices are converted: norms and biases are tiny and precision-critical,
+    and position_embd stays F32 as in llama.cpp's own converter, so they are always F32.
+    """
+    import gguf
+
+    if ftype == "f32" or arr.ndim != 2 or name == "position_embd.weight":
+        return arr.astype(np.float32), None
+    if ftype == "f16":
+        return arr.astype(np.float16), None
+    if arr.shape[-1] % 32:  # q8_0 packs rows in blocks of 32 values
+        raise PocketGPTError(f"q8_0 needs rows divisible by 32; {name} has shape {arr.shape}")
+    qtype = gguf.GGMLQuantizationType.Q8_0
+    return gguf.quants.quantize(arr, qtype), qtype
+
+
+def gguf_vocab(hf_dir, n_vocab):
+    """Tokens, token types and merges for the GGUF tokenizer, read from tokenizer.json.
+
+    Tokens go in as the raw byte-level strings of the vocab ("Ġthe"), which is how llama.cpp's
+    gpt2 tokenizer expects them. Special tokens become CONTROL so llama.cpp only matches them
+    when asked to parse specials, like HF. If the model's embedding has more rows than the
+    tokenizer has tokens, the list is padded with unused tokens so the two sizes agree.
+    """
+    import gguf
+    with open(os.path.join(hf_dir, "tokenizer.json"), encoding="utf-8") as f:
+        tj = json.load(f)
+    id_to_token = {i: s for s, i in tj["model"]["vocab"].items()}
+    types = {i: gguf.TokenType.NORMAL for i in id_to_token}
+    for added in tj["added_tokens"]:
+        id_to_token[added["id"]] = added["content"]
+        types[added["id"]] = gguf.TokenType.CONTROL if added["special"] else gguf.TokenType.USER_DEFINED
+    if len(id_to_token) > n_vocab or max(id_to_token) >= n_vocab:
+        raise PocketGPTError(f"{hf_dir}: tokenizer has {len(id_to_token)} tokens, model vocab_size is {n_vocab}")
+    tokens, token_types = [], []
+    for i in range(n_vocab):
+        tokens.append(id_to_token.get(i, f"[PAD{i}]"))
+        token_types.append(types.get(i, gguf.TokenType.UNUSED))
+    # tokenizers >= 0.20 stores merges as [a, b] pairs, older versions as "a b" strings
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tj["model"]["merges"]]
+    return tokens, token_types, merges
+
+
+def write_gguf(hf_dir, out_path, ftype="f16"):
+    """Write the HF model folder hf_dir as a llama.cpp GGUF file (arch "gpt2") and return its path.
+
+    The file is written next to out_path under a temporary name and renamed at the end, so an
+    interrupted export never leaves a file that looks finished.
+    """
+    import gguf
+    from transformers import GPT2LMHeadModel, GPT2TokenizerFast
+
+    if ftype not in GGUF_FTYPES:
+        raise PocketGPTError(f"ftype must be one of {GGUF_FTYPES}, got {ftype!r}")
+    model = GPT2LMHeadModel.from_pretrained(hf_dir, dtype=torch.float32)
+    tokenizer = GPT2TokenizerFast.from_pretrained(hf_dir)
+    cfg = model.config
+    # llama.cpp's gpt2 graph is the plain GPT-2 block; refuse configs it would silently run wrong
+    if cfg.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise PocketGPTError(f"llama.cpp gpt2 uses tanh-GELU; config has {cfg.activation_function!r}")
+    if cfg.scale_attn_by_inverse_layer_idx or cfg.reorder_and_upcast_attn or not cfg.scale_attn_weights:
+        raise PocketGPTError("llama.cpp gpt2 supports only the standard 1/sqrt(head_dim) attention scaling")
+
+    tmp_path = f"{out_path}.tmp"
+    w = gguf.GGUFWriter(tmp_path, "gpt2")
+    try:
+        # hyperparameters llama.cpp reads for arch gpt2
+        w.add_name(os.path.basename(os.path.normpath(hf_dir)))
+        w.add_context_length(cfg.n_positions)
+        w.add_embedding_length(cfg.n_embd)
+        w.add_block_count(cfg.n_layer)
+        w.add_head_count(cfg.n_head)
+        w.add_feed_forward_length(cfg.n_inner or 4 * cfg.n_embd)  # HF: n_inner=None means 4*n_embd
+        w.add_layer_norm_eps(cfg.layer_norm_epsilon)
+        w.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                         "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[ftype])
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+        # tokenizer: byte-level BPE with the GPT-2 pre-tokenizer regex, exactly as HF runs it
+        tokens, token_types, merges = gguf_vocab(hf_dir, cfg.vocab_size)
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("gpt-2")  # without it llama.cpp splits words differently from HF
+        w.add_token_list(tokens)
+        w.add_token_types(token_types)
+        w.add_token_merges(merges)
+        w.add_bos_token_id(tokenizer.bos_token_id)
+        w.add_eos_token_id(tokenizer.eos_token_id)
+        w.add_unk_token_id(tokenizer.unk_token_id)
+        w.add_pad_token_id(tokenizer.pad_token_id)
+        # HF's GPT2Tokenizer adds no bos (our prompts carry <|bos|> in the text); llama.cpp must agree
+        w.add_add_bos_token(bool(getattr(tokenizer, "add_bos_token", False)))
+        w.add_add_eos_token(bool(getattr(tokenizer, "add_eos_token", False)))
+
+        for name, arr in gguf_tensors(model).items():
+            data, raw_dtype = gguf_encode_tensor(name, arr, ftype)
+            w.add_tensor(name, data, raw_dtype=raw_dtype)
+
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        os.replace(tmp_path, out_path)
+    finally:
+        w.close()
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+    return Path(out_path)
+
+
+def gguf_ftype(gguf_path):
+    """The file type write_gguf used ("f32", "f16", "q8_0"), read back from the file."""
+    import gguf
+    ftype = int(gguf.GGUFReader(gguf_path).fields["general.file_type"].contents())
+    return {0: "f32", 1: "f16", 7: "q8_0"}[ftype]
+
+
+def load_llama(gguf_path, n_ctx, n_threads=None):
+    """Open a GGUF with llama-cpp-python, keeping the logits of every position (for comparison)."""
+    from llama_cpp import Llama
+    return Llama(model_path=str(gguf_path), n_ctx=n_ctx, logits_all=True, verbose=False,
+                 n_threads=n_threads or torch.get_num_threads(), seed=0)
+
+
+def llama_logits(llm, ids):
+    """Next-token logits at every position of ids, from llama.cpp, as a [len(ids), vocab] array."""
+    llm.reset()
+    llm.eval(ids)
+    return np.array(llm.scores[: len(ids)], dtype=np.float32)
+
+
+def llama_greedy(llm, ids, n_generate, eos_id=None):
+    """Greedy continuation of ids by llama.cpp's own sampler (temp=0), stopping at eos like HF."""
+    out = []
+    for tok in llm.generate(ids, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
+        out.append(tok)
+        if tok == eos_id or len(out) == n_generate:
+            break
+    return out
+
+
+def hf_greedy(model, ids, n_generate, eos_id, pad_id):
+    """Greedy continuation of ids by HF generate, the reference for llama_greedy."""
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        y = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False,
+                           max_new_tokens=n_generate, eos_token_id=eos_id, pad_token_id=pad_id)
+    return y[0, len(ids):].tolist()
+
+
+def hf_logits(model, ids):
+    """Next-token logits at every position of ids from the HF model, as a [len(ids), vocab] array."""
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float().numpy()
+
+
+def is_near_tie(ref_row, a, b, tol):
+    """True if HF scores tokens a and b within tol: rounding of that size may pick either one."""
+    return abs(float(ref_row[a]) - float(ref_row[b])) <= tol
+
+
+def verify_gguf(gguf_path, hf_dir, prompts, tokenization_texts, n_generate=64):
+    """Check that a GGUF behaves like the HF model it came from; return the figures or raise.
+
+    Three checks, all against the HF folder as the reference:
+      - logits: next-token logits at every position of each prompt. max|diff| must stay under
+        GGUF_TOLERANCES[ftype] (a fraction of the logit range) and the top-1 token must agree
+        wherever HF's choice is not a near-tie (f32/f16: everywhere, q8_0: on 99%);
+      - greedy generation: n_generate tokens after each prompt must be identical (f32/f16),
+        unless the first difference is a near-tie;
+      - tokenization: llama.cpp's tokenizer must give HF's ids on every text, special tokens
+        included (a missing pre-tokenizer type or a wrong token list shows up here first).
+    A near-tie is two tokens whose HF logits differ by less than 2*max|diff|: the measured
+    rounding error can swap them, so a swap there says nothing about the export being wrong.
+    Raises PocketGPTError naming the file and every check that failed, with the figures.
+    """
+    from transformers import GPT2LMHeadModel, GPT2TokenizerFast
+    ftype = gguf_ftype(gguf_path)
+    tol = GGUF_TOLERANCES[ftype]
+    model = GPT2LMHeadModel.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    tokenizer = GPT2TokenizerFast.from_pretrained(hf_dir)
+    n_ctx = model.config.n_positions
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    llm = load_llama(gguf_path, n_ctx=n_ctx)
+    try:
+        # logits at every position of every prompt (the same ids go to both engines)
+        prompt_ids = [tokenizer.encode(p) for p in prompts]
+        if max(len(ids) for ids in prompt_ids) + n_generate > n_ctx:
+            raise PocketGPTError(f"a prompt + {n_generate} generated tokens exceeds n_positions={n_ctx}")
+        refs = [hf_logits(model, ids) for ids in prompt_ids]
+        gots = [llama_logits(llm, ids) for ids in prompt_ids]
+        ref, got = np.concatenate(refs), np.concatenate(gots)
+        max_diff = float(np.abs(ref - got).max())
+        logit_range = float(ref.max() - ref.min())
+        tie_tol = 2 * max_diff
+        ref_top, got_top = ref.argmax(-1), got.argmax(-1)
+        differ = np.nonzero(ref_top != got_top)[0]
+        real_differ = [i for i in differ if not is_near_tie(ref[i], ref_top[i], got_top[i], tie_tol)]
+
+        # greedy generation: identical, or the first difference is a near-tie
+        greedy_identical, greedy_ok, greedy_same, greedy_total = True, True, 0, 0
+        for ids in prompt_ids:
+            ref_gen = hf_greedy(model, ids, n_generate, eos, pad)
+            got_gen = llama_greedy(llm, ids, n_generate, eos)  # both end at eos or n_generate
+            k = next((i for i, (a, b) in enumerate(zip(ref_gen, got_gen)) if a != b), None)
+            greedy_total += len(ref_gen)
+            greedy_same += len(ref_gen) if k is None else k
+            if k is not None:
+                greedy_identical = False
+                context = hf_logits(model, ids + ref_gen[:k])[-1]  # HF's view where they split
+                greedy_ok &= is_near_tie(context, ref_gen[k], got_gen[k], tie_tol)
+
+        # tokenization: what a llama.cpp user gets from the raw text, bos handling included
+        mismatches = [t for t in tokenization_texts
+                      if tokenizer.encode(t) != llm.tokenize(t.encode("utf-8"), add_bos=True, special=True)]
+    finally:
+        llm.close()
+
+    figures = dict(
+        ftype=ftype, max_abs_diff=max_diff, logit_range=logit_range, rel_diff=max_diff / logit_range,
+        positions=len(ref), top1_agreement=1 - len(differ) / len(ref),
+        top1_differ_beyond_ties=len(real_differ), greedy_identical=greedy_identical,
+        greedy_same_tokens=greedy_same, greedy_tokens=greedy_total,
+        tokenization_texts=len(tokenization_texts), tokenization_mismatches=len(mismatches),
+    )
+    failures = []
+    if figures["rel_diff"] > tol["rel_tol"]:
+        failures.append(f"logits differ: max|diff| {max_diff:.4g} is {figures['rel_diff']:.3%} "
+                        f"of the logit range {logit_range:.4g} (allowed {tol['rel_tol']:.3%})")
+    if 1 - len(real_differ) / len(ref) < tol["min_top1"]:
+        failures.append(f"top-1 token differs at {len(real_differ)} of {len(ref)} positions "
+                        f"beyond near-ties (allowed {1 - tol['min_top1']:.0%})")
+    if tol["greedy"] and not greedy_ok:
+        failures.append(f"greedy generation of {n_generate} tokens differs from HF")
+    if mismatches:
+        failures.append(f"tokenization differs from HF on {len(mismatches)} of "
+                        f"{len(tokenization_texts)} texts, e.g. {mismatches[:3]!r}")
+    if failures:
+        raise PocketGPTError(f"{gguf_path} does not match {hf_dir}:\n  " + "\n  ".join(failures)
+                         + f"\nfigures: {figures}")
+    return figures
+
+
+def generation_speed(gguf_path, hf_dir, prompt, n_generate=128):
+    """Greedy generation speed in tokens/s: HF generate on PyTorch vs llama.cpp on the GGUF.
+
+    Both produce exactly n_generate new tokens (eos ignored) from the same prompt with the
+    same number of CPU threads; the time includes reading the prompt, as a user would wait it.
+    """
+    from transformers import GPT2LMHeadModel, GPT2TokenizerFast
+    model = GPT2LMHeadModel.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    tokenizer = GPT2TokenizerFast.from_pretrained(hf_dir)
+    ids = tokenizer.encode(prompt)
+    n_generate = min(n_generate, model.config.n_positions - len(ids))
+    x = torch.tensor([ids])
+
+    def hf_run(n):
+        with torch.no_grad():
+            model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=n,
+                           min_new_tokens=n, pad_token_id=tokenizer.pad_token_id)
+
+    hf_run(4)  # warm-up: the first call pays one-off setup costs
+    t0 = time.perf_counter()
+    hf_run(n_generate)
+    hf_s = time.perf_counter() - t0
+
+    llm = load_llama(gguf_path, n_ctx=model.config.n_positions)
+    try:
+        llama_greedy(llm, ids, 4)  # warm-up
+        t0 = time.perf_counter()
+        llama_greedy(llm, ids, n_generate)
+        llama_s = time.perf_counter() - t0
+    finally:
+        llm.close()
+    return dict(n_generate=n_generate, threads=torch.get_num_threads(),
+                hf_tokens_per_s=n_generate / hf_s, llama_cpp_tokens_per_s=n_generate / llama_s)
+
+
+TOKENIZER_PROBES = [  # strings that stress a tokenizer: unicode, emoji, odd whitespace, code, specials
+    "héllo wörld", "naïve café", "日本語のテキスト", "Привет мир", "مرحبا", "🙂🚀👍🏽", "👨‍👩‍👧", "a  b   c",
+    "\n\n\n", "\t\tindented", "  leading", "trailing   ", "def f(x):\n    return x**2  # square",
+    "it's we'll they've I'M", "3.14159 1e-5 0x1F 1,000,000", "<|bos|>", "<|eos|>", "<pad>", "<unk>",
+    "<|bos|>Instruction: hi\nResponse:", "\u00a0nbsp\u2009thin", "e\u0301 combining", "\r\nwindows",
+    "ÀÉÎÕÜ ß ﬁ", "$$\\alpha$$", "https://example.com/a?b=c", "'s's 's", "ALLCAPS and MiXeD"]
+
+
+def export_gguf_files(folder, out_dir, types, prompts, texts) -> list[dict]:
+    """pocketGPT-{type}.gguf beside the folder; each verified against HF and timed when
+    llama-cpp-python is importable (it compiles llama.cpp on install: CI has it, Kaggle need not)."""
+    if not types:
+        return []
+    if importlib.util.find_spec("gguf") is None:
+        print("GGUF skipped: the `gguf` package is not installed (pip install gguf; on Kaggle attach its wheel).")
+        return []
+    folder, out_dir = Path(folder), Path(out_dir)
+    n_ctx = read_json(folder / "config.json")["n_positions"]
+    n_generate = min(64, n_ctx - max(len(chat_prompt_ids(load_tokenizer(folder), p)) for p in prompts) - 1)
+    can_run = importlib.util.find_spec("llama_cpp") is not None
+    rows = []
+    for ftype in types:
+        path = write_gguf(folder, out_dir / f"pocketGPT-{ftype}.gguf", ftype)
+        row = {"type": ftype, "file": path.name, "size_mb": path.stat().st_size / 1e6}
+        if can_run:
+            chat = [f"<|bos|>Instruction: {p}\nResponse:" for p in prompts]
+            row["verify"] = verify_gguf(path, folder, chat, texts + TOKENIZER_PROBES, n_generate)
+            speed = generation_speed(path, folder, chat[0])
+            row["tokens_per_s"], row["hf_tokens_per_s"] = speed["llama_cpp_tokens_per_s"], speed["hf_tokens_per_s"]
+        rows.append(row)
+    return rows
+
+
+# -----------------------------------------------------------------------------
+# Stage 4: evaluation, the report card, the exported pocketGPT folder
+
+DEFAULT_PROMPTS = ["What does torch.nn.LayerNorm do?", "Explain transformers.GPT2LMHeadModel.",
+                   "What is `DataFrame.groupby` used for?", "What does numpy.linalg.norm do?",
+                   "Describe the class accelerate.Accelerator."]
+
+
+@dataclasses.dataclass
+class ExportConfig:
+    profile: str = "demo"
+    run_dir: str | None = None
+    seed: int = 1337
+    tokenizer_dir: str | None = None
+    pretrain_dir: str | None = None
+    sft_dir: str | None = None
+    out_dir: str | None = None
+    prompts: list | None = None           # extra instructions to answer, after the fixed ones
+    gguf_types: list | None = None        # None: ["f16", "q8_0"]; [] skips GGUF
+
+    def __post_init__(self):
+        self.run_dir = str(self.run_dir or default_run_dir(self.profile))
+        self.out_dir = str(self.out_dir or Path(self.run_dir) / "export")
+        if isinstance(self.prompts, str):
+            self.prompts = [self.prompts]
+        self.gguf_types = ["f16", "q8_0"] if self.gguf_types is None else list(self.gguf_types)
+
+
+def stage_hours(folder) -> float:
+    """Training hours from metrics (they add up across resumed sessions), else the manifest's span."""
+    metrics = read_json(folder / "metrics.json") if (folder / "metrics.json").exists() else {}
+    if "hours" in metrics:
+        return metrics["hours"]
+    m = read_json(folder / "manifest.json")
+    return (datetime.fromisoformat(m["finished_at"]) - datetime.fromisoformat(m["started_at"])).total_seconds() / 3600
+
+
+def model_card(report: dict, answers: list[dict]) -> str:
+    """README.md of the exported folder: what it is, how it was made, its numbers, how to use it."""
+    r = report
+    sample = "\n".join(f"| {a['instruction']} | {a['greedy'][:160].replace('|', '/').replace(chr(10), ' ')} |" for a in answers[:3])
+    return f"""# pocketGPT
+
+A small GPT-2 ({r['parameters'] / 1e6:.1f}M parameters, {r['n_layer']} layers, {r['n_embd']} wide, context
+{r['n_positions']}) trained from scratch with [pocketGPT](https://github.com/) notebooks: a byte-level BPE
+tokenizer ({r['vocab_size']:,} tokens), pretraining on {r['pretrain_tokens']:,} tokens, then supervised finetuning
+on {r['sft_rows']:,} instruction/response pairs (loss on the response only). Weights are fp32.
+
+| number | value |
+|---|---|
+| pretrain val loss | {r['pretrain_val_loss']:.3f} (perplexity {r['pretrain_perplexity']:.1f}, {r['pretrain_bits_per_byte']:.3f} bits/byte) |
+| SFT val loss on responses | {r['sft_response_loss']:.3f} (before SFT: {r['pretrain_response_loss']:.3f}) |
+| answers ending with `<|eos|>` (greedy) | {r['greedy_eos_share']:.0%} |
+
+## Use it with transformers
+
+```python
+from transformers import GPT2LMHeadModel, GPT2TokenizerFast
+model = GPT2LMHeadModel.from_pretrained(path); tokenizer = GPT2TokenizerFast.from_pretrained(path)
+inputs = tokenizer.encode(f"<|bos|>Instruction: {{prompt}}\\nResponse:", return_tensors="pt")
+out = model.generate(inputs, max_length={r['n_positions']}, do_sample=True, top_p=0.9, temperature=0.8,
+                     eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+print(tokenizer.decode(out[0], skip_special_tokens=True))
+```
+The prompt format is also the tokenizer's chat template (`tokenizer.apply_chat_template(messages,
+add_generation_prompt=True)`).
+
+## Use it with llama.cpp
+
+`pocketGPT-f16.gguf` and `pocketGPT-q8_0.gguf` sit beside this folder (when exported):
+```
+llama-cli -m pocketGPT-q8_0.gguf -p "<|bos|>Instruction: What does a tokenizer do?\\nResponse:" -n 128 --temp 0.8 --top-p 0.9
+```
+or in Python: `llama_cpp.Llama(model_path="pocketGPT-q8_0.gguf")("<|bos|>Instruction: ...\\nResponse:", max_tokens=128)`.
+
+## Sample answers (greedy)
+
+| instruction | answer |
+|---|---|
+{sample}
+"""
+
+
+def report_markdown(report: dict, answers: list[dict], versions: dict) -> str:
+    rows = "\n".join(f"| {k} | {v} |" for k, v in report_rows(report))
+    vers = ", ".join(f"{k} {v}" for k, v in versions.items())
+    ans = "\n".join(f"| {a['instruction']} | {a['sampled'][:200].replace('|', '/').replace(chr(10), ' ')} | "
+                    f"{a['greedy'][:200].replace('|', '/').replace(chr(10), ' ')} |" for a in answers)
+    return (f"# pocketGPT report card\n\n{report['device']}; {vers}\n\n| measure | value |\n|---|---|\n{rows}\n\n"
+            f"![losses](losses.png)\n\n## Answers\n\n| instruction | sampled | greedy |\n|---|---|---|\n{ans}\n")
+
+
+def report_rows(r: dict) -> list[tuple[str, str]]:
+    """The report card's table, in reading order."""
+    rows = [("hardware", r["device"]), ("parameters", f"{r['parameters']:,}"),
+            ("tokenizer", f"{r['vocab_size']:,} tokens, {r['bytes_per_token']:.2f} bytes/token on val"),
+            ("time: tokenizer / pretrain / SFT", f"{r['tokenizer_minutes']:.1f} / {r['pretrain_minutes']:.1f} / {r['sft_minutes']:.1f} min"),
+            ("pretrain tokens seen", f"{r['pretrain_tokens']:,} ({r['pretrain_steps']:,} steps, finished: {r['pretrain_finished']})"),
+            ("pretrain val loss / perplexity / bits per byte", f"{r['pretrain_val_loss']:.3f} / {r['pretrain_perplexity']:.1f} / {r['pretrain_bits_per_byte']:.3f}"),
+            ("SFT rows / tokens seen", f"{r['sft_rows']:,} / {r['sft_tokens']:,}"),
+            ("response loss before / after SFT", f"{r['pretrain_response_loss']:.3f} / {r['sft_response_loss']:.3f}"),
+            ("answers ending with <|eos|> (sampled / greedy)", f"{r['sampled_eos_share']:.0%} / {r['greedy_eos_share']:.0%}"),
+            ("distinct-2 (sampled / greedy)", f"{r['sampled_distinct2']:.2f} / {r['greedy_distinct2']:.2f}")]
+    for f in r.get("gguf", []):
+        rows.append((f"GGUF {f['type']}", f"{f['size_mb']:.1f} MB, {f.get('tokens_per_s', float('nan')):.0f} tok/s greedy"
+                     + (f" (HF generate: {r['hf_tokens_per_s']:.0f} tok/s)" if r.get("hf_tokens_per_s") else "")))
+    return rows
+
+
+def run_export_stage(cfg: ExportConfig) -> Path:
+    """Stage 4, whole: evaluate both models, write and verify the export, the zip and the report card."""
+    import pandas as pd  # noqa: F401  (the notebook shows the tables with it)
+
+    tok_dir = find_stage("tokenizer", cfg.tokenizer_dir, cfg.run_dir)
+    pre = find_stage("pretrain", cfg.pretrain_dir, cfg.run_dir)
+    sft = find_stage("sft", cfg.sft_dir, cfg.run_dir)
+    pre_model, sft_model = load_model(pre / "model"), load_model(sft / "model")
+    tok = load_tokenizer(sft / "model")
+    heldout = [(r["prompt"], r["response"]) for r in read_json(sft / "heldout.json")]
+    pre_eval = eval_val_split(pre_model, tok_dir)
+    answers, summary = answer_table(sft_model, tok, DEFAULT_PROMPTS + list(cfg.prompts or []),
+                                    sft_model.config.n_positions, cfg.seed)
+    meta, pre_m, sft_m = read_json(tok_dir / "meta.json"), read_json(pre / "metrics.json"), read_json(sft / "metrics.json")
+    c = sft_model.config
+    report = {
+        "device": device_name(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
+        "parameters": count_params(sft_model), "n_layer": c.n_layer, "n_embd": c.n_embd, "n_positions": c.n_positions,
+        "vocab_size": c.vocab_size, "bytes_per_token": meta["val_bytes_per_token"],
+        "tokenizer_minutes": stage_hours(tok_dir) * 60, "pretrain_minutes": stage_hours(pre) * 60,
+        "sft_minutes": stage_hours(sft) * 60, "pretrain_tokens": pre_m["tokens"], "pretrain_steps": pre_m["steps"],
+        "pretrain_finished": pre_m["finished"], **{f"pretrain_{k}": v for k, v in pre_eval.items()},
+        "sft_rows": sft_m.get("data_train_rows", 0), "sft_tokens": sft_m["tokens"],
+        "pretrain_response_loss": eval_responses(pre_model, tok, heldout),
+        "sft_response_loss": eval_responses(sft_model, tok, heldout),
+        "sft_val_split_loss": eval_val_split(sft_model, tok_dir)["val_loss"], **summary,
+    }
+    inputs = {"tokenizer": tok_dir, "pretrain": pre, "sft": sft}
+    with stage_output(cfg.out_dir, "export", dataclasses.asdict(cfg), inputs) as work:
+        folder = work / "pocketGPT"
+        write_export_folder(sft_model, tok, folder, model_card(report, answers))
+        report["verify"] = verify_export(folder, sft_model)
+        val_docs = decode_documents(np.asarray(read_bin(tok_dir / "val.bin"))[:200_000], tok)[:200]
+        report["gguf"] = export_gguf_files(folder, work, cfg.gguf_types, DEFAULT_PROMPTS, val_docs)
+        report["hf_tokens_per_s"] = next((g["hf_tokens_per_s"] for g in report["gguf"] if "hf_tokens_per_s" in g), None)
+        shutil.make_archive(str(work / "pocketGPT"), "zip", root_dir=work, base_dir="pocketGPT")
+        plot_losses({"pretrain": pre / "log.csv", "sft": sft / "log.csv"}, work / "losses.png")
+        write_json(work / "answers.json", answers)
+        write_json(work / "metrics.json", report)
+        (work / "report.md").write_text(report_markdown(report, answers, library_versions()), encoding="utf-8")
+    return Path(cfg.out_dir)
+
+
 # -----------------------------------------------------------------------------
 # Plotting (figures are returned for the notebook to show, and saved as PNG beside the data)
 
@@ -1645,22 +2286,23 @@ def read_log(path) -> list[dict]:
 
 
 def plot_losses(logs: dict, out_png=None):
-    """Train and val loss against tokens seen, one colour per stage; saved as PNG when asked."""
+    """Train and val loss against tokens seen, one panel per stage; saved as PNG when asked."""
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    for i, (name, path) in enumerate(logs.items()):
-        rows, color = read_log(path), f"C{i}"
+    fig, axes = plt.subplots(1, len(logs), figsize=(7 * len(logs), 4.2), squeeze=False)
+    for ax, (name, path) in zip(axes[0], logs.items()):
+        rows = read_log(path)
         train = [(r["tokens"], r["train_loss"]) for r in rows if r["train_loss"] is not None]
         val = [(r["tokens"], r["val_loss"]) for r in rows if r["val_loss"] is not None]
         if train:
-            ax.plot(*zip(*train), color=color, alpha=0.6, label=f"{name} train")
+            ax.plot(*zip(*train), color="C0", alpha=0.7, label="train")
         if val:
-            ax.plot(*zip(*val), "o-", color=color, label=f"{name} val")
-    ax.set_xlabel("tokens seen")
-    ax.set_ylabel("loss (nats/token)")
-    ax.grid(alpha=0.3)
-    ax.legend()
+            ax.plot(*zip(*val), "o-", color="C1", label="val")
+        ax.set_title(name)
+        ax.set_xlabel("tokens seen")
+        ax.set_ylabel("loss (nats/token)")
+        ax.grid(alpha=0.3)
+        ax.legend()
     fig.tight_layout()
     if out_png:
         fig.savefig(out_png, dpi=100)
