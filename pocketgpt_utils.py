@@ -200,8 +200,8 @@ PROFILES = {
     "demo": dict(  # a tiny model that trains in minutes on a laptop CPU
         vocab_size=4096, n_layer=4, n_head=4, n_embd=128, n_positions=128, dropout=0.0,
         batch_size=16, grad_accum_steps=1, learning_rate=2e-3, min_lr=2e-4, warmup_steps=30,
-        max_steps=600, max_hours=0.1, log_interval=25, eval_interval=100, checkpoint_minutes=5,
-        sft_epochs=2, sft_batch_size=32, sft_learning_rate=5e-4, sft_max_hours=0.1,
+        max_steps=1800, max_hours=0.1, log_interval=50, eval_interval=200, checkpoint_minutes=5,
+        sft_epochs=2, sft_batch_size=32, sft_learning_rate=5e-4, sft_max_hours=0.06,
         sft_log_interval=25, sft_eval_interval=100, sft_checkpoint_minutes=5,
     ),
     "t4": dict(  # the seed's 27M GPT-2 with batches that fill a 16 GB T4
@@ -581,7 +581,9 @@ def encode_corpus(files, tok, out_dir, seed: int, val_fraction: float, total_byt
 
 def build_tokenizer_stage(cfg: TokenizerConfig) -> Path:
     """Stage 1, whole: scan, train the BPE, save it, encode the splits, write meta and manifest."""
-    if cfg.corpus_path is None:
+    if cfg.corpus_path is None and on_kaggle():  # the attached dataset's corpus.txt, wherever it is mounted
+        cfg.corpus_path = str(kaggle_root() / "input" / "**" / "corpus.txt")
+    elif cfg.corpus_path is None:  # the demo corpus, built once per run folder
         cfg.corpus_path = str(Path(cfg.run_dir) / "data" / "corpus.txt")
         if not Path(cfg.corpus_path).exists():
             make_demo_data(Path(cfg.run_dir) / "data")
@@ -2398,6 +2400,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "pipeline":
+            import logging  # papermill logs each cell's output: the progress of a headless run
+
+            logging.basicConfig(level=logging.INFO, format="%(message)s")
             params = {k: parse_value(v) for k, v in args.param}
             run_dir = run_pipeline(args.profile, args.run_dir, args.corpus, args.dialogs, params, args.stages)
             print(f"done: {run_dir}")

@@ -142,13 +142,15 @@ def push_dataset(folder, meta, dir_mode, dry_run, poll):
     wait_until(dataset_id, ["datasets", "status", dataset_id], "ready", ["failed"], poll)
 
 def pretrain_finished(kernel_id, out):
-    """Did the last run of 02 write a finished pretrain/ stage (its manifest.json)?"""
+    """Did the last run of 02 reach max_steps? A run stopped by its time budget still writes a
+    finished stage folder (so 03 could already use it), but its metrics.json says finished: false."""
     dest = Path(out) / "02_pretrain_output"
-    kaggle("kernels", "output", kernel_id, "-p", str(dest), "--file-pattern", r"manifest\.json$", "-o")
+    kaggle("kernels", "output", kernel_id, "-p", str(dest), "--file-pattern", r"(manifest|metrics)\.json$", "-o")
     for manifest in dest.rglob("manifest.json"):
         m = json.loads(manifest.read_text())
-        if m.get("stage") == "pretrain" and m.get("finished_at"):  # what the notebooks' find_stage accepts
-            return True
+        metrics = manifest.with_name("metrics.json")
+        if m.get("stage") == "pretrain" and m.get("finished_at") and metrics.exists():
+            return bool(json.loads(metrics.read_text()).get("finished"))
     return False
 
 # -----------------------------------------------------------------------------

@@ -1,0 +1,129 @@
+"""Stage 4: the exported folder loads with the seed's code, matches the model, and its GGUF runs in llama.cpp."""
+import importlib.util
+import json
+import subprocess
+import sys
+import zipfile
+
+import pytest
+import torch
+
+import pocketgpt_utils as pg
+from conftest import TINY
+
+needs_llama = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
+                                 reason="llama-cpp-python is not installed (requirements-dev.txt)")
+
+
+@pytest.fixture(scope="module")
+def run(tokenizer_stage, demo_data, tmp_path_factory):
+    """A whole tiny run: pretrain, SFT, export, in one run folder."""
+    run = tmp_path_factory.mktemp("exportrun")
+    params = {k: v for k, v in TINY.items() if k != "vocab_size"}
+    pg.run_pretrain_stage(pg.make_config(pg.PretrainConfig, "demo", run_dir=str(run), precision="fp32",
+                                         tokenizer_dir=str(tokenizer_stage), **{**params, "max_steps": 60}))
+    pg.run_sft_stage(pg.make_config(pg.SFTConfig, "demo", run_dir=str(run), precision="fp32", batch_size=16,
+                                    dialogs_path=str(demo_data / "dialogs.csv"), epochs=1, learning_rate=1e-3))
+    pg.run_export_stage(pg.make_config(pg.ExportConfig, "demo", run_dir=str(run), tokenizer_dir=str(tokenizer_stage),
+                                       prompts=["What is a tensor?"]))
+    return run
+
+
+SEED_CODE = r'''
+import sys
+from transformers import GPT2LMHeadModel, GPT2TokenizerFast
+path, prompt = sys.argv[1], "What does torch.nn.LayerNorm do?"
+model = GPT2LMHeadModel.from_pretrained(path); tokenizer = GPT2TokenizerFast.from_pretrained(path)
+inputs = tokenizer.encode(f"<|bos|>Instruction: {prompt}\nResponse:", return_tensors="pt")
+out = model.generate(inputs, max_length=384, do_sample=True, top_p=0.9, temperature=0.8,
+                     eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+print(repr(tokenizer.decode(out[0], skip_special_tokens=True)))
+print(len(tokenizer), model.config.vocab_size, model.dtype)
+'''
+
+
+def test_export_folder_has_the_seeds_files(run):
+    folder = run / "export" / "pocketGPT"
+    for name in ["config.json", "pytorch_model.bin", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                 "vocab.json", "merges.txt", "special_tokens_map.json", "generation_config.json", "README.md"]:
+        assert (folder / name).is_file(), name
+    gen = json.loads((folder / "generation_config.json").read_text())
+    assert (gen["bos_token_id"], gen["eos_token_id"], gen["pad_token_id"]) == (2, 3, 0)
+    with zipfile.ZipFile(run / "export" / "pocketGPT.zip") as z:
+        assert {f"pocketGPT/{n}" for n in ["config.json", "model.safetensors", "vocab.json"]} <= set(z.namelist())
+
+
+def test_the_seeds_inference_code_runs_on_the_exported_folder(run):
+    out = subprocess.run([sys.executable, "-c", SEED_CODE, str(run / "export" / "pocketGPT")], capture_output=True,
+                         text=True, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"}, check=True).stdout.splitlines()
+    assert eval(out[-2]).startswith("Instruction: What does torch.nn.LayerNorm do?\nResponse:")
+    assert out[-1] == f"{TINY['vocab_size']} {TINY['vocab_size']} torch.float32"  # no token silently added
+
+
+def test_exported_logits_equal_the_sft_model(run):
+    exported = pg.load_model(run / "export" / "pocketGPT")
+    sft = pg.load_model(run / "sft" / "model")
+    ids = torch.tensor([[2, 5, 17, 99, 250, 3]])
+    with torch.no_grad():
+        assert torch.equal(exported(ids).logits, sft(ids).logits)
+    legacy = torch.load(run / "export" / "pocketGPT" / "pytorch_model.bin", weights_only=True)
+    assert torch.equal(legacy["transformer.wte.weight"], sft.transformer.wte.weight)
+    verify = pg.read_json(run / "export" / "metrics.json")["verify"]
+    assert verify["max_abs_logit_diff"] == 0 and verify["slow_tokenizer_matches_fast"]
+
+
+def test_report_card_has_every_number(run):
+    m = pg.read_json(run / "export" / "metrics.json")
+    assert m["pretrain_val_loss"] > 0 and m["pretrain_perplexity"] == pytest.approx(2.718281828 ** m["pretrain_val_loss"], rel=1e-6)
+    assert 0 < m["pretrain_bits_per_byte"] < 8
+    assert m["sft_response_loss"] < m["pretrain_response_loss"]  # SFT taught the response format
+    assert 0 <= m["greedy_eos_share"] <= 1 and 0 <= m["sampled_distinct2"] <= 1
+    report = (run / "export" / "report.md").read_text()
+    for text in ["pretrain val loss", "response loss before / after SFT", "What is a tensor?", "losses.png"]:
+        assert text in report
+    answers = pg.read_json(run / "export" / "answers.json")
+    assert [a["instruction"] for a in answers][-1] == "What is a tensor?"
+    assert (run / "export" / "losses.png").stat().st_size > 1000
+
+
+def test_distinct_n_counts_repetition():
+    assert pg.distinct_n(["a b a b a b"]) == pytest.approx(2 / 5)
+    assert pg.distinct_n(["one two three"]) == 1.0
+
+
+@needs_llama
+def test_gguf_files_match_hugging_face_in_llama_cpp(run):
+    rows = {g["type"]: g for g in pg.read_json(run / "export" / "metrics.json")["gguf"]}
+    assert set(rows) == {"f16", "q8_0"}
+    for ftype, row in rows.items():
+        v = row["verify"]
+        assert (run / "export" / row["file"]).is_file()
+        assert v["tokenization_mismatches"] == 0 and v["tokenization_texts"] > 50
+        assert v["rel_diff"] < pg.GGUF_TOLERANCES[ftype]["rel_tol"]
+        assert v["top1_agreement"] >= 0.99
+        assert row["tokens_per_s"] > 0
+    assert rows["f16"]["verify"]["greedy_identical"]
+    assert rows["q8_0"]["size_mb"] < rows["f16"]["size_mb"]
+
+
+@needs_llama
+def test_gguf_of_other_weights_is_rejected(run, tmp_path):
+    folder = run / "export" / "pocketGPT"
+    other = pg.write_gguf(run / "pretrain" / "model", tmp_path / "other.gguf", "f32")  # not the SFT weights
+    with pytest.raises(pg.PocketGPTError, match="logits differ"):
+        pg.verify_gguf(other, folder, ["<|bos|>Instruction: hi\nResponse:"], ["hello"], 8)
+
+
+@needs_llama
+def test_gguf_without_the_pre_tokenizer_type_tokenizes_differently(run, tmp_path, monkeypatch):
+    import gguf
+    monkeypatch.setattr(gguf.GGUFWriter, "add_tokenizer_pre", lambda self, pre: None)
+    bad = pg.write_gguf(run / "export" / "pocketGPT", tmp_path / "nopre.gguf", "f32")
+    with pytest.raises(pg.PocketGPTError, match="tokenization differs"):
+        pg.verify_gguf(bad, run / "export" / "pocketGPT", ["<|bos|>Instruction: hi\nResponse:"],
+                       pg.TOKENIZER_PROBES + ["it's   we'll\n\n  x  = 1", "don't  stop   now"], 8)
+
+
+def test_unknown_gguf_type_is_refused(run, tmp_path):
+    with pytest.raises(pg.PocketGPTError, match="ftype must be one of"):
+        pg.write_gguf(run / "export" / "pocketGPT", tmp_path / "x.gguf", "q4_k")
