@@ -156,6 +156,11 @@ def check_writable(out_dir: Path, param: str = "out_dir") -> None:
                              f"Set {param} to a writable folder.") from None
 
 
+def is_main_process() -> bool:
+    """Rank 0, or the only process: torchrun, `accelerate launch` and notebook_launcher set RANK."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 @contextmanager
 def stage_output(out_dir, stage: str, params: dict, inputs: dict | None = None):
     """Write a stage into `<out_dir>.partial`, then rename it into place with its manifest.
@@ -165,8 +170,11 @@ def stage_output(out_dir, stage: str, params: dict, inputs: dict | None = None):
     that looks done. The manifest says what made the folder: parameters, versions, inputs.
     """
     out_dir = Path(out_dir)
-    check_writable(out_dir)
     work = out_dir.with_name(out_dir.name + ".partial")
+    if not is_main_process():  # in a multi-GPU run only rank 0 writes files
+        yield work
+        return
+    check_writable(out_dir)
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
@@ -1035,7 +1043,9 @@ def train(model, train_data, val_batches, cfg, work: Path, resume: dict | None =
     from accelerate import Accelerator
 
     precision, compiled = choose_precision(cfg.precision), resolve_compile(cfg.compile)
-    acc = Accelerator()  # device placement and multi-GPU (DDP); precision is ours, explicit below
+    # device placement and multi-process DDP (cpu=True lets torchrun run several CPU processes on gloo);
+    # precision is ours, explicit below
+    acc = Accelerator(cpu=not torch.cuda.is_available())
     set_seed(cfg.seed)
     train_data.rank, train_data.world = acc.process_index, acc.num_processes
     model.to(acc.device)
@@ -1099,7 +1109,7 @@ def train(model, train_data, val_batches, cfg, work: Path, resume: dict | None =
             tokens, window_tokens = tokens + n_tokens, window_tokens + n_tokens
             bar.update(1)
             if step % cfg.log_interval == 0 or step == cfg.max_steps:
-                last_loss = float(loss)  # the one sync with the device per log line
+                last_loss = float(acc.reduce(loss, "mean"))  # the one sync per log line, averaged over processes
                 window_steps = step - (int(log_rows[-1]["step"]) if log_rows else 0)
                 if not math.isfinite(last_loss):
                     raise PocketGPTError(
@@ -1534,7 +1544,7 @@ def time_train_step(loss_module, cfg, vocab_size: int, steps: int, warmup: int, 
     """Tokens/s of full optimizer steps (forward, backward, clip, AdamW) on random tokens."""
     from accelerate import Accelerator
 
-    acc = Accelerator()
+    acc = Accelerator(cpu=not torch.cuda.is_available())
     loss_module.to(acc.device).train()
     optimizer = make_optimizer(loss_module, cfg, acc.device)
     scaler = torch.amp.GradScaler(acc.device.type, enabled=precision == "fp16")
@@ -1703,8 +1713,9 @@ slow = GPT2Tokenizer(vocab=f"{path}/vocab.json", merges=f"{path}/merges.txt", bo
                      eos_token="<|eos|>", unk_token="<unk>", pad_token="<pad>")
 inputs = tokenizer.encode(f"<|bos|>Instruction: {prompt}\nResponse:", return_tensors="pt")
 torch.manual_seed(0)
-out = model.generate(inputs, max_length=384, do_sample=True, top_p=0.9, temperature=0.8,
-                     eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+# the seed's call; max_length 384 is the seed model's context, a smaller (demo) model gets its own
+out = model.generate(inputs, max_length=min(384, model.config.n_positions), do_sample=True, top_p=0.9,
+                     temperature=0.8, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
 text = tokenizer.decode(out[0], skip_special_tokens=True)
 with torch.no_grad():
     logits = model(inputs).logits[0].numpy()
@@ -2375,6 +2386,10 @@ def run_pipeline(profile: str = "demo", run_dir=None, corpus=None, dialogs=None,
     return run_dir
 
 
+STAGE_RUNNERS = {"tokenizer": (TokenizerConfig, build_tokenizer_stage), "pretrain": (PretrainConfig, run_pretrain_stage),
+                 "sft": (SFTConfig, run_sft_stage), "export": (ExportConfig, run_export_stage)}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="pocketgpt_utils.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -2391,6 +2406,10 @@ def main(argv=None) -> int:
     d.add_argument("--out", required=True)
     d.add_argument("--max-bytes", type=int, default=6_000_000)
     d.add_argument("--max-dialogs", type=int, default=20_000)
+    st = sub.add_parser("stage", help="run one stage without a notebook (e.g. under `accelerate launch`)")
+    st.add_argument("name", choices=list(STAGES))
+    st.add_argument("--profile", default="demo", choices=sorted(PROFILES))
+    st.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"))
     b = sub.add_parser("bench", help="time the training step (tokens/s, MFU) on this device")
     b.add_argument("--profile", default="t4", choices=sorted(PROFILES))
     b.add_argument("--reference", action="store_true", help="also time a plain PyTorch GPT of the same shape")
@@ -2406,6 +2425,10 @@ def main(argv=None) -> int:
             params = {k: parse_value(v) for k, v in args.param}
             run_dir = run_pipeline(args.profile, args.run_dir, args.corpus, args.dialogs, params, args.stages)
             print(f"done: {run_dir}")
+        elif args.command == "stage":
+            cls, fn = STAGE_RUNNERS[args.name]
+            cfg = make_config(cls, args.profile, **{k: parse_value(v) for k, v in args.param})
+            print(f"done: {fn(cfg)}")
         elif args.command == "bench":
             params = {k: parse_value(v) for k, v in args.param}
             print(json.dumps(bench(args.profile, params, args.reference, args.steps, args.warmup)))

@@ -29,13 +29,14 @@ def run(tokenizer_stage, demo_data, tmp_path_factory):
     return run
 
 
+# DESIGN.md's code, with max_length capped at the tiny test model's context (the seed's model has 384)
 SEED_CODE = r'''
 import sys
 from transformers import GPT2LMHeadModel, GPT2TokenizerFast
 path, prompt = sys.argv[1], "What does torch.nn.LayerNorm do?"
 model = GPT2LMHeadModel.from_pretrained(path); tokenizer = GPT2TokenizerFast.from_pretrained(path)
 inputs = tokenizer.encode(f"<|bos|>Instruction: {prompt}\nResponse:", return_tensors="pt")
-out = model.generate(inputs, max_length=384, do_sample=True, top_p=0.9, temperature=0.8,
+out = model.generate(inputs, max_length=min(384, model.config.n_positions), do_sample=True, top_p=0.9, temperature=0.8,
                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
 print(repr(tokenizer.decode(out[0], skip_special_tokens=True)))
 print(len(tokenizer), model.config.vocab_size, model.dtype)
@@ -98,7 +99,7 @@ def test_gguf_files_match_hugging_face_in_llama_cpp(run):
     for ftype, row in rows.items():
         v = row["verify"]
         assert (run / "export" / row["file"]).is_file()
-        assert v["tokenization_mismatches"] == 0 and v["tokenization_texts"] > 50
+        assert v["tokenization_mismatches"] == 0 and v["tokenization_texts"] >= len(pg.TOKENIZER_PROBES) + 10  # + val docs
         assert v["rel_diff"] < pg.GGUF_TOLERANCES[ftype]["rel_tol"]
         assert v["top1_agreement"] >= 0.99
         assert row["tokens_per_s"] > 0

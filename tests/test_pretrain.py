@@ -157,3 +157,23 @@ def test_resuming_with_another_model_shape_is_refused(tokenizer_stage, tmp_path)
     part = pg.run_pretrain_stage(pretrain_cfg(tokenizer_stage, tmp_path, max_steps=4))
     with pytest.raises(pg.PocketGPTError, match="that run has n_layer=2"):
         pg.run_pretrain_stage(pretrain_cfg(tokenizer_stage, tmp_path / "x", n_layer=3, resume_from=str(part)))
+
+
+def test_two_processes_share_the_work_and_only_rank_0_writes(tokenizer_stage, tmp_path):
+    """The multi-GPU path (accelerate/DDP), run as two CPU processes on gloo, as torchrun starts them."""
+    import os
+    import subprocess
+    import sys
+
+    args = ["-p", "tokenizer_dir", str(tokenizer_stage), "-p", "run_dir", str(tmp_path), "-p", "precision", "fp32"]
+    for k in ["n_layer", "n_head", "n_embd", "n_positions", "batch_size", "log_interval", "eval_interval"]:
+        args += ["-p", k, str(TINY[k])]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(pg.HERE / "pocketgpt_utils.py"),
+           "stage", "pretrain", "-p", "max_steps", "10", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = pg.read_json(tmp_path / "pretrain" / "metrics.json")
+    assert metrics["processes"] == 2
+    assert metrics["tokens"] == 10 * 2 * TINY["batch_size"] * TINY["n_positions"]  # a global batch of both
+    steps = [r["step"] for r in pg.read_log(tmp_path / "pretrain" / "log.csv")]
+    assert steps == sorted(set(steps))  # one writer

@@ -1,0 +1,50 @@
+"""On Kaggle, stages find their inputs by manifest under /kaggle/input and write to /kaggle/working.
+Simulated in a temp folder laid out as Kaggle mounts things since 2026."""
+import shutil
+
+import pytest
+
+import pocketgpt_utils as pg
+from conftest import TINY
+
+
+@pytest.fixture
+def kaggle(tmp_path, monkeypatch):
+    monkeypatch.setenv("KAGGLE_KERNEL_RUN_TYPE", "Batch")
+    monkeypatch.setenv("POCKETGPT_KAGGLE_ROOT", str(tmp_path))
+    (tmp_path / "working").mkdir()
+    return tmp_path
+
+
+def pretrain_cfg(**kw):
+    params = {k: v for k, v in TINY.items() if k != "vocab_size"}
+    return pg.make_config(pg.PretrainConfig, "demo", precision="fp32", **{**params, **kw})
+
+
+def test_tokenizer_stage_finds_the_attached_corpus(kaggle, demo_data):
+    data = kaggle / "input" / "datasets" / "someone" / "my-data"
+    data.mkdir(parents=True)
+    shutil.copy(demo_data / "corpus.txt", data / "corpus.txt")
+    out = pg.build_tokenizer_stage(pg.make_config(pg.TokenizerConfig, "t4", vocab_size=400))
+    assert out == kaggle / "working" / "tokenizer"
+    assert pg.read_json(out / "manifest.json")["inputs"]["corpus"]["path"] == str(data / "corpus.txt")
+
+
+def test_pretrain_finds_its_input_and_resumes_in_a_second_session(kaggle, tokenizer_stage):
+    shutil.copytree(tokenizer_stage, kaggle / "input" / "notebooks" / "someone" / "pocketgpt-01-tokenizer" / "tokenizer")
+    first = pg.run_pretrain_stage(pretrain_cfg(max_steps=12), stop_at_step=6)  # the session's budget ran out
+    assert first == kaggle / "working" / "pretrain"
+    assert not pg.read_json(first / "metrics.json")["finished"]
+    # session 2: the previous version's output is attached as an input; /kaggle/working starts empty
+    previous = kaggle / "input" / "notebooks" / "someone" / "pocketgpt-02-pretrain" / "pretrain"
+    shutil.move(first, previous)
+    second = pg.run_pretrain_stage(pretrain_cfg(max_steps=12))
+    metrics = pg.read_json(second / "metrics.json")
+    assert metrics["finished"] and metrics["steps"] == 12
+    assert [r["step"] for r in pg.read_log(second / "log.csv")][:3] == [5, 6, 10]  # the first session's rows kept
+    assert "resumed_from" in pg.read_json(second / "manifest.json")["inputs"]
+
+
+def test_missing_input_on_kaggle_says_to_attach_it(kaggle):
+    with pytest.raises(pg.PocketGPTError, match="attach the output of the 01_tokenizer notebook"):
+        pg.run_pretrain_stage(pretrain_cfg())

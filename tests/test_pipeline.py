@@ -1,0 +1,50 @@
+"""The suite end to end: every notebook under papermill, chained by the pipeline command."""
+import ast
+import json
+
+import nbformat
+import papermill as pm
+import pytest
+
+import pocketgpt_utils as pg
+from conftest import TINY
+
+NOTEBOOKS = sorted((pg.HERE / "notebooks").glob("*.ipynb"))
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebooks_are_clean_and_every_parameter_parses(path):
+    nb = nbformat.read(str(path), as_version=4)
+    cells = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(cells) == 1
+    assigned = {t.id for node in ast.parse(cells[0].source).body for t in node.targets}
+    assert set(pm.inspect_notebook(str(path))) == assigned  # papermill can set every one of them
+    assert {"profile", "run_dir", "seed"} <= assigned
+    assert not any(c.get("outputs") or c.get("execution_count") for c in nb.cells if c.cell_type == "code")
+
+
+def test_pipeline_runs_all_four_notebooks(demo_data, tmp_path):
+    params = {**TINY, "max_steps": 40, "epochs": 1, "prompts": ["What is a tensor?"]}
+    run = pg.run_pipeline("demo", tmp_path / "run", demo_data / "corpus.txt", demo_data / "dialogs.csv", params,
+                          log_output=False)
+    for stage in ["tokenizer", "pretrain", "sft", "export"]:
+        manifest = pg.read_json(run / stage / "manifest.json")
+        assert manifest["stage"] == stage and manifest["finished_at"]
+        assert (run / stage / "metrics.json").exists()
+        nb = run / "notebooks" / f"{pg.STAGES[stage]}.ipynb"
+        executed = nbformat.read(str(nb), as_version=4)
+        errors = [o for c in executed.cells for o in c.get("outputs", []) if o.output_type == "error"]
+        assert not errors
+        html = nb.with_suffix(".html").read_text()
+        assert "data:image/png;base64" in html  # plots are embedded: the run reads in a browser
+    assert pg.read_json(run / "pretrain" / "metrics.json")["steps"] == 40
+    assert pg.read_json(run / "pretrain" / "manifest.json")["params"]["n_embd"] == TINY["n_embd"]
+    assert (run / "export" / "pocketGPT.zip").stat().st_size > 0
+    assert "What is a tensor?" in json.dumps(pg.read_json(run / "export" / "answers.json"))
+
+
+def test_a_failing_stage_stops_the_pipeline_with_stage_cell_and_error(demo_data, tmp_path):
+    with pytest.raises(pg.PocketGPTError, match=r"01_tokenizer failed in cell \d+ \(PocketGPTError: vocab_size=100.*saved at"):
+        pg.run_pipeline("demo", tmp_path, demo_data / "corpus.txt", params={"vocab_size": 100}, log_output=False)
+    assert (tmp_path / "notebooks" / "01_tokenizer.ipynb").exists()
+    assert not (tmp_path / "pretrain").exists()
