@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import codecs
 import csv
 import dataclasses
 import glob
@@ -27,18 +26,25 @@ import json
 import math
 import os
 import platform
+import random
 import re
 import shutil
+import subprocess
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator, notebook_launcher
+from accelerate.utils import set_seed
 from torch import nn
+from tqdm import tqdm
+from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast, TextStreamer
 
 HERE = Path(__file__).resolve().parent
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<|bos|>", "<|eos|>"]  # ids 0..3, in this order
@@ -498,8 +504,6 @@ def train_tokenizer(documents, vocab_size: int, n_documents: int | None = None):
 
 def wrap_tokenizer(tok, model_max_length: int = 1024):
     """The transformers face of the tokenizer: GPT2TokenizerFast with the four special tokens set."""
-    from transformers import GPT2TokenizerFast
-
     return GPT2TokenizerFast(tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|eos|>",
                              pad_token="<pad>", unk_token="<unk>", add_prefix_space=False,
                              model_max_length=model_max_length)
@@ -514,8 +518,6 @@ def save_tokenizer(hf_tok, out_dir) -> None:
 
 def load_tokenizer(folder):
     """Load a saved tokenizer, with an error that names the folder when it is missing or corrupt."""
-    from transformers import GPT2TokenizerFast
-
     folder = Path(folder)
     if not (folder / "tokenizer.json").is_file():
         raise PocketGPTError(f"{folder} holds no tokenizer.json: point tokenizer_dir at the folder the "
@@ -539,8 +541,6 @@ def encode_corpus(files, tok, out_dir, seed: int, val_fraction: float, total_byt
     files as they come, so memory stays flat for any corpus size. Per-document lengths are kept
     (doc_stats.npz) for the length plots; val-split byte and word counts give the compression.
     """
-    from tqdm import tqdm
-
     out_dir = Path(out_dir)
     outs = {s: open(out_dir / f"{s}.bin", "wb") for s in ("train", "val")}
     stats = {s: {"docs": 0, "tokens": 0, "bytes": 0, "words": 0, "chars": 0} for s in outs}
@@ -715,8 +715,6 @@ def check_training_params(cfg) -> None:
 
 def build_model(vocab_size: int, cfg, seed: int | None = None):
     """A GPT-2 with tied embeddings and SDPA attention; the seed fixes the initial weights."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
     config = GPT2Config(
         vocab_size=vocab_size, n_positions=cfg.n_positions, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
         n_head=cfg.n_head, resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout,
@@ -810,7 +808,6 @@ def choose_precision(requested: str = "auto") -> str:
     torch.cuda.is_bf16_supported() answers True on a T4, where bf16 is emulated and slow, so the
     decision is made on the compute capability itself.
     """
-
     if torch.cuda.is_available():
         native_bf16 = torch.cuda.get_device_capability()[0] >= 8
         if requested == "auto":
@@ -828,7 +825,6 @@ def choose_precision(requested: str = "auto") -> str:
 
 def peak_flops(device, precision: str) -> float | None:
     """The device's dense peak for the precision in use; None on a CPU (no honest MFU there)."""
-
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
@@ -839,7 +835,6 @@ def peak_flops(device, precision: str) -> float | None:
 
 
 def device_name(device) -> str:
-
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} x{torch.cuda.device_count()}"
     return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
@@ -852,7 +847,6 @@ def autocast(device, precision: str):
 
 
 def resolve_compile(setting) -> bool:
-
     if setting == "auto":
         return torch.cuda.is_available()
     if isinstance(setting, str):
@@ -886,8 +880,6 @@ class TokenWindows:
         return self._order[1]
 
     def next_batch(self):
-        import torch
-
         picked = []
         while len(picked) < self.B * self.world:
             take = min(self.B * self.world - len(picked), self.n - self.index)
@@ -907,8 +899,6 @@ class TokenWindows:
 
     def eval_batches(self, n_batches: int):
         """The first windows in file order: the same every evaluation, so val losses compare."""
-        import torch
-
         k = min(self.n, n_batches * self.B)
         rows = np.stack([self.data[i * self.T:i * self.T + self.T + 1] for i in range(k)]).astype(np.int64)
         return [(torch.from_numpy(rows[i:i + self.B, :-1].copy()), torch.from_numpy(rows[i:i + self.B, 1:].copy()))
@@ -940,7 +930,6 @@ def lr_at(step: int, cfg) -> float:
 
 def make_optimizer(model, cfg, device):
     """AdamW, weight decay on matrices only (not biases, norms); fused kernels on a GPU."""
-
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
@@ -954,12 +943,10 @@ def train_step(acc, loss_fn, optimizer, scaler, batches, grad_clip: float, preci
     fp16 needs the GradScaler: the loss is scaled up so small gradients survive in fp16, the
     gradients are unscaled before clipping, and a step with inf/nan gradients is skipped.
     """
-    import contextlib
-
     total = 0.0
     for i, (x, y) in enumerate(batches):
         sync = i == len(batches) - 1
-        with contextlib.nullcontext() if sync else acc.no_sync(loss_fn):
+        with nullcontext() if sync else acc.no_sync(loss_fn):
             with autocast(acc.device, precision):
                 loss = loss_fn(x.to(acc.device, non_blocking=True), y.to(acc.device, non_blocking=True))
             scaler.scale(loss / len(batches)).backward()
@@ -986,17 +973,11 @@ def evaluate(acc, loss_fn, batches, precision: str = "fp32") -> float:
 
 
 def rng_state() -> dict:
-    import random
-
-
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(state: dict) -> None:
-    import random
-
-
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -1006,7 +987,6 @@ def set_rng_state(state: dict) -> None:
 
 def load_checkpoint(folder) -> dict:
     """ckpt.pt from a stage folder (finished, or the .partial a stopped run left)."""
-
     path = Path(folder) / "ckpt.pt"
     if not path.is_file():
         raise PocketGPTError(f"resume_from={folder}: no ckpt.pt there. Point it at a pretrain/sft folder "
@@ -1030,6 +1010,14 @@ def append_log(path: Path, row: dict) -> None:
         w.writerow({k: ("" if row.get(k) is None else row[k]) for k in LOG_COLUMNS})
 
 
+def agree(acc, flag: bool) -> bool:
+    """True on every process if it is true on any: each process reads its own clock, but all must
+    stop (or checkpoint) at the same step, or the next collective call would wait forever."""
+    if acc.num_processes == 1:
+        return flag
+    return bool(acc.reduce(torch.tensor(float(flag), device=acc.device), "sum").item() > 0)
+
+
 def train(model, train_data, val_batches, cfg, work: Path, resume: dict | None = None,
           stop_at_step: int | None = None, stage: str = "pretrain") -> dict:
     """The loop both stages share. Returns the final numbers; writes log.csv and ckpt.pt into `work`.
@@ -1037,11 +1025,6 @@ def train(model, train_data, val_batches, cfg, work: Path, resume: dict | None =
     Stops at max_steps, or early when the max_hours budget would run out (keeping enough time to
     evaluate, checkpoint and save), or at `stop_at_step` (tests use it to simulate a cut-off).
     """
-    from accelerate.utils import set_seed
-    from tqdm import tqdm
-
-    from accelerate import Accelerator
-
     precision, compiled = choose_precision(cfg.precision), resolve_compile(cfg.compile)
     # device placement and multi-process DDP (cpu=True lets torchrun run several CPU processes on gloo);
     # precision is ours, explicit below
@@ -1096,7 +1079,7 @@ def train(model, train_data, val_batches, cfg, work: Path, resume: dict | None =
                 stop_reason = "stopped"
                 break
             reserve = 3 * eval_seconds + 5 * step_seconds + 30  # time to evaluate, checkpoint and save
-            if elapsed_before + time.time() - started + reserve > cfg.max_hours * 3600 and step > 0:
+            if agree(acc, elapsed_before + time.time() - started + reserve > cfg.max_hours * 3600 and step > 0):
                 stop_reason = "time_budget"
                 break
             lr = lr_at(step, cfg)
@@ -1135,11 +1118,11 @@ def train(model, train_data, val_batches, cfg, work: Path, resume: dict | None =
                 bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{tps:,.0f}")
                 if acc.is_main_process:
                     tqdm.write(f"step {step}/{cfg.max_steps} loss {last_loss:.4f}"
-                          + (f" val {val_loss:.4f}" if "val_loss" in row else "")
-                          + f" lr {lr:.2e} {tps:,.0f} tok/s" + (f" mfu {row['mfu']:.1%}" if peak else "")
-                          + f" eta {remaining / 60:.1f} min")
+                               + (f" val {val_loss:.4f}" if "val_loss" in row else "")
+                               + f" lr {lr:.2e} {tps:,.0f} tok/s" + (f" mfu {row['mfu']:.1%}" if peak else "")
+                               + f" eta {remaining / 60:.1f} min")
                 window_started, window_tokens = time.time(), 0
-                if time.time() - last_ckpt > cfg.checkpoint_minutes * 60:
+                if agree(acc, time.time() - last_ckpt > cfg.checkpoint_minutes * 60):
                     save_ckpt()
                     last_ckpt = time.time()
     except torch.cuda.OutOfMemoryError:
@@ -1248,10 +1231,8 @@ def describe_pretrain(cfg: PretrainConfig) -> dict:
 def launch(fn, *args):
     """Run a stage on every GPU: notebook_launcher inside a notebook when there are several
     (Kaggle's T4 x2), a plain call otherwise (`accelerate launch` starts the processes itself)."""
-
     n = torch.cuda.device_count()
     if n > 1 and "WORLD_SIZE" not in os.environ and "ipykernel" in sys.modules:
-        from accelerate import notebook_launcher
 
         notebook_launcher(fn, args, num_processes=n)
         return None
@@ -1349,8 +1330,6 @@ def detect_columns(columns, prompt_column=None, response_column=None, file="") -
 
 def read_dialogs(files, prompt_column=None, response_column=None) -> tuple[list[tuple[str, str]], dict]:
     """Read every CSV into (prompt, response) pairs, stripped, without empty rows or exact duplicates."""
-    import pandas as pd
-
     pairs, report = [], {"files": [str(f) for f in files], "rows_read": 0, "dropped_empty": 0, "dropped_duplicates": 0}
     for f in files:
         try:
@@ -1542,8 +1521,6 @@ def compare_answers(before_dir, after_dir, prompts, max_new_tokens: int = 64) ->
 
 def time_train_step(loss_module, cfg, vocab_size: int, steps: int, warmup: int, precision: str, compiled: bool) -> float:
     """Tokens/s of full optimizer steps (forward, backward, clip, AdamW) on random tokens."""
-    from accelerate import Accelerator
-
     acc = Accelerator(cpu=not torch.cuda.is_available())
     loss_module.to(acc.device).train()
     optimizer = make_optimizer(loss_module, cfg, acc.device)
@@ -1597,8 +1574,6 @@ SAMPLING = dict(do_sample=True, top_p=0.9, temperature=0.8)  # the seed's sampli
 
 def load_model(folder):
     """A saved model folder, with an error that names it when it is not one."""
-    from transformers import GPT2LMHeadModel
-
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise PocketGPTError(f"{folder} holds no config.json: point at a model folder a pocketGPT stage wrote.")
@@ -1681,8 +1656,6 @@ def answer_table(model, tok, prompts, max_length: int = 384, seed: int = 1337) -
 
 def ask(model, tok, prompt: str, max_length: int = 384, stream: bool = False, greedy: bool = False) -> str:
     """Ask the model one instruction; with stream=True the answer prints as it is generated."""
-    from transformers import TextStreamer
-
     ids = chat_prompt_ids(tok, prompt)
     streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True) if stream else None
     new = generate(model, tok, ids, max_length - len(ids), greedy=greedy, streamer=streamer)
@@ -1729,8 +1702,6 @@ print(json.dumps({"text": text, "logits": logits.tolist(), "len_tokenizer": len(
 
 def verify_export(folder, model, prompt: str = "What does a tokenizer do?") -> dict:
     """Load the folder in a fresh process with the seed's inference code; compare with the model in memory."""
-    import subprocess
-
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
     proc = subprocess.run([sys.executable, "-c", VERIFY_SCRIPT, str(folder), prompt], capture_output=True,
                           text=True, env=env)
@@ -1858,7 +1829,6 @@ def write_gguf(hf_dir, out_path, ftype="f16"):
     interrupted export never leaves a file that looks finished.
     """
     import gguf
-    from transformers import GPT2LMHeadModel, GPT2TokenizerFast
 
     if ftype not in GGUF_FTYPES:
         raise PocketGPTError(f"ftype must be one of {GGUF_FTYPES}, got {ftype!r}")
@@ -1983,7 +1953,6 @@ def verify_gguf(gguf_path, hf_dir, prompts, tokenization_texts, n_generate=64):
     rounding error can swap them, so a swap there says nothing about the export being wrong.
     Raises PocketGPTError naming the file and every check that failed, with the figures.
     """
-    from transformers import GPT2LMHeadModel, GPT2TokenizerFast
     ftype = gguf_ftype(gguf_path)
     tol = GGUF_TOLERANCES[ftype]
     model = GPT2LMHeadModel.from_pretrained(hf_dir, dtype=torch.float32).eval()
@@ -2056,7 +2025,6 @@ def generation_speed(gguf_path, hf_dir, prompt, n_generate=128):
     Both produce exactly n_generate new tokens (eos ignored) from the same prompt with the
     same number of CPU threads; the time includes reading the prompt, as a user would wait it.
     """
-    from transformers import GPT2LMHeadModel, GPT2TokenizerFast
     model = GPT2LMHeadModel.from_pretrained(hf_dir, dtype=torch.float32).eval()
     tokenizer = GPT2TokenizerFast.from_pretrained(hf_dir)
     ids = tokenizer.encode(prompt)
@@ -2229,8 +2197,6 @@ def report_rows(r: dict) -> list[tuple[str, str]]:
 
 def run_export_stage(cfg: ExportConfig) -> Path:
     """Stage 4, whole: evaluate both models, write and verify the export, the zip and the report card."""
-    import pandas as pd  # noqa: F401  (the notebook shows the tables with it)
-
     tok_dir = find_stage("tokenizer", cfg.tokenizer_dir, cfg.run_dir)
     pre = find_stage("pretrain", cfg.pretrain_dir, cfg.run_dir)
     sft = find_stage("sft", cfg.sft_dir, cfg.run_dir)

@@ -1,5 +1,4 @@
 """Stage 1: the tokenizer round-trips text, keeps its special tokens, and encodes the corpus losslessly."""
-import json
 import subprocess
 import sys
 from collections import Counter
@@ -7,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from transformers import GPT2TokenizerFast
 
 import pocketgpt_utils as pg
 from conftest import TINY
