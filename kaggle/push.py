@@ -27,6 +27,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 NOTEBOOKS = ["01_tokenizer", "02_pretrain", "03_sft", "04_eval_export"]  # push order
+GGUF_WHEEL = "gguf==0.19.0"  # as in requirements.txt
 USERNAME, DATA_SLUG = "<username>", "<data-slug>"  # the placeholders in the templates
 
 # -----------------------------------------------------------------------------
@@ -153,6 +154,16 @@ def pretrain_finished(kernel_id, out):
             return bool(json.loads(metrics.read_text()).get("finished"))
     return False
 
+def add_gguf_wheel(folder, dry_run):
+    """Kaggle's image may lack the `gguf` package and its kernels have no internet: the pure-Python
+    wheel travels in the code dataset, and the notebooks put it on sys.path (a wheel is a zip)."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "-d", str(folder), GGUF_WHEEL]
+    if dry_run:
+        print(" ".join(cmd))
+        return
+    if subprocess.run(cmd, capture_output=True).returncode != 0:
+        print(f"# could not download {GGUF_WHEEL}: 04 will skip the GGUF files on Kaggle", flush=True)
+
 # -----------------------------------------------------------------------------
 
 def main(argv=None):
@@ -195,6 +206,7 @@ def main(argv=None):
     try:
         if "code" in steps:
             metas["code"] = write_dataset_folder("code", out, user, slug, {"pocketgpt_utils.py": args.module})
+            add_gguf_wheel(out / "code", dry)
         if "data" in steps:
             metas["data"] = write_dataset_folder("data", out, user, slug, data_files)
         for name in NOTEBOOKS:

@@ -226,17 +226,34 @@ def test_dry_run_without_resume_leaves_02_unattached_to_itself(dry_run):
     out, _ = dry_run("--only", "02", "03")
     assert filled("02_pretrain")["id"] not in json.loads((out / "02_pretrain" / "kernel-metadata.json").read_text())["kernel_sources"]
 
-def test_push_stops_after_02_when_pretraining_has_not_finished(dry_run, tmp_path):
-    """With a stand-in `kaggle` that reports every run complete but 02's output holds no finished
-    pretrain manifest, the push waits for 02, then stops with the resume command instead of pushing 03."""
+FAKE_KAGGLE = """#!{python}
+import json, pathlib, sys
+print(' '.join(sys.argv[1:]), file=open(sys.argv[0] + '.log', 'a'))
+if sys.argv[1:3] == ['kernels', 'status']:
+    print('KernelWorkerStatus.COMPLETE')
+if sys.argv[1:3] == ['kernels', 'output']:  # 02's output: a complete pretrain folder, finished or not
+    dest = pathlib.Path(sys.argv[sys.argv.index('-p') + 1]) / 'pretrain'
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / 'manifest.json').write_text(json.dumps({{'stage': 'pretrain', 'finished_at': '2026-01-01'}}))
+    (dest / 'metrics.json').write_text(json.dumps({{'finished': {finished}}}))
+"""
+
+
+@pytest.mark.parametrize("finished", [False, True])
+def test_push_continues_after_02_only_when_pretraining_finished(dry_run, tmp_path, finished):
+    """A stand-in `kaggle` reports every run complete; 02's output is a complete pretrain folder whose
+    metrics say whether max_steps was reached (a run stopped by its time budget is complete but not
+    finished). Unfinished: the push stops with the resume command. Finished: it goes on to 03."""
     fake = tmp_path / "kaggle"
-    fake.write_text(f"#!{sys.executable}\n"
-                    "import sys; print(' '.join(sys.argv[1:]), file=open(sys.argv[0] + '.log', 'a'))\n"
-                    "if sys.argv[1:3] == ['kernels', 'status']: print('KernelWorkerStatus.COMPLETE')\n")
+    fake.write_text(FAKE_KAGGLE.format(python=sys.executable, finished=finished))
     fake.chmod(0o755)
     cmd = [sys.executable, str(KAGGLE / "push.py"), "--username", USER, "--only", "02", "03", "--poll", "0",
            "--notebooks", str(tmp_path / "notebooks"), "--out", str(tmp_path / "out")]
     result = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PATH=str(tmp_path)))
-    assert result.returncode != 0 and "--only 02 --resume" in result.stderr
-    calls = (tmp_path / "kaggle.log").read_text().splitlines()
-    assert [c.split()[:2] for c in calls] == [["kernels", "push"], ["kernels", "status"], ["kernels", "output"]]
+    calls = [c.split()[:2] for c in (tmp_path / "kaggle.log").read_text().splitlines()]
+    if finished:
+        assert result.returncode == 0, result.stderr
+        assert calls[:4] == [["kernels", "push"], ["kernels", "status"], ["kernels", "output"], ["kernels", "push"]]
+    else:
+        assert result.returncode != 0 and "--only 02 --resume" in result.stderr
+        assert calls == [["kernels", "push"], ["kernels", "status"], ["kernels", "output"]]
