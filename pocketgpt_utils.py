@@ -959,16 +959,17 @@ def train_step(acc, loss_fn, optimizer, scaler, batches, grad_clip: float, preci
     return total / len(batches), grad_norm
 
 
-def evaluate(acc, loss_fn, batches, precision: str = "fp32") -> float:
+def evaluate(loss_fn, batches, device, precision: str = "fp32") -> float:
     """Mean loss per target token over fixed batches (ignored targets do not count)."""
+    was_training = loss_fn.training
     loss_fn.eval()
     total, count = 0.0, 0
-    with torch.no_grad(), autocast(acc.device, precision):
+    with torch.no_grad(), autocast(device, precision):
         for x, y in batches:
-            y = y.to(acc.device)
-            total += float(loss_fn(x.to(acc.device), y, reduction="sum"))
+            y = y.to(device)
+            total += float(loss_fn(x.to(device), y, reduction="sum"))
             count += int((y != -100).sum())
-    loss_fn.train()
+    loss_fn.train(was_training)
     return total / max(count, 1)
 
 
@@ -1108,7 +1109,7 @@ def train(model, train_data, val_batches, cfg, work: Path, resume: dict | None =
                        "elapsed_s": round(elapsed_before + time.time() - started, 1)}
                 if step % cfg.eval_interval == 0 or step == cfg.max_steps:
                     t_eval = time.time()
-                    val_loss = evaluate(acc, loss_fn, val_batches, precision)
+                    val_loss = evaluate(loss_fn, val_batches, acc.device, precision)
                     eval_seconds = time.time() - t_eval
                     row["val_loss"] = round(val_loss, 4)
                 log_rows.append(row)
@@ -1133,7 +1134,7 @@ def train(model, train_data, val_batches, cfg, work: Path, resume: dict | None =
         bar.close()
     # final evaluation and checkpoint, whatever stopped the loop
     if not log_rows or log_rows[-1]["step"] != step or log_rows[-1].get("val_loss") is None:
-        val_loss = evaluate(acc, loss_fn, val_batches, precision)
+        val_loss = evaluate(loss_fn, val_batches, acc.device, precision)
         row = {"step": step, "tokens": tokens, "val_loss": round(val_loss, 4),
                "train_loss": round(float(loss), 4) if loss is not None else None, "lr": f"{lr_at(step, cfg):.3e}",
                "elapsed_s": round(elapsed_before + time.time() - started, 1)}
@@ -1519,8 +1520,9 @@ def compare_answers(before_dir, after_dir, prompts, max_new_tokens: int = 64) ->
 # -----------------------------------------------------------------------------
 # Benchmark: tokens/s of the training step, against a plain PyTorch GPT of the same shape
 
-def time_train_step(loss_module, cfg, vocab_size: int, steps: int, warmup: int, precision: str, compiled: bool) -> float:
-    """Tokens/s of full optimizer steps (forward, backward, clip, AdamW) on random tokens."""
+def step_timer(loss_module, cfg, vocab_size: int, precision: str, compiled: bool):
+    """A function that runs one full optimizer step (forward, backward, clip, AdamW) on random
+    tokens and returns its seconds; the first calls pay for warm-up (and compilation)."""
     acc = Accelerator(cpu=not torch.cuda.is_available())
     loss_module.to(acc.device).train()
     optimizer = make_optimizer(loss_module, cfg, acc.device)
@@ -1531,19 +1533,23 @@ def time_train_step(loss_module, cfg, vocab_size: int, steps: int, warmup: int, 
         torch.randint(0, vocab_size, (cfg.batch_size, cfg.n_positions + 1), generator=g))
         for _ in range(cfg.grad_accum_steps)]
     sync = torch.cuda.synchronize if acc.device.type == "cuda" else (lambda: None)
-    for _ in range(warmup):
+
+    def one_step() -> float:
+        sync()
+        started = time.perf_counter()
         train_step(acc, fn, optimizer, scaler, batches, cfg.grad_clip, precision)
-    sync()
-    started = time.perf_counter()
-    for _ in range(steps):
-        train_step(acc, fn, optimizer, scaler, batches, cfg.grad_clip, precision)
-    sync()
-    return steps * cfg.batch_size * cfg.grad_accum_steps * cfg.n_positions / (time.perf_counter() - started)
+        sync()
+        return time.perf_counter() - started
+    return one_step
 
 
 def bench(profile: str = "t4", params: dict | None = None, reference: bool = False, steps: int = 10,
           warmup: int = 3) -> dict:
-    """The `bench` command: one JSON-able dict of the training step's speed on this device."""
+    """The `bench` command: one JSON-able dict of the training step's speed on this device.
+
+    With `reference`, the two models take turns step by step and each reports its median step, so
+    a noisy machine (other processes, turbo clocks) slows both alike instead of skewing the ratio.
+    """
     params = dict(params or {})
     vocab_size = int(params.pop("vocab_size", PROFILES[profile]["vocab_size"]))
     cfg = make_config(PretrainConfig, profile, run_dir=str(HERE / "runs" / "bench"), **params)
@@ -1551,18 +1557,27 @@ def bench(profile: str = "t4", params: dict | None = None, reference: bool = Fal
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build_model(vocab_size, cfg)
     flops, peak = flops_per_token(model), peak_flops(device, precision)
-    tps = time_train_step(LMLoss(model), cfg, vocab_size, steps, warmup, precision, compiled)
-    out = {"profile": profile, "params": count_params(model), "tokens_per_s": round(tps),
-           "mfu": round(flops * tps / peak, 4) if peak else None, "device": device_name(device),
-           "precision": precision, "compiled": compiled, "batch": [cfg.batch_size, cfg.n_positions],
-           "grad_accum_steps": cfg.grad_accum_steps, "torch": torch.__version__}
+    timers = {"ours": step_timer(LMLoss(model), cfg, vocab_size, precision, compiled)}
     if reference:
         torch.manual_seed(cfg.seed)
         plain = PlainGPT(vocab_size, cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.n_positions)
-        ref = time_train_step(plain, cfg, vocab_size, steps, warmup, precision, compiled)
-        out["reference"] = {"params": sum(p.numel() for p in plain.parameters()), "tokens_per_s": round(ref),
-                            "mfu": round(flops * ref / peak, 4) if peak else None}
-        out["ratio"] = round(tps / ref, 3)
+        timers["reference"] = step_timer(plain, cfg, vocab_size, precision, compiled)
+    seconds = {k: [] for k in timers}
+    for i in range(warmup + steps):
+        for name, timer in timers.items():
+            t = timer()
+            if i >= warmup:
+                seconds[name].append(t)
+    tokens = cfg.batch_size * cfg.grad_accum_steps * cfg.n_positions
+    tps = {k: tokens / float(np.median(v)) for k, v in seconds.items()}
+    out = {"profile": profile, "params": count_params(model), "tokens_per_s": round(tps["ours"]),
+           "mfu": round(flops * tps["ours"] / peak, 4) if peak else None, "device": device_name(device),
+           "precision": precision, "compiled": compiled, "batch": [cfg.batch_size, cfg.n_positions],
+           "grad_accum_steps": cfg.grad_accum_steps, "steps": steps, "torch": torch.__version__}
+    if reference:
+        out["reference"] = {"params": sum(p.numel() for p in plain.parameters()), "tokens_per_s": round(tps["reference"]),
+                            "mfu": round(flops * tps["reference"] / peak, 4) if peak else None}
+        out["ratio"] = round(tps["ours"] / tps["reference"], 3)
     return out
 
 
@@ -1615,27 +1630,17 @@ def eval_val_split(model, tokenizer_dir, batch_size: int = 8, max_batches: int =
     depend on the tokenizer, so models with different vocabularies compare)."""
     meta = read_json(Path(tokenizer_dir) / "meta.json")
     data = TokenWindows(Path(tokenizer_dir) / "val.bin", model.config.n_positions, batch_size, 0, meta["vocab_size"])
-    loss_fn, total, count = LMLoss(model).eval(), 0.0, 0
-    with torch.no_grad():
-        for x, y in data.eval_batches(max_batches):
-            total += float(loss_fn(x, y, reduction="sum"))
-            count += y.numel()
-    loss = total / count
+    batches = data.eval_batches(max_batches)
+    loss = evaluate(LMLoss(model), batches, model.device)
     bytes_per_token = meta["val_bytes"] / meta["val_tokens"]
     return {"val_loss": loss, "perplexity": math.exp(loss), "bits_per_byte": loss / math.log(2) / bytes_per_token,
-            "tokens_evaluated": count}
+            "tokens_evaluated": sum(y.numel() for _, y in batches)}
 
 
 def eval_responses(model, tok, pairs, batch_size: int = 16) -> float:
     """Loss on response tokens of held-out dialogs (the SFT objective)."""
     _, rows, _ = encode_dialogs(tok, pairs, model.config.n_positions, "truncate")
-    batches = DialogBatches(rows, batch_size, 0).eval_batches(10**9)
-    loss_fn, total, count = LMLoss(model).eval(), 0.0, 0
-    with torch.no_grad():
-        for x, y in batches:
-            total += float(loss_fn(x, y, reduction="sum"))
-            count += int((y != -100).sum())
-    return total / max(count, 1)
+    return evaluate(LMLoss(model), DialogBatches(rows, batch_size, 0).eval_batches(10**9), model.device)
 
 
 def answer_table(model, tok, prompts, max_length: int = 384, seed: int = 1337) -> tuple[list[dict], dict]:
