@@ -719,7 +719,7 @@ def build_model(vocab_size: int, cfg, seed: int | None = None):
         vocab_size=vocab_size, n_positions=cfg.n_positions, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
         n_head=cfg.n_head, resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout,
         bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID, tie_word_embeddings=True,
-        use_cache=False, attn_implementation="sdpa",  # use_cache=False: no KV cache objects while training
+        attn_implementation="sdpa",
         # GPT-2's tanh GELU as one fused kernel; the default "gelu_new" is the same formula in six
         # elementwise ops, which cost ~15% of a CPU training step
         activation_function="gelu_pytorch_tanh")
@@ -754,7 +754,7 @@ class LMLoss(nn.Module):
         self.model = model
 
     def forward(self, x, y, reduction: str = "mean"):
-        h = self.model.transformer(input_ids=x, use_cache=False).last_hidden_state
+        h = self.model.transformer(input_ids=x, use_cache=False).last_hidden_state  # no KV cache in training
         logits = self.model.lm_head(h)
         return F.cross_entropy(logits.flatten(0, 1), y.reshape(-1), ignore_index=-100,
                                reduction=reduction)
@@ -1120,7 +1120,8 @@ def train(model, train_data, val_batches, cfg, work: Path, resume: dict | None =
                 if acc.is_main_process:
                     tqdm.write(f"step {step}/{cfg.max_steps} loss {last_loss:.4f}"
                                + (f" val {val_loss:.4f}" if "val_loss" in row else "")
-                               + f" lr {lr:.2e} {tps:,.0f} tok/s" + (f" mfu {row['mfu']:.1%}" if peak else "")
+                               + f" lr {lr:.2e} gnorm {row['grad_norm']:.2f} {tps:,.0f} tok/s"
+                               + (f" mfu {row['mfu']:.1%}" if peak else "")
                                + f" eta {remaining / 60:.1f} min")
                 window_started, window_tokens = time.time(), 0
                 if agree(acc, time.time() - last_ckpt > cfg.checkpoint_minutes * 60):
@@ -1160,6 +1161,7 @@ def save_hf_folder(model, tokenizer, out_dir) -> None:
     tokenizer.model_max_length = model.config.n_positions
     model.generation_config.bos_token_id, model.generation_config.eos_token_id = BOS_ID, EOS_ID
     model.generation_config.pad_token_id = PAD_ID
+    model.config.use_cache = model.generation_config.use_cache = True  # users generate: keep the KV cache on
     model.save_pretrained(out_dir)
     save_tokenizer(tokenizer, out_dir)
 
@@ -2066,6 +2068,21 @@ TOKENIZER_PROBES = [  # strings that stress a tokenizer: unicode, emoji, odd whi
     "ÀÉÎÕÜ ß ﬁ", "$$\\alpha$$", "https://example.com/a?b=c", "'s's 's", "ALLCAPS and MiXeD"]
 
 
+def fuzz_strings(docs, n: int = 200, seed: int = 0) -> list[str]:
+    """The probes, then random mixes of probes and snippets of real documents: the places where a
+    tokenizer port differs (pre-tokenizer regex, whitespace runs, specials glued to text)."""
+    rng = random.Random(seed)
+    texts = list(TOKENIZER_PROBES)
+    while len(texts) < n:
+        parts = [rng.choice(TOKENIZER_PROBES) for _ in range(rng.randint(1, 4))]
+        if docs:
+            doc = rng.choice(docs)
+            start = rng.randrange(max(1, len(doc) - 80))
+            parts.insert(rng.randrange(len(parts) + 1), doc[start:start + rng.randint(5, 80)])
+        texts.append(rng.choice(["", " ", "  ", "\n"]).join(parts))
+    return texts
+
+
 def export_gguf_files(folder, out_dir, types, prompts, texts) -> list[dict]:
     """pocketGPT-{type}.gguf beside the folder; each verified against HF and timed when
     llama-cpp-python is importable (it compiles llama.cpp on install: CI has it, Kaggle need not)."""
@@ -2084,7 +2101,7 @@ def export_gguf_files(folder, out_dir, types, prompts, texts) -> list[dict]:
         row = {"type": ftype, "file": path.name, "size_mb": path.stat().st_size / 1e6}
         if can_run:
             chat = [f"<|bos|>Instruction: {p}\nResponse:" for p in prompts]
-            row["verify"] = verify_gguf(path, folder, chat, texts + TOKENIZER_PROBES, n_generate)
+            row["verify"] = verify_gguf(path, folder, chat, texts + fuzz_strings(texts), n_generate)
             speed = generation_speed(path, folder, chat[0])
             row["tokens_per_s"], row["hf_tokens_per_s"] = speed["llama_cpp_tokens_per_s"], speed["hf_tokens_per_s"]
         rows.append(row)
@@ -2190,6 +2207,7 @@ def report_rows(r: dict) -> list[tuple[str, str]]:
             ("time: tokenizer / pretrain / SFT", f"{r['tokenizer_minutes']:.1f} / {r['pretrain_minutes']:.1f} / {r['sft_minutes']:.1f} min"),
             ("pretrain tokens seen", f"{r['pretrain_tokens']:,} ({r['pretrain_steps']:,} steps, finished: {r['pretrain_finished']})"),
             ("pretrain val loss / perplexity / bits per byte", f"{r['pretrain_val_loss']:.3f} / {r['pretrain_perplexity']:.1f} / {r['pretrain_bits_per_byte']:.3f}"),
+            ("SFT model on the same: val loss / perplexity / bits per byte", f"{r['sft_val_loss']:.3f} / {r['sft_perplexity']:.1f} / {r['sft_bits_per_byte']:.3f}"),
             ("SFT rows / tokens seen", f"{r['sft_rows']:,} / {r['sft_tokens']:,}"),
             ("response loss before / after SFT", f"{r['pretrain_response_loss']:.3f} / {r['sft_response_loss']:.3f}"),
             ("answers ending with <|eos|> (sampled / greedy)", f"{r['sampled_eos_share']:.0%} / {r['greedy_eos_share']:.0%}"),
@@ -2223,7 +2241,7 @@ def run_export_stage(cfg: ExportConfig) -> Path:
         "sft_rows": sft_m.get("data_train_rows", 0), "sft_tokens": sft_m["tokens"],
         "pretrain_response_loss": eval_responses(pre_model, tok, heldout),
         "sft_response_loss": eval_responses(sft_model, tok, heldout),
-        "sft_val_split_loss": eval_val_split(sft_model, tok_dir)["val_loss"], **summary,
+        **{f"sft_{k}": v for k, v in eval_val_split(sft_model, tok_dir).items()}, **summary,
     }
     inputs = {"tokenizer": tok_dir, "pretrain": pre, "sft": sft}
     with stage_output(cfg.out_dir, "export", dataclasses.asdict(cfg), inputs) as work:
