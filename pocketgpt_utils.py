@@ -2200,11 +2200,18 @@ def report_markdown(report: dict, answers: list[dict], versions: dict) -> str:
             f"![losses](losses.png)\n\n## Answers\n\n| instruction | sampled | greedy |\n|---|---|---|\n{ans}\n")
 
 
+def duration(seconds: float) -> str:
+    """8 s, 4.4 min or 10.2 h: a stage takes anything from seconds (a tokenizer) to a Kaggle session."""
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
 def report_rows(r: dict) -> list[tuple[str, str]]:
     """The report card's table, in reading order."""
     rows = [("hardware", r["device"]), ("parameters", f"{r['parameters']:,}"),
             ("tokenizer", f"{r['vocab_size']:,} tokens, {r['bytes_per_token']:.2f} bytes/token on val"),
-            ("time: tokenizer / pretrain / SFT", f"{r['tokenizer_minutes']:.1f} / {r['pretrain_minutes']:.1f} / {r['sft_minutes']:.1f} min"),
+            ("time: tokenizer / pretrain / SFT", " / ".join(duration(r[f"{s}_minutes"] * 60) for s in ["tokenizer", "pretrain", "sft"])),
             ("pretrain tokens seen", f"{r['pretrain_tokens']:,} ({r['pretrain_steps']:,} steps, finished: {r['pretrain_finished']})"),
             ("pretrain val loss / perplexity / bits per byte", f"{r['pretrain_val_loss']:.3f} / {r['pretrain_perplexity']:.1f} / {r['pretrain_bits_per_byte']:.3f}"),
             ("SFT model on the same: val loss / perplexity / bits per byte", f"{r['sft_val_loss']:.3f} / {r['sft_perplexity']:.1f} / {r['sft_bits_per_byte']:.3f}"),
@@ -2411,6 +2418,9 @@ def main(argv=None) -> int:
             import logging  # papermill logs each cell's output: the progress of a headless run
 
             logging.basicConfig(level=logging.INFO, format="%(message)s")
+            noise = ("Executing Cell", "Ending Cell", "Input Notebook", "Output Notebook", "Working directory",
+                     "Executing notebook")
+            logging.getLogger().handlers[0].addFilter(lambda r: not r.getMessage().startswith(noise))
             params = {k: parse_value(v) for k, v in args.param}
             run_dir = run_pipeline(args.profile, args.run_dir, args.corpus, args.dialogs, params, args.stages)
             print(f"done: {run_dir}")

@@ -177,3 +177,15 @@ def test_two_processes_share_the_work_and_only_rank_0_writes(tokenizer_stage, tm
     assert metrics["tokens"] == 10 * 2 * TINY["batch_size"] * TINY["n_positions"]  # a global batch of both
     steps = [r["step"] for r in pg.read_log(tmp_path / "pretrain" / "log.csv")]
     assert steps == sorted(set(steps))  # one writer
+
+
+def test_the_t4_path_fp16_with_gradscaler_trains_and_checkpoints_the_scaler(tokenizer_stage, tmp_path, monkeypatch):
+    """What a T4 runs (fp16 autocast + GradScaler), exercised on this CPU, which computes fp16 too."""
+    monkeypatch.setattr(pg, "choose_precision", lambda requested: "fp16")
+    out = pg.run_pretrain_stage(pretrain_cfg(tokenizer_stage, tmp_path, max_steps=30))
+    metrics = pg.read_json(out / "metrics.json")
+    vals = [r["val_loss"] for r in pg.read_log(out / "log.csv") if r["val_loss"] is not None]
+    assert metrics["precision"] == "fp16" and vals[-1] < vals[0]
+    scaler = pg.load_checkpoint(out)["scaler"]
+    assert scaler is not None and scaler["scale"] > 0  # resumes with the same loss scale
+    assert pg.load_model(out / "model").dtype == torch.float32  # saved in fp32 whatever trained it
