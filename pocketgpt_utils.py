@@ -32,13 +32,17 @@ import shutil
 import subprocess
 import sys
 import time
+import warnings
 from contextlib import contextmanager, nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
+
+# before the libraries import tqdm.auto: without ipywidgets it warns, and text bars are what we want
+warnings.filterwarnings("ignore", message="IProgress not found")
+import torch  # noqa: E402
 import torch.nn.functional as F
 from accelerate import Accelerator, notebook_launcher
 from accelerate.utils import set_seed
@@ -1212,7 +1216,7 @@ def run_pretrain_stage(cfg: PretrainConfig, stop_at_step: int | None = None) -> 
         save_hf_folder(model, tokenizer, work / "model")
         write_json(work / "metrics.json", {**result, "train_tokens_available": meta["train_tokens"],
                                            "epochs": result["tokens"] / max(meta["train_tokens"], 1)})
-        plot_losses({"pretrain": work / "log.csv"}, work / "loss.png")
+        plot_losses({"pretrain": work / "log.csv"}, work / "loss.png", show=False)
     return Path(cfg.out_dir)
 
 
@@ -1364,8 +1368,8 @@ def encode_dialog(tok, prompt: str, response: str) -> tuple[list[int], list[int]
     <|eos|> kept. The prompt ends exactly at "Response:"; the answer brings its own leading space
     (a space left at the end of the prompt would merge with the answer's first word under
     byte-level BPE, and the model would never see the split it sees at generation time)."""
-    p = tok.encode(f"<|bos|>Instruction: {prompt}\nResponse:", add_special_tokens=False)
-    a = tok.encode(f" {response}<|eos|>", add_special_tokens=False)
+    p = tok.encode(f"<|bos|>Instruction: {prompt}\nResponse:", add_special_tokens=False, verbose=False)
+    a = tok.encode(f" {response}<|eos|>", add_special_tokens=False, verbose=False)  # long rows are cut later
     return p + a, [-100] * len(p) + a
 
 
@@ -1496,13 +1500,24 @@ def run_sft_stage(cfg: SFTConfig, stop_at_step: int | None = None) -> Path:
         pre_metrics = read_json(pre / "metrics.json")
         write_json(work / "metrics.json", {**result, **{f"data_{k}": v for k, v in report.items() if k != "columns"},
                                            "pretrain_val_loss": pre_metrics.get("final_val_loss")})
-        plot_losses({"sft": work / "log.csv"}, work / "loss.png")
+        plot_losses({"sft": work / "log.csv"}, work / "loss.png", show=False)
     return Path(cfg.out_dir)
+
+
+def data_report_rows(stage_dir) -> list[dict]:
+    """What reading and cleaning the dialogs did, as rows for the notebook's table."""
+    r = read_json(Path(stage_dir) / "data_report.json")
+    names = {"rows_read": "rows read", "dropped_empty": "dropped: empty prompt or response",
+             "dropped_duplicates": "dropped: exact duplicates", "truncated": "answer cut to fit the context",
+             "dropped_too_long": "dropped: too long", "train_rows": "train rows", "val_rows": "val rows",
+             "train_tokens": "train tokens", "response_tokens": "train tokens with loss (response + eos)",
+             "real_token_fraction": "real (not padding) tokens per batch", "steps_per_epoch": "steps per epoch"}
+    return [{"": label, "value": f"{r[k]:.1%}" if isinstance(r[k], float) else f"{r[k]:,}"} for k, label in names.items()]
 
 
 def chat_prompt_ids(tok, prompt: str) -> list[int]:
     """The ids the seed feeds generate(): <|bos|>Instruction: {prompt}\\nResponse:"""
-    return tok.encode(f"<|bos|>Instruction: {prompt}\nResponse:", add_special_tokens=False)
+    return tok.encode(f"<|bos|>Instruction: {prompt}\nResponse:", add_special_tokens=False, verbose=False)
 
 
 def compare_answers(before_dir, after_dir, prompts, max_new_tokens: int = 64) -> list[dict]:
@@ -1604,8 +1619,8 @@ def generate(model, tok, prompt_ids: list[int], max_new_tokens: int = 64, greedy
     torch.manual_seed(seed)
     room = model.config.n_positions - len(prompt_ids)
     x = torch.tensor([prompt_ids], device=model.device)
-    with torch.no_grad():
-        out = model.generate(x, max_new_tokens=max(1, min(max_new_tokens, room)), eos_token_id=EOS_ID,
+    with torch.no_grad():  # one unpadded row: the mask is all ones (said, so transformers does not warn)
+        out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max(1, min(max_new_tokens, room)), eos_token_id=EOS_ID,
                              pad_token_id=PAD_ID, streamer=streamer,
                              **({"do_sample": False} if greedy else SAMPLING))
     return out[0, len(prompt_ids):].tolist()
@@ -1997,7 +2012,7 @@ def verify_gguf(gguf_path, hf_dir, prompts, tokenization_texts, n_generate=64):
 
         # tokenization: what a llama.cpp user gets from the raw text, bos handling included
         mismatches = [t for t in tokenization_texts
-                      if tokenizer.encode(t) != llm.tokenize(t.encode("utf-8"), add_bos=True, special=True)]
+                      if tokenizer.encode(t, verbose=False) != llm.tokenize(t.encode("utf-8"), add_bos=True, special=True)]
     finally:
         llm.close()
 
@@ -2259,7 +2274,7 @@ def run_export_stage(cfg: ExportConfig) -> Path:
         report["gguf"] = export_gguf_files(folder, work, cfg.gguf_types, DEFAULT_PROMPTS, val_docs)
         report["hf_tokens_per_s"] = next((g["hf_tokens_per_s"] for g in report["gguf"] if "hf_tokens_per_s" in g), None)
         shutil.make_archive(str(work / "pocketGPT"), "zip", root_dir=work, base_dir="pocketGPT")
-        plot_losses({"pretrain": pre / "log.csv", "sft": sft / "log.csv"}, work / "losses.png")
+        plot_losses({"pretrain": pre / "log.csv", "sft": sft / "log.csv"}, work / "losses.png", show=False)
         write_json(work / "answers.json", answers)
         write_json(work / "metrics.json", report)
         (work / "report.md").write_text(report_markdown(report, answers, library_versions()), encoding="utf-8")
@@ -2294,8 +2309,9 @@ def read_log(path) -> list[dict]:
         return [{k: (float(v) if v not in ("", None) else None) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
-def plot_losses(logs: dict, out_png=None):
-    """Train and val loss against tokens seen, one panel per stage; saved as PNG when asked."""
+def plot_losses(logs: dict, out_png=None, show: bool = True):
+    """Train and val loss against tokens seen, one panel per stage; saved as PNG when asked.
+    show=False closes the figure, so a stage that only saves it does not draw it in the notebook."""
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(logs), figsize=(7 * len(logs), 4.2), squeeze=False)
@@ -2303,8 +2319,11 @@ def plot_losses(logs: dict, out_png=None):
         rows = read_log(path)
         train = [(r["tokens"], r["train_loss"]) for r in rows if r["train_loss"] is not None]
         val = [(r["tokens"], r["val_loss"]) for r in rows if r["val_loss"] is not None]
-        if train:
-            ax.plot(*zip(*train), color="C0", alpha=0.7, label="train")
+        if train:  # each logged train loss is one step's: noisy, so a moving average is drawn over it
+            x, y = np.array(train).T
+            ax.plot(x, y, color="C0", alpha=0.25)
+            k = max(1, min(10, len(y) // 5))
+            ax.plot(x[k - 1:], np.convolve(y, np.ones(k) / k, mode="valid"), color="C0", label=f"train (mean of {k})")
         if val:
             ax.plot(*zip(*val), "o-", color="C1", label="val")
         ax.set_title(name)
@@ -2315,6 +2334,8 @@ def plot_losses(logs: dict, out_png=None):
     fig.tight_layout()
     if out_png:
         fig.savefig(out_png, dpi=100)
+    if not show:
+        plt.close(fig)
     return fig
 
 
