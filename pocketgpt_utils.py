@@ -377,6 +377,15 @@ def make_demo_data(out_dir, max_bytes: int = 6_000_000, max_dialogs: int = 20_00
             "dialogs": str(out_dir / "dialogs.csv"), "dialog_rows": min(len(dialogs), max_dialogs)}
 
 
+def demo_data(run_dir) -> Path:
+    """The run folder's data/ with the demo corpus.txt and dialogs.csv, built on first use."""
+    data = Path(run_dir) / "data"
+    if not ((data / "corpus.txt").exists() and (data / "dialogs.csv").exists()):
+        print(f"building the demo data in {data}")
+        make_demo_data(data)
+    return data
+
+
 # -----------------------------------------------------------------------------
 # Reading a corpus: documents are separated by blank lines; read as a stream
 
@@ -595,10 +604,8 @@ def build_tokenizer_stage(cfg: TokenizerConfig) -> Path:
     """Stage 1, whole: scan, train the BPE, save it, encode the splits, write meta and manifest."""
     if cfg.corpus_path is None and on_kaggle():  # the attached dataset's corpus.txt, wherever it is mounted
         cfg.corpus_path = str(kaggle_root() / "input" / "**" / "corpus.txt")
-    elif cfg.corpus_path is None:  # the demo corpus, built once per run folder
-        cfg.corpus_path = str(Path(cfg.run_dir) / "data" / "corpus.txt")
-        if not Path(cfg.corpus_path).exists():
-            make_demo_data(Path(cfg.run_dir) / "data")
+    elif cfg.corpus_path is None:
+        cfg.corpus_path = str(demo_data(cfg.run_dir) / "corpus.txt")
     files = corpus_files(cfg.corpus_path)
     scan = scan_corpus(files, cfg.on_invalid_utf8)
     print(f"corpus: {len(files)} file(s), {scan['bytes'] / 1e6:.1f} MB, {scan['documents']:,} documents"
@@ -891,8 +898,11 @@ class TokenWindows:
             self.index += take
             if self.index == self.n:
                 self.epoch, self.index = self.epoch + 1, 0
-        mine = picked[self.rank * self.B:(self.rank + 1) * self.B]
-        rows = np.stack([self.data[i * self.T:i * self.T + self.T + 1] for i in mine]).astype(np.int64)
+        return self.windows(picked[self.rank * self.B:(self.rank + 1) * self.B])
+
+    def windows(self, idx):
+        """Inputs and targets (the same tokens moved by one) of the windows numbered idx."""
+        rows = np.stack([self.data[i * self.T:i * self.T + self.T + 1] for i in idx]).astype(np.int64)
         return torch.from_numpy(rows[:, :-1].copy()), torch.from_numpy(rows[:, 1:].copy())
 
     def state(self) -> dict:
@@ -904,9 +914,7 @@ class TokenWindows:
     def eval_batches(self, n_batches: int):
         """The first windows in file order: the same every evaluation, so val losses compare."""
         k = min(self.n, n_batches * self.B)
-        rows = np.stack([self.data[i * self.T:i * self.T + self.T + 1] for i in range(k)]).astype(np.int64)
-        return [(torch.from_numpy(rows[i:i + self.B, :-1].copy()), torch.from_numpy(rows[i:i + self.B, 1:].copy()))
-                for i in range(0, k, self.B)]
+        return [self.windows(range(i, min(i + self.B, k))) for i in range(0, k, self.B)]
 
 
 def check_token_ids(data: np.ndarray, vocab_size: int, path) -> None:
@@ -1307,7 +1315,7 @@ def dialog_files(dialogs_path, run_dir) -> list[Path]:
     """The dialog CSVs: a file, a folder (every *.csv in it) or a glob; None = the demo dialogs."""
     if dialogs_path is None:
         dialogs_path = (str(kaggle_root() / "input" / "**" / "dialogs.csv") if on_kaggle()
-                        else str(Path(run_dir) / "data" / "dialogs.csv"))
+                        else str(demo_data(run_dir) / "dialogs.csv"))
     p = Path(dialogs_path)
     if p.is_file():
         return [p]
@@ -2384,10 +2392,7 @@ def run_pipeline(profile: str = "demo", run_dir=None, corpus=None, dialogs=None,
     run_dir = Path(run_dir or default_run_dir(profile)).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     if corpus is None:
-        data = run_dir / "data"
-        if not (data / "corpus.txt").exists():
-            print(f"building the demo data in {data}")
-            make_demo_data(data)
+        data = demo_data(run_dir)
         corpus, dialogs = data / "corpus.txt", dialogs or data / "dialogs.csv"
     parameters = {"profile": profile, "run_dir": str(run_dir), "corpus_path": str(corpus),
                   **({"dialogs_path": str(dialogs)} if dialogs else {}), **(params or {})}
