@@ -224,8 +224,9 @@ PROFILES = {
     ),
     "t4": dict(  # the seed's 27M GPT-2 with batches that fill a 16 GB T4
         vocab_size=24000, n_layer=10, n_head=6, n_embd=384, n_positions=384, dropout=0.0,
-        batch_size=32, grad_accum_steps=4, learning_rate=6e-4, min_lr=6e-5, warmup_steps=1000,
-        max_steps=40000, max_hours=11.25, log_interval=500, eval_interval=2000, checkpoint_minutes=30,
+        # 10k steps of 32 x 4 x 384 tokens per GPU: ~1B tokens on T4 x2 (~6 epochs of the seed's 165M)
+        batch_size=32, grad_accum_steps=4, learning_rate=6e-4, min_lr=6e-5, warmup_steps=500,
+        max_steps=10000, max_hours=11.25, log_interval=500, eval_interval=1000, checkpoint_minutes=30,
         sft_epochs=3, sft_batch_size=64, sft_learning_rate=1e-4, sft_max_hours=11.25,
         sft_log_interval=100, sft_eval_interval=1000, sft_checkpoint_minutes=30,
     ),
@@ -459,8 +460,9 @@ def iter_documents(files, invalid: InvalidUTF8 | None = None, progress=None):
 def scan_corpus(files, on_invalid_utf8: str = "fail") -> dict:
     """One cheap pass before the work: sizes, document count, invalid UTF-8 (fail or replace)."""
     invalid, n_docs, n_bytes = InvalidUTF8(), 0, sum(f.stat().st_size for f in files)
-    for _ in iter_documents(files, invalid):
-        n_docs += 1
+    with tqdm(total=n_bytes, unit="B", unit_scale=True, desc="scan") as bar:
+        for _ in iter_documents(files, invalid, progress=bar):
+            n_docs += 1
     if n_docs == 0:
         raise PocketGPTError(f"The corpus {', '.join(map(str, files))} is empty (no text). "
                              f"Point corpus_path at a file with documents separated by blank lines.")
@@ -613,7 +615,8 @@ def build_tokenizer_stage(cfg: TokenizerConfig) -> Path:
     inputs = {f"corpus:{f.name}" if len(files) > 1 else "corpus": f for f in files}
     with stage_output(cfg.out_dir, "tokenizer", dataclasses.asdict(cfg), inputs) as work:
         started = time.time()
-        tok = train_tokenizer(iter_documents(files), cfg.vocab_size, scan["documents"])
+        with tqdm(total=scan["bytes"], unit="B", unit_scale=True, desc="train BPE") as bar:  # counting pairs
+            tok = train_tokenizer(iter_documents(files, progress=bar), cfg.vocab_size, scan["documents"])
         train_seconds = time.time() - started
         print(f"trained a {tok.get_vocab_size():,}-token BPE in {train_seconds:.1f}s")
         save_tokenizer(wrap_tokenizer(tok), work)
@@ -2279,7 +2282,8 @@ def run_export_stage(cfg: ExportConfig) -> Path:
         write_export_folder(sft_model, tok, folder, model_card(report, answers))
         report["verify"] = verify_export(folder, sft_model)
         val_docs = decode_documents(np.asarray(read_bin(tok_dir / "val.bin"))[:200_000], tok)[:200]
-        report["gguf"] = export_gguf_files(folder, work, cfg.gguf_types, DEFAULT_PROMPTS, val_docs)
+        gguf_prompts = DEFAULT_PROMPTS + [p for p, _ in heldout[:15]]  # more positions to compare logits at
+        report["gguf"] = export_gguf_files(folder, work, cfg.gguf_types, gguf_prompts, val_docs)
         report["hf_tokens_per_s"] = next((g["hf_tokens_per_s"] for g in report["gguf"] if "hf_tokens_per_s" in g), None)
         shutil.make_archive(str(work / "pocketGPT"), "zip", root_dir=work, base_dir="pocketGPT")
         plot_losses({"pretrain": pre / "log.csv", "sft": sft / "log.csv"}, work / "losses.png", show=False)
