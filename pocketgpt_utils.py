@@ -1388,7 +1388,7 @@ def encode_dialogs(tok, pairs, context: int, too_long: str) -> tuple[list, list,
     """Encode every pair; rows longer than context+1 tokens get their answer cut (still ending in
     <|eos|>) or are dropped, by `too_long`. Returns the kept pairs, their rows and the counts."""
     kept, rows, truncated, dropped = [], [], 0, 0
-    for prompt, response in pairs:
+    for prompt, response in tqdm(pairs, desc="encode dialogs", unit="row"):
         ids, labels = encode_dialog(tok, prompt, response)
         if len(ids) > context + 1:
             n_prompt = labels.count(-100)
