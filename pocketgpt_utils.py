@@ -2178,7 +2178,7 @@ def model_card(report: dict, answers: list[dict]) -> str:
     return f"""# pocketGPT
 
 A small GPT-2 ({r['parameters'] / 1e6:.1f}M parameters, {r['n_layer']} layers, {r['n_embd']} wide, context
-{r['n_positions']}) trained from scratch with [pocketGPT](https://github.com/) notebooks: a byte-level BPE
+{r['n_positions']}) trained from scratch with the pocketGPT notebooks: a byte-level BPE
 tokenizer ({r['vocab_size']:,} tokens), pretraining on {r['pretrain_tokens']:,} tokens, then supervised finetuning
 on {r['sft_rows']:,} instruction/response pairs (loss on the response only). Weights are fp32.
 
