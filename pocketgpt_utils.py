@@ -805,7 +805,9 @@ class PlainGPT(nn.Module):
 # -----------------------------------------------------------------------------
 # Device and precision
 
-PEAK_TFLOPS = {"H200": 989, "H100": 989, "A100": 312, "L4": 121, "A10": 125, "V100": 125, "T4": 65, "P100": 18.7}
+# Dense peak TFLOPS per GPU: (16-bit tensor cores, fp32). T4's 65 is fp16 (it has no bf16 units).
+PEAK_TFLOPS = {"H200": (989, 67), "H100": (989, 67), "A100": (312, 19.5), "L4": (121, 30.3), "A10": (125, 31.2),
+               "V100": (125, 15.7), "T4": (65, 8.1), "P100": (18.7, 9.3)}
 
 
 def cpu_has_native_bf16() -> bool:
@@ -843,9 +845,9 @@ def peak_flops(device, precision: str) -> float | None:
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    for key, tflops in PEAK_TFLOPS.items():
+    for key, (half, single) in PEAK_TFLOPS.items():
         if key in name:
-            return tflops * 1e12 if precision != "fp32" else tflops * 1e12 / (16 if key in ("T4",) else 2)
+            return (single if precision == "fp32" else half) * 1e12
     return None
 
 
