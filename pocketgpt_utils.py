@@ -22,6 +22,7 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import inspect
+import io
 import json
 import math
 import os
@@ -36,6 +37,7 @@ import warnings
 from contextlib import contextmanager, nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pandas as pd
@@ -45,7 +47,7 @@ warnings.filterwarnings("ignore", message="IProgress not found")
 import torch  # noqa: E402
 import torch.nn.functional as F
 from accelerate import Accelerator, notebook_launcher
-from accelerate.utils import set_seed
+from accelerate.utils import gather_object, set_seed
 from torch import nn
 from tqdm import tqdm
 from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast, TextStreamer
@@ -110,13 +112,52 @@ def read_json(path) -> dict:
         return json.load(f)
 
 
-def write_json(path, obj) -> None:
-    """Write JSON atomically, so a crash mid-write never leaves half a file."""
+def is_main_process() -> bool:
+    """Rank 0, or the only process: torchrun, `accelerate launch` and notebook_launcher set RANK."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def world_size() -> int:
+    """How many processes train together (WORLD_SIZE, set by the launchers; 1 without one)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def write_file(path, content) -> None:
+    """The one door through which the stages write a file: rank 0 only, and atomically.
+
+    `content` is text, bytes, or a function that writes the file at the path it is given. It
+    goes to a temporary name of this process and is renamed into place, so a crash (or Kaggle's
+    12-hour kill) never leaves half a file, and in a multi-GPU run the other processes, which
+    hold the same numbers, write nothing (two writers once doubled log.csv's rows).
+    """
+    if not is_main_process():
+        return
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, default=str)
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        if callable(content):
+            content(tmp)
+        elif isinstance(content, bytes):
+            tmp.write_bytes(content)
+        else:
+            with open(tmp, "w", encoding="utf-8", newline="") as f:
+                f.write(content)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(path, obj) -> None:
+    write_file(path, json.dumps(obj, indent=2, default=str))
+
+
+def csv_text(header, rows) -> str:
+    """A CSV file's text (for write_file)."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buf.getvalue()
 
 
 def find_stage(stage: str, path=None, run_dir=None) -> Path:
@@ -153,6 +194,29 @@ def find_stage(stage: str, path=None, run_dir=None) -> Path:
     return max(found)[1]
 
 
+def attached_input(name: str, param: str) -> Path:
+    """The one file called `name` attached under /kaggle/input, for a parameter left None.
+
+    Several matches (two datasets each with a corpus.txt, say) are not concatenated in silence:
+    the user says which with `param`."""
+    root = kaggle_root() / "input"
+    found = sorted(Path(f) for f in glob.glob(str(root / "**" / name), recursive=True) if Path(f).is_file())
+    if not found:
+        raise PocketGPTError(f"{param}=None and no {name} is attached under {root}: attach the dataset holding "
+                             f"it, or set {param} to your file.")
+    if len(found) > 1:
+        raise PocketGPTError(f"{param}=None and {len(found)} files named {name} are attached: {files_summary(found)}. "
+                             f"Set {param} to the one to use (or to a glob, to use them all).")
+    return found[0]
+
+
+def files_summary(files) -> str:
+    """'a.txt (1.2 MB), b.txt (0.3 MB)': what was found and used, printed before the work."""
+    files = list(files)
+    shown = ", ".join(f"{f} ({Path(f).stat().st_size / 1e6:.1f} MB)" for f in files[:10])
+    return shown + (f" and {len(files) - 10} more" if len(files) > 10 else "")
+
+
 def check_writable(out_dir: Path, param: str = "out_dir") -> None:
     """Fail before hours of work if the output folder cannot be written."""
     parent = Path(out_dir).parent
@@ -166,28 +230,26 @@ def check_writable(out_dir: Path, param: str = "out_dir") -> None:
                              f"Set {param} to a writable folder.") from None
 
 
-def is_main_process() -> bool:
-    """Rank 0, or the only process: torchrun, `accelerate launch` and notebook_launcher set RANK."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 @contextmanager
-def stage_output(out_dir, stage: str, params: dict, inputs: dict | None = None):
+def stage_output(out_dir, stage: str, params: dict, inputs: dict | None = None, resuming: Path | None = None):
     """Write a stage into `<out_dir>.partial`, then rename it into place with its manifest.
 
     A folder without manifest.json never counts as finished, so a crash (or Kaggle's 12-hour
-    kill) can leave a .partial behind (handy: it holds the last checkpoint) but never a folder
-    that looks done. The manifest says what made the folder: parameters, versions, inputs.
+    kill) can leave a .partial behind, holding the last checkpoint, but never a folder that
+    looks done. A run that resumes from that .partial keeps it: its ckpt.pt is replaced only by
+    a newer one. A fresh run clears it first. The manifest says what made the folder.
     """
     out_dir = Path(out_dir)
-    work = out_dir.with_name(out_dir.name + ".partial")
+    work = partial_dir(out_dir)
     if not is_main_process():  # in a multi-GPU run only rank 0 writes files
         yield work
         return
     check_writable(out_dir)
-    if work.exists():
+    if work.exists() and (resuming is None or Path(resuming).resolve() != work.resolve()):
+        if (work / "ckpt.pt").exists():
+            print(f"removing {work}, an unfinished earlier run (resume_from='auto' would have continued it)")
         shutil.rmtree(work)
-    work.mkdir(parents=True)
+    work.mkdir(parents=True, exist_ok=True)
     started = now_iso()
     yield work
     manifest = {
@@ -212,51 +274,54 @@ def stage_output(out_dir, stage: str, params: dict, inputs: dict | None = None):
 
 # -----------------------------------------------------------------------------
 # Profiles and stage configurations
-# A profile is a named set of defaults; any notebook parameter left None takes the profile's value.
+# Each stage's dataclass holds its defaults, and they are the seed's real run (the `t4` profile).
+# The `demo` profile lists only what it changes. A notebook parameter left None takes the
+# profile's value; the notebooks' comments and the README's table are checked against these.
 
 PROFILES = {
-    "demo": dict(  # a tiny model that trains in minutes on a laptop CPU
-        vocab_size=4096, n_layer=4, n_head=4, n_embd=128, n_positions=128, dropout=0.0,
-        batch_size=16, grad_accum_steps=1, learning_rate=2e-3, min_lr=2e-4, warmup_steps=30,
-        max_steps=1800, max_hours=0.1, log_interval=50, eval_interval=200, checkpoint_minutes=5,
-        sft_epochs=2, sft_batch_size=32, sft_learning_rate=5e-4, sft_max_hours=0.06,
-        sft_log_interval=25, sft_eval_interval=100, sft_checkpoint_minutes=5,
-    ),
-    "t4": dict(  # the seed's 27M GPT-2 with batches that fill a 16 GB T4
-        vocab_size=24000, n_layer=10, n_head=6, n_embd=384, n_positions=384, dropout=0.0,
-        # 10k steps of 32 x 4 x 384 tokens per GPU: ~1B tokens on T4 x2 (~6 epochs of the seed's 165M)
-        batch_size=32, grad_accum_steps=4, learning_rate=6e-4, min_lr=6e-5, warmup_steps=500,
-        max_steps=10000, max_hours=11.25, log_interval=500, eval_interval=1000, checkpoint_minutes=30,
-        sft_epochs=3, sft_batch_size=64, sft_learning_rate=1e-4, sft_max_hours=11.25,
-        sft_log_interval=100, sft_eval_interval=1000, sft_checkpoint_minutes=30,
-    ),
+    "t4": {},  # the dataclass defaults: the seed's 27M GPT-2, batches that fill a 16 GB T4
+    "demo": {  # a tiny model that trains in minutes on a laptop CPU
+        "tokenizer": dict(vocab_size=4096),
+        "pretrain": dict(n_layer=4, n_head=4, n_embd=128, n_positions=128, batch_size=16, grad_accum_steps=1,
+                         learning_rate=2e-3, min_lr=2e-4, warmup_steps=30, max_steps=1800, max_hours=0.1,
+                         log_interval=50, eval_interval=200, checkpoint_minutes=5, eval_windows=256),
+        "sft": dict(epochs=2, batch_size=32, learning_rate=5e-4, max_hours=0.06, log_interval=25,
+                    eval_interval=100, checkpoint_minutes=5),
+    },
 }
 
 
-def make_config(cls, profile: str, **given):
+def resolve_profile(profile: str | None) -> tuple[str, str]:
+    """None means `t4` where there is a GPU and `demo` on a CPU; returns the name and why.
+
+    A user who attaches a corpus and presses Run All on a T4 must get the 27M model, not the
+    1.3M-parameter demo (torch.cuda.is_available() does not start CUDA, so notebook_launcher
+    can still fork the GPU processes after it)."""
+    if profile is not None:
+        if profile not in PROFILES:
+            raise PocketGPTError(f"profile={profile!r} is unknown: use one of {sorted(PROFILES)}, "
+                                 f"or None (t4 on a GPU, demo on a CPU).")
+        return profile, "set by the profile parameter"
+    if torch.cuda.is_available():
+        return "t4", f"profile=None and a GPU is here ({torch.cuda.get_device_name(0)})"
+    return "demo", "profile=None and no GPU is here: the tiny demo model (set profile='t4' for the 27M one)"
+
+
+def make_config(cls, profile: str | None, **given):
     """Build a stage's dataclass: explicit values, else the profile's, else the field default."""
-    if profile not in PROFILES:
-        raise PocketGPTError(f"profile={profile!r} is unknown: use one of {sorted(PROFILES)}.")
-    defaults = PROFILES[profile]
+    profile, _ = resolve_profile(profile)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = set(given) - known
     if unknown:
         raise PocketGPTError(f"Unknown parameter(s) {sorted(unknown)} for {cls.__name__}.")
-    prefix = getattr(cls, "profile_prefix", "")
-    values = {}
-    for name in known:
-        if given.get(name) is not None:
-            values[name] = given[name]
-        elif prefix + name in defaults:  # a prefixed class (SFT) reads only its own keys
-            values[name] = defaults[prefix + name]
-        elif not prefix and name in defaults:
-            values[name] = defaults[name]
-    return cls(profile=profile, **{k: v for k, v in values.items() if k != "profile"})
+    values = {**PROFILES[profile].get(cls.stage, {}), **{k: v for k, v in given.items() if v is not None}}
+    return cls(**{**values, "profile": profile})
 
 
 @dataclasses.dataclass
 class TokenizerConfig:
-    profile: str = "demo"
+    stage: ClassVar[str] = "tokenizer"
+    profile: str = "t4"
     run_dir: str | None = None
     seed: int = 1337
     corpus_path: str | None = None        # file, folder or glob; None = the demo corpus in the run folder
@@ -342,39 +407,33 @@ def make_demo_data(out_dir, max_bytes: int = 6_000_000, max_dialogs: int = 20_00
     check_writable(out_dir / "corpus.txt", "--out")
     out_dir.mkdir(parents=True, exist_ok=True)
     packages = [p for p in packages if importlib.util.find_spec(p) is not None]
-    seen, n_bytes, n_docs, dialogs = set(), 0, 0, []
-    tmp = out_dir / "corpus.txt.tmp"
-    with open(tmp, "w", encoding="utf-8", newline="\n") as corpus:
-        for i, package in enumerate(packages):  # an equal share each, so no one library dominates
-            budget = n_bytes + (max_bytes - n_bytes) // (len(packages) - i)
-            dialog_budget = len(dialogs) + (max_dialogs - len(dialogs)) // (len(packages) - i)
-            for _, qualname, kind, doc in iter_docstrings([package]):
-                text = clean_docstring(doc)
-                key = hashlib.blake2b(text.encode(), digest_size=16).digest()
-                if len(text) < 80 or key in seen:
-                    continue
-                seen.add(key)
-                document = f"{qualname}\n{text}"
-                size = len(document.encode()) + 2
-                if n_bytes + size > budget:
-                    if budget - n_bytes < 2000:
-                        break
-                    continue  # one long docstring; smaller ones may still fit
-                corpus.write(document + "\n\n")
-                n_bytes, n_docs = n_bytes + size, n_docs + 1
-                answer = summary_paragraph(doc)
-                if kind != "module" and 40 <= len(answer) <= 600 and len(dialogs) < dialog_budget:
-                    name = qualname.rsplit(".", 1)[-1]
-                    for k in sorted({key[0] % len(QUESTION_TEMPLATES), key[1] % len(QUESTION_TEMPLATES)}):
-                        q = QUESTION_TEMPLATES[k].format(name=name, qualname=qualname, kind=kind, package=package)
-                        dialogs.append((q, answer))
-    os.replace(tmp, out_dir / "corpus.txt")
-    with open(out_dir / "dialogs.csv.tmp", "w", encoding="utf-8", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["instruction", "response"])
-        writer.writerows(dialogs[:max_dialogs])
-    os.replace(out_dir / "dialogs.csv.tmp", out_dir / "dialogs.csv")
-    return {"corpus": str(out_dir / "corpus.txt"), "documents": n_docs, "bytes": n_bytes,
+    seen, documents, n_bytes, dialogs = set(), [], 0, []
+    for i, package in enumerate(packages):  # an equal share each, so no one library dominates
+        budget = n_bytes + (max_bytes - n_bytes) // (len(packages) - i)
+        dialog_budget = len(dialogs) + (max_dialogs - len(dialogs)) // (len(packages) - i)
+        for _, qualname, kind, doc in iter_docstrings([package]):
+            text = clean_docstring(doc)
+            key = hashlib.blake2b(text.encode(), digest_size=16).digest()
+            if len(text) < 80 or key in seen:
+                continue
+            seen.add(key)
+            document = f"{qualname}\n{text}"
+            size = len(document.encode()) + 2
+            if n_bytes + size > budget:
+                if budget - n_bytes < 2000:
+                    break
+                continue  # one long docstring; smaller ones may still fit
+            documents.append(document)
+            n_bytes += size
+            answer = summary_paragraph(doc)
+            if kind != "module" and 40 <= len(answer) <= 600 and len(dialogs) < dialog_budget:
+                name = qualname.rsplit(".", 1)[-1]
+                for k in sorted({key[0] % len(QUESTION_TEMPLATES), key[1] % len(QUESTION_TEMPLATES)}):
+                    q = QUESTION_TEMPLATES[k].format(name=name, qualname=qualname, kind=kind, package=package)
+                    dialogs.append((q, answer))
+    write_file(out_dir / "corpus.txt", "".join(d + "\n\n" for d in documents))
+    write_file(out_dir / "dialogs.csv", csv_text(["instruction", "response"], dialogs[:max_dialogs]))
+    return {"corpus": str(out_dir / "corpus.txt"), "documents": len(documents), "bytes": n_bytes,
             "dialogs": str(out_dir / "dialogs.csv"), "dialog_rows": min(len(dialogs), max_dialogs)}
 
 
@@ -531,6 +590,16 @@ def save_tokenizer(hf_tok, out_dir) -> None:
     hf_tok.backend_tokenizer.model.save(str(out_dir))
 
 
+def encode_text(tok, texts) -> list[list[int]]:
+    """Token ids of user text (documents, prompts, answers), special-token strings kept as text.
+
+    ML documentation quotes "<pad>" and "<|eos|>"; read as control tokens they would split a
+    document, end an answer early and vanish under skip_special_tokens. Only the code inserts
+    <|bos|>, <|eos|> and <pad>, as ids. (The seed's own prompt, `tok.encode("<|bos|>Instruction:
+    ...")`, still parses its <|bos|>: the exported tokenizer is unchanged.)"""
+    return tok(list(texts), add_special_tokens=False, split_special_tokens=True, verbose=False)["input_ids"]
+
+
 def load_tokenizer(folder):
     """Load a saved tokenizer, with an error that names the folder when it is missing or corrupt."""
     folder = Path(folder)
@@ -552,8 +621,9 @@ def encode_corpus(files, tok, out_dir, seed: int, val_fraction: float, total_byt
                   batch_docs: int = 2000) -> dict:
     """Encode every document as <|bos|> ... <|eos|> into uint16 train.bin / val.bin.
 
-    Batches go through the Rust tokenizer's parallel encode_batch; the ids are appended to the
-    files as they come, so memory stays flat for any corpus size. Per-document lengths are kept
+    Batches go through the Rust tokenizer's parallel batch encoding (special-token strings in the
+    text stay text: see encode_text); the ids are appended to the files as they come, so memory
+    stays flat for any corpus size. Per-document lengths are kept
     (doc_stats.npz) for the length plots; val-split byte and word counts give the compression.
     """
     out_dir = Path(out_dir)
@@ -563,8 +633,8 @@ def encode_corpus(files, tok, out_dir, seed: int, val_fraction: float, total_byt
     started = time.time()
 
     def flush(batch):
-        for doc, enc in zip(batch, tok.encode_batch(batch, add_special_tokens=False)):
-            ids = np.array([BOS_ID, *enc.ids, EOS_ID], dtype=np.uint16)
+        for doc, enc in zip(batch, encode_text(tok, batch)):
+            ids = np.array([BOS_ID, *enc, EOS_ID], dtype=np.uint16)
             s = split_of(doc, seed, val_fraction)
             outs[s].write(ids.tobytes())
             st, nb = stats[s], len(doc.encode("utf-8"))
@@ -589,7 +659,10 @@ def encode_corpus(files, tok, out_dir, seed: int, val_fraction: float, total_byt
         empty = "val" if stats["val"]["docs"] == 0 else "train"
         raise PocketGPTError(f"The {empty} split is empty ({stats['train']['docs'] + stats['val']['docs']} "
                              f"documents, val_fraction={val_fraction}). Use a larger corpus or adjust val_fraction.")
-    np.savez(out_dir / "doc_stats.npz", **{k: np.array(v) for k, v in lengths.items()})
+    def save_stats(tmp):
+        with open(tmp, "wb") as f:  # a file object: np.savez would add ".npz" to a name
+            np.savez(f, **{k: np.array(v) for k, v in lengths.items()})
+    write_file(out_dir / "doc_stats.npz", save_stats)
     v = stats["val"]
     return {
         "train_tokens": stats["train"]["tokens"], "val_tokens": v["tokens"],
@@ -605,10 +678,11 @@ def encode_corpus(files, tok, out_dir, seed: int, val_fraction: float, total_byt
 def build_tokenizer_stage(cfg: TokenizerConfig) -> Path:
     """Stage 1, whole: scan, train the BPE, save it, encode the splits, write meta and manifest."""
     if cfg.corpus_path is None and on_kaggle():  # the attached dataset's corpus.txt, wherever it is mounted
-        cfg.corpus_path = str(kaggle_root() / "input" / "**" / "corpus.txt")
+        cfg.corpus_path = str(attached_input("corpus.txt", "corpus_path"))
     elif cfg.corpus_path is None:
         cfg.corpus_path = str(demo_data(cfg.run_dir) / "corpus.txt")
     files = corpus_files(cfg.corpus_path)
+    print(f"corpus_path={cfg.corpus_path}: {files_summary(files)}")
     scan = scan_corpus(files, cfg.on_invalid_utf8)
     print(f"corpus: {len(files)} file(s), {scan['bytes'] / 1e6:.1f} MB, {scan['documents']:,} documents"
           + (f", {scan['invalid_utf8_bytes']} invalid UTF-8 bytes replaced" if scan["invalid_utf8_bytes"] else ""))
@@ -619,8 +693,9 @@ def build_tokenizer_stage(cfg: TokenizerConfig) -> Path:
             tok = train_tokenizer(iter_documents(files, progress=bar), cfg.vocab_size, scan["documents"])
         train_seconds = time.time() - started
         print(f"trained a {tok.get_vocab_size():,}-token BPE in {train_seconds:.1f}s")
-        save_tokenizer(wrap_tokenizer(tok), work)
-        enc = encode_corpus(files, tok, work, cfg.seed, cfg.val_fraction, scan["bytes"])
+        hf_tok = wrap_tokenizer(tok)
+        save_tokenizer(hf_tok, work)
+        enc = encode_corpus(files, hf_tok, work, cfg.seed, cfg.val_fraction, scan["bytes"])
         meta = {"vocab_size": tok.get_vocab_size(), "dtype": "uint16",
                 "special_tokens": dict(zip(SPECIAL_TOKENS, range(4))),
                 "bos_id": BOS_ID, "eos_id": EOS_ID, "pad_id": PAD_ID,
@@ -671,7 +746,8 @@ def decode_documents(ids: np.ndarray, tok) -> list[str]:
 
 @dataclasses.dataclass
 class PretrainConfig:
-    profile: str = "demo"
+    stage: ClassVar[str] = "pretrain"
+    profile: str = "t4"
     run_dir: str | None = None
     seed: int = 1337
     tokenizer_dir: str | None = None      # None: found by manifest (run folder, or /kaggle/input)
@@ -688,10 +764,10 @@ class PretrainConfig:
     min_lr: float = 6e-5
     warmup_steps: int = 500
     max_steps: int = 10000
-    max_hours: float = 11.25              # stop cleanly (checkpoint, eval, plots) before this
+    max_hours: float = 11.25              # this session's budget: stop cleanly (checkpoint, eval, plots) before it
     log_interval: int = 500
     eval_interval: int = 1000
-    eval_batches: int = 20
+    eval_windows: int = 1024              # val windows in the fixed evaluation sample (all of val when it has fewer)
     checkpoint_minutes: float = 30
     precision: str = "auto"               # auto | fp32 | bf16 | fp16
     compile: str | bool = "auto"          # auto = on a GPU
@@ -806,8 +882,8 @@ class PlainGPT(nn.Module):
 # Device and precision
 
 # Dense peak TFLOPS per GPU: (16-bit tensor cores, fp32). T4's 65 is fp16 (it has no bf16 units).
-PEAK_TFLOPS = {"H200": (989, 67), "H100": (989, 67), "A100": (312, 19.5), "L4": (121, 30.3), "A10": (125, 31.2),
-               "V100": (125, 15.7), "T4": (65, 8.1), "P100": (18.7, 9.3)}
+PEAK_TFLOPS = {"H200": (989, 67), "H100": (989, 67), "A100": (312, 19.5), "L40S": (362, 91.6), "L4": (121, 30.3),
+               "A10": (125, 31.2), "V100": (125, 15.7), "T4": (65, 8.1), "P100": (18.7, 9.3)}
 
 
 def cpu_has_native_bf16() -> bool:
@@ -844,9 +920,14 @@ def peak_flops(device, precision: str) -> float | None:
     """The device's dense peak for the precision in use; None on a CPU (no honest MFU there)."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
+    return peak_for_name(torch.cuda.get_device_name(device), precision)
+
+
+def peak_for_name(name: str, precision: str) -> float | None:
+    """Look a GPU's name up by whole words ("NVIDIA L40S" is not an "L4")."""
+    words = set(re.findall(r"[A-Za-z0-9]+", name.upper()))
     for key, (half, single) in PEAK_TFLOPS.items():
-        if key in name:
+        if key in words:
             return (single if precision == "fp32" else half) * 1e12
     return None
 
@@ -917,10 +998,21 @@ class TokenWindows:
     def load_state(self, state: dict) -> None:
         self.epoch, self.index = int(state["epoch"]), int(state["index"])
 
-    def eval_batches(self, n_batches: int):
-        """The first windows in file order: the same every evaluation, so val losses compare."""
-        k = min(self.n, n_batches * self.B)
-        return [self.windows(range(i, min(i + self.B, k))) for i in range(0, k, self.B)]
+    def eval_batches(self, n_windows: int):
+        """The fixed evaluation sample (eval_sample) as batches: the same windows in 02 and 04,
+        at every evaluation, spread over the whole split rather than its first pages."""
+        idx = eval_sample(self.n, n_windows)
+        return [self.windows(idx[i:i + self.B]) for i in range(0, len(idx), self.B)]
+
+
+EVAL_SEED = 0  # one evaluation sample for every run, stage and seed, so their numbers compare
+
+
+def eval_sample(n: int, k: int) -> np.ndarray:
+    """k of n items spread over all of them by a fixed seed, in order; all n when k >= n."""
+    if k >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(EVAL_SEED).choice(n, size=k, replace=False))
 
 
 def check_token_ids(data: np.ndarray, vocab_size: int, path) -> None:
@@ -955,13 +1047,18 @@ def make_optimizer(model, cfg, device):
                              fused=device.type == "cuda")
 
 
+FP16_MAX_SKIPS_IN_A_ROW = 25  # GradScaler halves its scale at each skip: 25 in a row means the run diverged
+
+
 def train_step(acc, loss_fn, optimizer, scaler, batches, grad_clip: float, precision: str):
     """One optimizer step over the micro-batches; gradients sync across GPUs only on the last one.
 
     fp16 needs the GradScaler: the loss is scaled up so small gradients survive in fp16, the
     gradients are unscaled before clipping, and a step with inf/nan gradients is skipped.
+    Returns the mean loss (a tensor, so nothing waits for the GPU), the gradient norm and the
+    number of real (not padding) input tokens this process trained on.
     """
-    total = 0.0
+    total, real = 0.0, 0
     for i, (x, y) in enumerate(batches):
         sync = i == len(batches) - 1
         with nullcontext() if sync else acc.no_sync(loss_fn):
@@ -969,12 +1066,13 @@ def train_step(acc, loss_fn, optimizer, scaler, batches, grad_clip: float, preci
                 loss = loss_fn(x.to(acc.device, non_blocking=True), y.to(acc.device, non_blocking=True))
             scaler.scale(loss / len(batches)).backward()
         total = total + loss.detach()
+        real += int((x != PAD_ID).sum())  # x is still on the CPU: no GPU sync
     scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(loss_fn.parameters(), grad_clip)
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return total / len(batches), grad_norm
+    return total / len(batches), grad_norm, real
 
 
 def evaluate(loss_fn, batches, device, precision: str = "fp32") -> float:
@@ -991,17 +1089,34 @@ def evaluate(loss_fn, batches, device, precision: str = "fp32") -> float:
     return total / max(count, 1)
 
 
-def rng_state() -> dict:
+def rng_state(device) -> dict:
+    """This process's random streams (dropout, sampling): each process has its own."""
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
 
 
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def restore_rng(states: list, acc) -> str | None:
+    """Give each process the stream it had, where the checkpoint holds one for it.
+
+    Returns a note when it cannot all be restored: a checkpoint of 2 GPUs resumed on 1 GPU or a
+    CPU (or the reverse). The data position does not depend on this and carries over exactly."""
+    rank, note = acc.process_index, None
+    if len(states) != acc.num_processes:
+        note = (f"the checkpoint was written by {len(states)} process(es) and this run has {acc.num_processes}: "
+                f"the data position carries over, the random streams (dropout) of processes beyond "
+                f"{len(states)} start from the seed")
+    if rank < len(states):
+        s = states[rank]
+        random.setstate(s["python"])
+        np.random.set_state(s["numpy"])
+        torch.set_rng_state(s["torch"])
+        cuda = s.get("cuda")
+        cuda = cuda[0] if isinstance(cuda, list) and cuda else cuda  # checkpoints before per-process states
+        if cuda is not None and acc.device.type == "cuda":
+            torch.cuda.set_rng_state(cuda, acc.device)
+        elif (cuda is None) != (acc.device.type != "cuda"):
+            note = note or "the checkpoint and this run differ in CPU/GPU: the GPU random stream starts from the seed"
+    return note
 
 
 def load_checkpoint(folder) -> dict:
@@ -1017,134 +1132,199 @@ def load_checkpoint(folder) -> dict:
                              f"Resume from an earlier copy or start again.") from None
 
 
-LOG_COLUMNS = ["step", "tokens", "train_loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "mfu", "elapsed_s"]
+LOG_COLUMNS = ["step", "tokens", "train_loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "mfu", "elapsed_s",
+               "skipped_steps"]
 
 
-def append_log(path: Path, row: dict) -> None:
-    new = not path.exists()
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=LOG_COLUMNS)
-        if new:
-            w.writeheader()
-        w.writerow({k: ("" if row.get(k) is None else row[k]) for k in LOG_COLUMNS})
+def write_log(path: Path, rows: list[dict]) -> None:
+    """log.csv, rewritten whole at each row through the one door (rank 0, atomic): a resumed run
+    carries its earlier rows in the checkpoint, so nothing is appended twice."""
+    write_file(path, csv_text(LOG_COLUMNS, [["" if r.get(k) is None else r[k] for k in LOG_COLUMNS] for r in rows]))
 
 
-def agree(acc, flag: bool) -> bool:
-    """True on every process if it is true on any: each process reads its own clock, but all must
-    stop (or checkpoint) at the same step, or the next collective call would wait forever."""
+def agree(acc, *flags: bool) -> list[bool]:
+    """Each flag, true on every process if it is true on any: each process reads its own clock,
+    but all must stop (or checkpoint) at the same step, or the next collective call would wait
+    forever. One small all-reduce for all the flags."""
     if acc.num_processes == 1:
-        return flag
-    return bool(acc.reduce(torch.tensor(float(flag), device=acc.device), "sum").item() > 0)
+        return list(flags)
+    votes = acc.reduce(torch.tensor([float(f) for f in flags], device=acc.device), "sum")
+    return [bool(v > 0) for v in votes.tolist()]
 
 
 def train(model, train_data, val_batches, cfg, work: Path, resume: dict | None = None,
-          stop_at_step: int | None = None, stage: str = "pretrain") -> dict:
+          deadline: float | None = None, stop_at_step: int | None = None, stage: str = "pretrain") -> dict:
     """The loop both stages share. Returns the final numbers; writes log.csv and ckpt.pt into `work`.
 
-    Stops at max_steps, or early when the max_hours budget would run out (keeping enough time to
-    evaluate, checkpoint and save), or at `stop_at_step` (tests use it to simulate a cut-off).
+    Stops at max_steps, or when this session's budget would run out: `deadline` is a time.time()
+    (the stage's start + max_hours), and the loop keeps back the time the final evaluation,
+    checkpoint and save need. The budget is this session's alone; the hours of earlier sessions
+    are carried for the report only. `stop_at_step` cuts a run short for the resume tests.
+    Logging (log_interval steps), evaluation (eval_interval steps) and checkpoints
+    (checkpoint_minutes of wall time) each keep their own cadence.
     """
     precision, compiled = choose_precision(cfg.precision), resolve_compile(cfg.compile)
     # device placement and multi-process DDP (cpu=True lets torchrun run several CPU processes on gloo);
     # precision is ours, explicit below
     acc = Accelerator(cpu=not torch.cuda.is_available())
-    set_seed(cfg.seed)
+    set_seed(cfg.seed, device_specific=True)  # a dropout stream per process; rank 0 keeps the seed's
+    deadline = deadline or time.time() + cfg.max_hours * 3600
     train_data.rank, train_data.world = acc.process_index, acc.num_processes
     model.to(acc.device)
     optimizer = make_optimizer(model, cfg, acc.device)
-    step, log_path, ckpt_path = 0, work / "log.csv", work / "ckpt.pt"
+    scaler = torch.amp.GradScaler(acc.device.type, enabled=precision == "fp16")
+    step, tokens, log_rows, hours_before, saved_window = 0, 0, [], 0.0, None
     if resume:
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
+        if resume.get("scaler"):
+            scaler.load_state_dict(resume["scaler"])
         train_data.load_state(resume["data"])
-        step = resume["step"]
-        for row in resume.get("log", []):
-            append_log(log_path, row)
-    scaler = torch.amp.GradScaler(acc.device.type, enabled=precision == "fp16")
+        step, tokens, log_rows = resume["step"], resume.get("tokens", 0), list(resume.get("log", []))
+        hours_before = resume.get("hours", resume.get("elapsed_s", 0.0) / 3600)
+        saved_window = resume.get("window")
     loss_fn = LMLoss(model)
     if compiled:
         loss_fn = torch.compile(loss_fn)  # compiled before the DDP wrap, as nanoGPT does
     loss_fn, optimizer = acc.prepare(loss_fn, optimizer)
     if resume:
-        if resume.get("scaler"):
-            scaler.load_state_dict(resume["scaler"])
-        set_rng_state(resume["rng"])
+        rng = resume["rng"] if isinstance(resume["rng"], list) else [resume["rng"]]
+        note = restore_rng(rng, acc)
+        if note and acc.is_main_process:
+            print(f"resume: {note}")
     flops, peak = flops_per_token(model), peak_flops(acc.device, precision)
     peak = peak * acc.num_processes if peak else None
-    log_rows = list(resume.get("log", [])) if resume else []
-    started = time.time()
-    elapsed_before = resume.get("elapsed_s", 0.0) if resume else 0.0
-    last_ckpt, eval_seconds, step_seconds, stop_reason = time.time(), 0.0, 0.0, "max_steps"
-    val_loss = loss = None
-    tokens = resume.get("tokens", 0) if resume else 0
+    log_path, ckpt_path = work / "log.csv", work / "ckpt.pt"
+    session_started, session_first_step = time.time(), step
+    budget_s = max(0.0, deadline - session_started)
+    val_tokens = sum(int((y != -100).sum()) for _, y in val_batches)
+    timing = {"step": 0.0, "tokens_per_s": math.inf, "eval": None, "ckpt": 0.0, "last_ckpt": time.time()}
+    # the log window: loss sum, finite steps, non-finite steps (as tensors: no sync per step), tokens
+    window = torch.zeros(3, dtype=torch.float64, device=acc.device)
+    window_tokens, window_skipped, window_started = 0, 0, time.time()
+    if saved_window and acc.is_main_process:  # a checkpoint taken mid-window: its sums over all processes
+        window += torch.tensor(saved_window["sums"], dtype=torch.float64, device=acc.device)
+        window_tokens = int(saved_window["tokens"])
+    if saved_window:
+        window_skipped, window_started = saved_window["skipped"], time.time() - saved_window["seconds"]
+    skipped_total, skips_in_a_row = resume.get("skipped_steps", 0) if resume else 0, 0
+    scale = scaler.get_scale() if scaler.is_enabled() else None
+    stop_reason, val_loss, lr = "max_steps", None, lr_at(step, cfg)
 
-    def save_ckpt():
+    def hours() -> float:
+        return hours_before + (time.time() - session_started) / 3600
+
+    def reserve() -> float:
+        """Seconds the end of the session needs: a last step, the final evaluation, two checkpoints
+        (the last one and the HF folder), plus a margin. Before the first evaluation it is estimated
+        from the step time (a forward pass is about a third of a training step)."""
+        eval_s = timing["eval"] if timing["eval"] is not None else val_tokens / (3 * timing["tokens_per_s"])
+        return 2 * timing["step"] + 1.5 * eval_s + 2 * timing["ckpt"] + min(120.0, max(1.0, 0.02 * budget_s))
+
+    def close_window() -> dict:
+        """Sum the window over all processes (the one sync per log row) and start a new one."""
+        nonlocal window, window_tokens, window_skipped, window_started, tokens
+        sums = window_sums()
+        loss_sum, n_ok, n_bad, n_tokens = sums
+        dt = max(time.time() - window_started, 1e-9)
+        steps = step - (log_rows[-1]["step"] if log_rows else 0)  # a resumed window counts from its last row
+        timing["step"], timing["tokens_per_s"] = dt / max(1, steps), max(n_tokens / dt, 1.0)
+        tokens += int(n_tokens)
+        row = {"step": step, "tokens": tokens, "train_loss": round(loss_sum / n_ok, 4) if n_ok else None,
+               "lr": f"{lr:.3e}", "tokens_per_s": round(n_tokens / dt), "skipped_steps": window_skipped,
+               "mfu": round(flops * n_tokens / dt / peak, 4) if peak else None, "elapsed_s": round(hours() * 3600, 1)}
+        window.zero_()
+        window_tokens, window_skipped, window_started = 0, 0, time.time()
+        return row
+
+    def window_sums() -> list[float]:
+        sums = acc.reduce(torch.cat([window, torch.tensor([float(window_tokens)], dtype=torch.float64,
+                                                           device=acc.device)]), "sum").tolist()
+        if sums[2] and precision != "fp16":  # fp16's GradScaler skips such steps; fp32/bf16 cannot recover
+            raise PocketGPTError(
+                f"{stage}: the training loss is inf or nan by step {step} ({int(sums[2])} such step(s) since the last "
+                f"log row). The last good checkpoint ({ckpt_path if ckpt_path.exists() else 'none yet'}) is kept. Lower learning_rate "
+                f"(now {cfg.learning_rate}) or use precision='fp32', and resume_from that folder.")
+        return sums
+
+    def save_ckpt() -> None:
+        """Every process takes part (the window sums and the random streams are gathered); rank 0 writes."""
+        nonlocal window_started
+        started = time.time()
+        sums = window_sums()
+        rngs = gather_object([rng_state(acc.device)]) if acc.num_processes > 1 else [rng_state(acc.device)]
         if acc.is_main_process:
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "scaler": scaler.state_dict() if scaler.is_enabled() else None, "step": step,
-                     "data": train_data.state(), "rng": rng_state(), "config": dataclasses.asdict(cfg),
+                     "data": train_data.state(), "rng": rngs, "config": dataclasses.asdict(cfg),
                      "model_config": model.config.to_dict(), "log": log_rows, "stage": stage, "tokens": tokens,
-                     "elapsed_s": elapsed_before + time.time() - started}
-            torch.save(state, ckpt_path.with_suffix(".tmp"))
-            os.replace(ckpt_path.with_suffix(".tmp"), ckpt_path)
+                     "hours": hours(), "skipped_steps": skipped_total,
+                     "window": {"sums": sums[:3], "tokens": sums[3], "skipped": window_skipped,
+                                "seconds": time.time() - window_started}}
+            write_file(ckpt_path, lambda tmp: torch.save(state, tmp))
         acc.wait_for_everyone()
+        timing["ckpt"], timing["last_ckpt"] = time.time() - started, time.time()
+        window_started += timing["ckpt"]  # tokens/s measures training, not writing
+
+    def log_line(row: dict) -> None:
+        left = min((cfg.max_steps - step) * timing["step"], max(0.0, deadline - time.time()))
+        if acc.is_main_process:
+            tqdm.write(f"step {step}/{cfg.max_steps}"
+                       + (f" loss {row['train_loss']:.4f}" if row.get("train_loss") is not None else "")
+                       + (f" val {row['val_loss']:.4f}" if row.get("val_loss") is not None else "")
+                       + f" lr {lr:.2e} gnorm {row.get('grad_norm') or 0:.2f} {row['tokens_per_s']:,} tok/s"
+                       + (f" mfu {row['mfu']:.1%}" if row.get("mfu") else "")
+                       + (f" skipped {row['skipped_steps']}" if row.get("skipped_steps") else "")
+                       + f" | {duration(left)} left this session")
 
     bar = tqdm(total=cfg.max_steps, initial=step, desc=stage, unit="step",
                **({} if acc.is_main_process else {"disable": True}))
-    window_started, window_tokens = time.time(), 0
     try:
         while step < cfg.max_steps:
             if stop_at_step is not None and step >= stop_at_step:
                 stop_reason = "stopped"
                 break
-            reserve = 3 * eval_seconds + 5 * step_seconds + 30  # time to evaluate, checkpoint and save
-            if agree(acc, elapsed_before + time.time() - started + reserve > cfg.max_hours * 3600 and step > 0):
+            now = time.time()
+            out_of_time, ckpt_due = agree(acc, now + reserve() > deadline and step > session_first_step,
+                                          now - timing["last_ckpt"] > cfg.checkpoint_minutes * 60)
+            if out_of_time:
                 stop_reason = "time_budget"
                 break
+            if ckpt_due:
+                save_ckpt()
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             batches = [train_data.next_batch() for _ in range(cfg.grad_accum_steps)]
-            loss, grad_norm = train_step(acc, loss_fn, optimizer, scaler, batches, cfg.grad_clip, precision)
+            loss, grad_norm, real = train_step(acc, loss_fn, optimizer, scaler, batches, cfg.grad_clip, precision)
             step += 1
-            n_tokens = sum(x.numel() for x, _ in batches) * acc.num_processes
-            tokens, window_tokens = tokens + n_tokens, window_tokens + n_tokens
-            bar.update(1)
-            if step % cfg.log_interval == 0 or step == cfg.max_steps:
-                last_loss = float(acc.reduce(loss, "mean"))  # the one sync per log line, averaged over processes
-                window_steps = step - (int(log_rows[-1]["step"]) if log_rows else 0)
-                if not math.isfinite(last_loss):
+            ok = torch.isfinite(loss)
+            window += torch.stack([torch.where(ok, loss, 0.0).double(), ok.double(), (~ok).double()])
+            window_tokens += real
+            if scale is not None:  # fp16: the scale drops exactly when GradScaler skipped the step
+                skipped, scale = scaler.get_scale() < scale, scaler.get_scale()
+                skips_in_a_row = skips_in_a_row + 1 if skipped else 0
+                window_skipped, skipped_total = window_skipped + skipped, skipped_total + skipped
+                if skips_in_a_row >= FP16_MAX_SKIPS_IN_A_ROW:
                     raise PocketGPTError(
-                        f"{stage}: the training loss is {last_loss} at step {step}. The last good checkpoint "
+                        f"{stage}: the fp16 loss or gradients stayed inf/nan for {skips_in_a_row} steps in a row "
+                        f"(up to step {step}; GradScaler skipped each). The last good checkpoint "
                         f"({ckpt_path if ckpt_path.exists() else 'none yet'}) is kept. Lower learning_rate "
-                        f"(now {cfg.learning_rate}) or use precision='fp32', and resume_from that folder.")
-                dt = time.time() - window_started
-                step_seconds = dt / window_steps
-                tps = window_tokens / dt
-                row = {"step": step, "tokens": tokens, "train_loss": round(last_loss, 4),
-                       "lr": f"{lr:.3e}", "grad_norm": round(float(grad_norm), 3), "tokens_per_s": round(tps),
-                       "mfu": round(flops * tps / peak, 4) if peak else None,
-                       "elapsed_s": round(elapsed_before + time.time() - started, 1)}
-                if step % cfg.eval_interval == 0 or step == cfg.max_steps:
+                        f"(now {cfg.learning_rate}) and resume_from that folder.")
+            bar.update(1)
+            log_now, eval_now = step % cfg.log_interval == 0, step % cfg.eval_interval == 0
+            if log_now or eval_now or step == cfg.max_steps:
+                row = close_window()
+                row["grad_norm"] = round(float(grad_norm), 3)
+                if eval_now or step == cfg.max_steps:
                     t_eval = time.time()
                     val_loss = evaluate(loss_fn, val_batches, acc.device, precision)
-                    eval_seconds = time.time() - t_eval
+                    timing["eval"] = time.time() - t_eval
                     row["val_loss"] = round(val_loss, 4)
                 log_rows.append(row)
-                if acc.is_main_process:
-                    append_log(log_path, row)
-                remaining = (cfg.max_steps - step) * step_seconds
-                bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{tps:,.0f}")
-                if acc.is_main_process:
-                    tqdm.write(f"step {step}/{cfg.max_steps} loss {last_loss:.4f}"
-                               + (f" val {val_loss:.4f}" if "val_loss" in row else "")
-                               + f" lr {lr:.2e} gnorm {row['grad_norm']:.2f} {tps:,.0f} tok/s"
-                               + (f" mfu {row['mfu']:.1%}" if peak else "")
-                               + f" eta {remaining / 60:.1f} min")
-                window_started, window_tokens = time.time(), 0
-                if agree(acc, time.time() - last_ckpt > cfg.checkpoint_minutes * 60):
-                    save_ckpt()
-                    last_ckpt = time.time()
+                write_log(log_path, log_rows)
+                bar.set_postfix(loss=row["train_loss"], tok_s=f"{row['tokens_per_s']:,}")
+                log_line(row)
     except torch.cuda.OutOfMemoryError:
         raise PocketGPTError(
             f"{stage}: out of GPU memory with batch_size={cfg.batch_size}. Try batch_size={max(1, cfg.batch_size // 2)} "
@@ -1153,23 +1333,28 @@ def train(model, train_data, val_batches, cfg, work: Path, resume: dict | None =
         bar.close()
     # final evaluation and checkpoint, whatever stopped the loop
     if not log_rows or log_rows[-1]["step"] != step or log_rows[-1].get("val_loss") is None:
+        if log_rows and log_rows[-1]["step"] == step:
+            row = log_rows.pop()
+        else:  # a stop before max_steps: the train-loss window stays open and goes into the checkpoint,
+            # so a resumed run logs the same rows as one that was never interrupted
+            row = {"step": step, "tokens": tokens + int(window_sums()[3]), "lr": f"{lr:.3e}",
+                   "elapsed_s": round(hours() * 3600, 1)}
         val_loss = evaluate(loss_fn, val_batches, acc.device, precision)
-        row = {"step": step, "tokens": tokens, "val_loss": round(val_loss, 4),
-               "train_loss": round(float(loss), 4) if loss is not None else None, "lr": f"{lr_at(step, cfg):.3e}",
-               "elapsed_s": round(elapsed_before + time.time() - started, 1)}
+        row["val_loss"] = round(val_loss, 4)
         log_rows.append(row)
-        if acc.is_main_process:
-            append_log(log_path, row)
+        write_log(log_path, log_rows)
     save_ckpt()
+    tokens += int(window_sums()[3])  # the tokens of a window left open
     rates = [r["tokens_per_s"] for r in log_rows if r.get("tokens_per_s")]
     mfus = [r["mfu"] for r in log_rows if r.get("mfu")]
-    return {"steps": step, "tokens": tokens, "final_val_loss": val_loss,
+    return {"steps": step, "tokens": tokens, "final_val_loss": val_loss, "val_tokens_evaluated": val_tokens,
             "final_train_loss": next((r["train_loss"] for r in reversed(log_rows) if r.get("train_loss") is not None), None),
             "tokens_per_s": float(np.median(rates)) if rates else None,
             "mfu": float(np.median(mfus)) if mfus else None, "params": count_params(model),
-            "flops_per_token": flops, "precision": precision, "compiled": compiled,
+            "flops_per_token": flops, "precision": precision, "compiled": compiled, "skipped_steps": skipped_total,
             "device": device_name(acc.device), "processes": acc.num_processes, "stop_reason": stop_reason,
-            "finished": step >= cfg.max_steps, "hours": (elapsed_before + time.time() - started) / 3600,
+            "finished": step >= cfg.max_steps, "hours": hours(),
+            "session_hours": (time.time() - session_started) / 3600, "session_steps": step - session_first_step,
             "is_main_process": acc.is_main_process, "model": model}
 
 
@@ -1187,29 +1372,52 @@ def save_hf_folder(model, tokenizer, out_dir) -> None:
 # -----------------------------------------------------------------------------
 # Stage 2: pretraining
 
-def resolve_resume(resume_from, stage: str, run_dir) -> Path | None:
-    """None: a fresh run, except on Kaggle where an attached earlier run of this stage is continued."""
+def partial_dir(out_dir) -> Path:
+    """Where a stage works until it is done: `<out_dir>.partial`."""
+    out_dir = Path(out_dir)
+    return out_dir.with_name(out_dir.name + ".partial")
+
+
+def newest_checkpoint(folders) -> Path | None:
+    """Of these folders, the one whose ckpt.pt was written last, or None."""
+    found = [Path(f) for f in folders if (Path(f) / "ckpt.pt").is_file()]
+    return max(found, key=lambda f: (f / "ckpt.pt").stat().st_mtime) if found else None
+
+
+def resolve_resume(resume_from, stage: str, out_dir) -> Path | None:
+    """The folder to resume from, or None for a fresh run.
+
+    "auto": the newer checkpoint of this stage's folder and its .partial (a run killed after it
+    resumed has a .partial newer than the finished folder it started from). A folder: that one,
+    or the .partial beside it when that is newer (after a crash only the .partial exists). None:
+    a fresh run here; on Kaggle, the newest of an attached earlier run and this session's own.
+    """
+    out_dir = Path(out_dir)
     if resume_from == "auto":
-        for folder in [Path(run_dir) / stage, Path(run_dir) / f"{stage}.partial"]:
-            if (folder / "ckpt.pt").exists():
-                return folder
-        return None
+        return newest_checkpoint([out_dir, partial_dir(out_dir)])
     if resume_from:
-        return Path(resume_from)
+        folder = Path(resume_from)
+        found = newest_checkpoint([folder] if folder.name.endswith(".partial") else [folder, partial_dir(folder)])
+        if found is None:
+            raise PocketGPTError(f"resume_from={resume_from}: no ckpt.pt there (nor in {partial_dir(folder).name}). "
+                                 f"Point it at a {stage} folder written by an earlier run, or use 'auto'.")
+        return found
     if on_kaggle():
         try:
-            return find_stage(stage)
+            attached = [find_stage(stage)]
         except PocketGPTError:
-            return None
+            attached = []
+        return newest_checkpoint(attached + [out_dir, partial_dir(out_dir)])
     return None
 
 
 def run_pretrain_stage(cfg: PretrainConfig, stop_at_step: int | None = None) -> Path:
     """Stage 2, whole: data, model, the loop, then checkpoint, HF folder, log, plot, metrics."""
+    deadline = time.time() + cfg.max_hours * 3600  # this session's budget counts from the stage's start
     tok_dir = find_stage("tokenizer", cfg.tokenizer_dir, cfg.run_dir)
     tokenizer = load_tokenizer(tok_dir)
     meta = read_json(tok_dir / "meta.json")
-    resume_dir = resolve_resume(cfg.resume_from, "pretrain", cfg.run_dir)
+    resume_dir = resolve_resume(cfg.resume_from, "pretrain", cfg.out_dir)
     resume = load_checkpoint(resume_dir) if resume_dir else None
     if resume:
         old = resume["config"]
@@ -1217,13 +1425,16 @@ def run_pretrain_stage(cfg: PretrainConfig, stop_at_step: int | None = None) -> 
             if old[name] != getattr(cfg, name):
                 raise PocketGPTError(f"resume_from={resume_dir}: that run has {name}={old[name]}, these parameters "
                                      f"say {getattr(cfg, name)}. Use the same model shape to resume.")
-        print(f"resuming {resume_dir} at step {resume['step']}")
+        if is_main_process():
+            print(f"resuming {resume_dir} at step {resume['step']} of {cfg.max_steps} "
+                  f"(this session's budget: {duration(cfg.max_hours * 3600)})")
     train_data = TokenWindows(tok_dir / "train.bin", cfg.n_positions, cfg.batch_size, cfg.seed, meta["vocab_size"])
     val_data = TokenWindows(tok_dir / "val.bin", cfg.n_positions, cfg.batch_size, cfg.seed, meta["vocab_size"])
     model = build_model(meta["vocab_size"], cfg)
     inputs = {"tokenizer": tok_dir, **({"resumed_from": resume_dir / "ckpt.pt"} if resume else {})}
-    with stage_output(cfg.out_dir, "pretrain", dataclasses.asdict(cfg), inputs) as work:
-        result = train(model, train_data, val_data.eval_batches(cfg.eval_batches), cfg, work, resume, stop_at_step)
+    with stage_output(cfg.out_dir, "pretrain", dataclasses.asdict(cfg), inputs, resume_dir) as work:
+        result = train(model, train_data, val_data.eval_batches(cfg.eval_windows), cfg, work, resume, deadline,
+                       stop_at_step)
         if not result.pop("is_main_process"):
             return Path(cfg.out_dir)
         model = result.pop("model")
@@ -1275,8 +1486,8 @@ COLUMN_PAIRS = [("question", "answer"), ("instruction", "response"), ("prompt", 
 
 @dataclasses.dataclass
 class SFTConfig:
-    profile_prefix = "sft_"               # sft_epochs etc. in PROFILES feed epochs etc. here
-    profile: str = "demo"
+    stage: ClassVar[str] = "sft"
+    profile: str = "t4"
     run_dir: str | None = None
     seed: int = 1337
     pretrain_dir: str | None = None       # None: found by manifest
@@ -1294,16 +1505,16 @@ class SFTConfig:
     max_hours: float = 11.25
     val_fraction: float = 0.05
     too_long: str = "truncate"            # rows longer than the context: "truncate" the answer or "drop"
-    log_interval: int = 50
-    eval_interval: int = 200
-    eval_batches: int = 50
+    log_interval: int = 100
+    eval_interval: int = 1000
+    eval_rows: int = 2000                 # held-out rows in the fixed evaluation sample (all when there are fewer)
     checkpoint_minutes: float = 30
     precision: str = "auto"
     compile: str | bool = "auto"
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     max_steps: int | None = None          # None: epochs x batches per epoch (set once the data is read)
-    dropout: float = 0.0
+    dropout: float = 0.0                  # applied to the pretrained model's dropout layers during SFT
 
     def __post_init__(self):
         self.run_dir = str(self.run_dir or default_run_dir(self.profile))
@@ -1319,8 +1530,8 @@ class SFTConfig:
 def dialog_files(dialogs_path, run_dir) -> list[Path]:
     """The dialog CSVs: a file, a folder (every *.csv in it) or a glob; None = the demo dialogs."""
     if dialogs_path is None:
-        dialogs_path = (str(kaggle_root() / "input" / "**" / "dialogs.csv") if on_kaggle()
-                        else str(demo_data(run_dir) / "dialogs.csv"))
+        dialogs_path = str(attached_input("dialogs.csv", "dialogs_path") if on_kaggle()
+                           else demo_data(run_dir) / "dialogs.csv")
     p = Path(dialogs_path)
     if p.is_file():
         return [p]
@@ -1376,40 +1587,55 @@ def read_dialogs(files, prompt_column=None, response_column=None) -> tuple[list[
     return unique, report
 
 
+def dialog_ids(tok, pairs) -> list[tuple[list[int], list[int]]]:
+    """Ids of the seed's template and the training targets for each (prompt, answer) pair.
+
+    Targets are -100 on the prompt; the answer and its <|eos|> are kept. <|bos|> and <|eos|> go
+    in as ids and the text is encoded with special-token strings kept as text (encode_text), so
+    an answer that quotes "<|eos|>" does not end there. The prompt ends exactly at "Response:";
+    the answer brings its own leading space (a space left at the end of the prompt would merge
+    with the answer's first word under byte-level BPE, a split the model never sees when it
+    generates). Long rows are cut later."""
+    prompts = encode_text(tok, [chat_prompt(p).removeprefix("<|bos|>") for p, _ in pairs])
+    answers = encode_text(tok, [f" {r}" for _, r in pairs])
+    return [([BOS_ID, *p, *a, EOS_ID], [-100] * (len(p) + 1) + [*a, EOS_ID]) for p, a in zip(prompts, answers)]
+
+
 def encode_dialog(tok, prompt: str, response: str) -> tuple[list[int], list[int]]:
-    """Ids of the seed's template and the training targets: -100 on the prompt, the answer and
-    <|eos|> kept. The prompt ends exactly at "Response:"; the answer brings its own leading space
-    (a space left at the end of the prompt would merge with the answer's first word under
-    byte-level BPE, and the model would never see the split it sees at generation time)."""
-    p = tok.encode(chat_prompt(prompt), add_special_tokens=False, verbose=False)
-    a = tok.encode(f" {response}<|eos|>", add_special_tokens=False, verbose=False)  # long rows are cut later
-    return p + a, [-100] * len(p) + a
+    return dialog_ids(tok, [(prompt, response)])[0]
 
 
-def encode_dialogs(tok, pairs, context: int, too_long: str) -> tuple[list, list, dict]:
-    """Encode every pair; rows longer than context+1 tokens get their answer cut (still ending in
-    <|eos|>) or are dropped, by `too_long`. Returns the kept pairs, their rows and the counts."""
+def encode_dialogs(tok, pairs, context: int, too_long: str, chunk: int = 2000) -> tuple[list, list, dict]:
+    """Encode every pair (in batches: the Rust tokenizer works in parallel); rows longer than
+    context+1 tokens get their answer cut (still ending in <|eos|>) or are dropped, by `too_long`.
+    Returns the kept pairs, their rows and the counts."""
     kept, rows, truncated, dropped = [], [], 0, 0
-    for prompt, response in tqdm(pairs, desc="encode dialogs", unit="row"):
-        ids, labels = encode_dialog(tok, prompt, response)
-        if len(ids) > context + 1:
-            n_prompt = labels.count(-100)
-            if too_long == "drop" or n_prompt + 2 > context + 1:
-                dropped += 1
-                continue
-            ids = ids[:context] + [EOS_ID]
-            labels = labels[:context] + [EOS_ID]
-            truncated += 1
-        kept.append((prompt, response))
-        rows.append((ids, labels))
+    with tqdm(total=len(pairs), desc="encode dialogs", unit="row") as bar:
+        for start in range(0, len(pairs), chunk):
+            part = pairs[start:start + chunk]
+            for (prompt, response), (ids, labels) in zip(part, dialog_ids(tok, part)):
+                if len(ids) > context + 1:
+                    n_prompt = labels.count(-100)
+                    if too_long == "drop" or n_prompt + 2 > context + 1:
+                        dropped += 1
+                        continue
+                    ids = ids[:context] + [EOS_ID]
+                    labels = labels[:context] + [EOS_ID]
+                    truncated += 1
+                kept.append((prompt, response))
+                rows.append((ids, labels))
+            bar.update(len(part))
     return kept, rows, {"truncated": truncated, "dropped_too_long": dropped}
 
 
 class DialogBatches:
-    """Batches of rows of similar length, so little of a batch is padding; seeded and resumable.
+    """Global batches of rows of similar length, so little of a batch is padding; seeded and resumable.
 
     Each epoch: a seeded shuffle, rows sorted by length inside chunks of 64 batches, the batches
-    shuffled again. Inputs are padded with <pad>, targets with -100 (ignored by the loss).
+    shuffled again. A global batch holds batch_size rows per process, and process r takes every
+    world-th row of it, so all processes get rows of about the same length. The batches depend on
+    the process count, which is part of the cache key: epoch 0 once used the batches built for
+    one process (half-size batches on two). Inputs are padded with <pad>, targets with -100.
     """
 
     def __init__(self, rows, batch_size: int, seed: int, rank: int = 0, world: int = 1):
@@ -1417,17 +1643,23 @@ class DialogBatches:
         self.epoch, self.index, self._batches = 0, 0, None
 
     def batches(self) -> list:
-        if self._batches is None or self._batches[0] != self.epoch:
+        if self._batches is None or self._batches[0] != (self.epoch, self.world):
             rng = np.random.default_rng([self.seed, self.epoch])
             order, size = rng.permutation(len(self.rows)), self.B * self.world
             chunks = [sorted(order[i:i + 64 * size], key=lambda j: len(self.rows[j][0]))
                       for i in range(0, len(order), 64 * size)]
-            batches = [c[i:i + size] for c in chunks for i in range(0, len(c), size)]
-            self._batches = (self.epoch, [batches[i] for i in rng.permutation(len(batches))])
+            batches = []
+            for c in chunks:
+                for i in range(0, len(c), size):
+                    if len(c[i:i + size]) < self.world and batches:  # every process needs a row: merge the tail
+                        batches[-1] = batches[-1] + c[i:i + size]
+                    else:
+                        batches.append(c[i:i + size])
+            self._batches = ((self.epoch, self.world), [batches[i] for i in rng.permutation(len(batches))])
         return self._batches[1]
 
     def __len__(self) -> int:
-        return -(-len(self.rows) // (self.B * self.world))
+        return len(self.batches())
 
     def collate(self, idx):
         width = max(len(self.rows[i][0]) for i in idx) - 1
@@ -1444,29 +1676,41 @@ class DialogBatches:
         self.index += 1
         if self.index == len(self.batches()):
             self.epoch, self.index = self.epoch + 1, 0
-        size = max(1, len(idx) // self.world)
-        return self.collate(idx[self.rank * size:(self.rank + 1) * size] or idx[:1])
+        return self.collate(idx[self.rank::self.world])
 
     def state(self) -> dict:
-        return {"epoch": self.epoch, "index": self.index}
+        return {"epoch": self.epoch, "index": self.index, "world": self.world}
 
     def load_state(self, state: dict) -> None:
+        """The position; a checkpoint of another process count resumes at the same share of the epoch."""
         self.epoch, self.index = int(state["epoch"]), int(state["index"])
+        old_world = int(state.get("world", self.world))
+        if old_world != self.world:
+            self.index = min(len(self) - 1, self.index * old_world // self.world)
 
     def real_token_fraction(self) -> float:
-        """Share of the input positions in an epoch's batches that are real tokens, not padding."""
-        real = sum(len(self.rows[i][0]) - 1 for b in self.batches() for i in b)
-        padded = sum(len(b) * (max(len(self.rows[i][0]) for i in b) - 1) for b in self.batches())
+        """Share of the input positions in an epoch's per-process batches (what trains) that are real tokens."""
+        real = padded = 0
+        for b in self.batches():
+            for r in range(self.world):
+                part = b[r::self.world]
+                real += sum(len(self.rows[i][0]) - 1 for i in part)
+                padded += len(part) * (max(len(self.rows[i][0]) for i in part) - 1)
         return real / padded
 
-    def eval_batches(self, n_batches: int):
-        order = sorted(range(len(self.rows)), key=lambda j: len(self.rows[j][0]))
-        return [self.collate(order[i:i + self.B]) for i in range(0, len(order), self.B)][:n_batches]
+    def eval_batches(self, n_rows: int):
+        """The fixed evaluation sample (eval_sample) in batches of similar length."""
+        idx = sorted(eval_sample(len(self.rows), n_rows).tolist(), key=lambda j: len(self.rows[j][0]))
+        return [self.collate(idx[i:i + self.B]) for i in range(0, len(idx), self.B)]
 
 
 def prepare_sft_data(cfg: SFTConfig, tok, context: int) -> dict:
-    """Read, clean, encode and split the dialogs; every count is kept for the report."""
+    """Read, clean, encode and split the dialogs; every count is kept for the report.
+
+    The evaluation rows are a fixed sample spread over the val split (all of it when small):
+    SFT's val loss and 04's response loss are measured on the same rows (heldout.json)."""
     files = dialog_files(cfg.dialogs_path, cfg.run_dir)
+    print(f"dialogs_path={cfg.dialogs_path}: {files_summary(files)}")
     pairs, report = read_dialogs(files, cfg.prompt_column, cfg.response_column)
     kept, rows, lengths = encode_dialogs(tok, pairs, context, cfg.too_long)
     report.update(lengths)
@@ -1475,37 +1719,54 @@ def prepare_sft_data(cfg: SFTConfig, tok, context: int) -> dict:
         s = split_of(f"{pair[0]}\n{pair[1]}", cfg.seed, cfg.val_fraction)
         rows_by_split[s].append(row)
         pairs_by_split[s].append(pair)
-    if not rows_by_split["val"] or not rows_by_split["train"]:
-        raise PocketGPTError(f"{len(rows)} usable dialog rows cannot be split with val_fraction={cfg.val_fraction}: "
-                             f"provide more rows or change val_fraction.")
+    if not rows_by_split["val"] or len(rows_by_split["train"]) < world_size():
+        raise PocketGPTError(f"{len(rows)} usable dialog rows cannot be split with val_fraction={cfg.val_fraction} "
+                             f"across {world_size()} process(es): provide more rows or change val_fraction.")
+    sample = eval_sample(len(rows_by_split["val"]), cfg.eval_rows)
+    rows_by_split["eval"] = [rows_by_split["val"][i] for i in sample]
+    pairs_by_split["eval"] = [pairs_by_split["val"][i] for i in sample]
     report.update(train_rows=len(rows_by_split["train"]), val_rows=len(rows_by_split["val"]),
-                  train_tokens=sum(len(r[0]) for r in rows_by_split["train"]),
+                  eval_rows=len(sample), train_tokens=sum(len(r[0]) for r in rows_by_split["train"]),
                   response_tokens=sum(sum(t != -100 for t in r[1]) for r in rows_by_split["train"]))
     return {"rows": rows_by_split, "pairs": pairs_by_split, "report": report}
 
 
+def set_dropout(model, p: float) -> None:
+    """Set every dropout of a loaded model (they are fixed when the model is built) and its config."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = p
+    model.config.resid_pdrop = model.config.embd_pdrop = model.config.attn_pdrop = p
+
+
 def run_sft_stage(cfg: SFTConfig, stop_at_step: int | None = None) -> Path:
     """Stage 3, whole: the pretrained model and tokenizer, the dialogs, the shared loop, the folder."""
+    deadline = time.time() + cfg.max_hours * 3600  # this session's budget counts from the stage's start
     pre = find_stage("pretrain", cfg.pretrain_dir, cfg.run_dir)
     tok = load_tokenizer(pre / "model")
     tok.chat_template = CHAT_TEMPLATE
     model = load_model(pre / "model").train()
+    set_dropout(model, cfg.dropout)
     data = prepare_sft_data(cfg, tok, model.config.n_positions)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    train_data = DialogBatches(data["rows"]["train"], cfg.batch_size, cfg.seed)
-    val_data = DialogBatches(data["rows"]["val"], cfg.batch_size, cfg.seed)
-    steps_per_epoch = -(-len(data["rows"]["train"]) // (cfg.batch_size * world * cfg.grad_accum_steps))
+    # the global batch (batch_size rows on each process) is fixed before the padding share is measured
+    train_data = DialogBatches(data["rows"]["train"], cfg.batch_size, cfg.seed, world=world_size())
+    val_data = DialogBatches(data["rows"]["eval"], cfg.batch_size, cfg.seed)
+    steps_per_epoch = -(-len(train_data) // cfg.grad_accum_steps)
     cfg.max_steps = cfg.max_steps or max(1, round(cfg.epochs * steps_per_epoch))
     cfg.warmup_steps = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, cfg.max_steps // 33)
     report = {**data["report"], "real_token_fraction": train_data.real_token_fraction(),
-              "steps_per_epoch": steps_per_epoch, "max_steps": cfg.max_steps}
-    resume_dir = resolve_resume(cfg.resume_from, "sft", cfg.run_dir)
+              "processes": world_size(), "steps_per_epoch": steps_per_epoch, "max_steps": cfg.max_steps}
+    resume_dir = resolve_resume(cfg.resume_from, "sft", cfg.out_dir)
     resume = load_checkpoint(resume_dir) if resume_dir else None
-    inputs = {"pretrain": pre, **{f"dialogs:{Path(f).name}": Path(f) for f in data["report"]["files"]}}
-    with stage_output(cfg.out_dir, "sft", dataclasses.asdict(cfg), inputs) as work:
+    if resume and is_main_process():
+        print(f"resuming {resume_dir} at step {resume['step']} of {cfg.max_steps} "
+              f"(this session's budget: {duration(cfg.max_hours * 3600)})")
+    inputs = {"pretrain": pre, **{f"dialogs:{Path(f).name}": Path(f) for f in data["report"]["files"]},
+              **({"resumed_from": resume_dir / "ckpt.pt"} if resume else {})}
+    with stage_output(cfg.out_dir, "sft", dataclasses.asdict(cfg), inputs, resume_dir) as work:
         write_json(work / "data_report.json", report)
-        write_json(work / "heldout.json", [{"prompt": p, "response": r} for p, r in data["pairs"]["val"][:50]])
-        result = train(model, train_data, val_data.eval_batches(cfg.eval_batches), cfg, work, resume,
+        write_json(work / "heldout.json", [{"prompt": p, "response": r} for p, r in data["pairs"]["eval"]])
+        result = train(model, train_data, val_data.eval_batches(len(val_data.rows)), cfg, work, resume, deadline,
                        stop_at_step, stage="sft")
         if not result.pop("is_main_process"):
             return Path(cfg.out_dir)
@@ -1534,7 +1795,8 @@ def chat_prompt(prompt: str) -> str:
 
 
 def chat_prompt_ids(tok, prompt: str) -> list[int]:
-    return tok.encode(chat_prompt(prompt), add_special_tokens=False, verbose=False)
+    """The seed's prompt as ids, <|bos|> inserted as an id and the instruction kept as text."""
+    return [BOS_ID, *encode_text(tok, [chat_prompt(prompt).removeprefix("<|bos|>")])[0]]
 
 
 def compare_answers(before_dir, after_dir, prompts, max_new_tokens: int = 64) -> list[dict]:
@@ -1585,7 +1847,7 @@ def bench(profile: str = "t4", params: dict | None = None, reference: bool = Fal
     a noisy machine (other processes, turbo clocks) slows both alike instead of skewing the ratio.
     """
     params = dict(params or {})
-    vocab_size = int(params.pop("vocab_size", PROFILES[profile]["vocab_size"]))
+    vocab_size = int(params.pop("vocab_size", make_config(TokenizerConfig, profile, run_dir="unused").vocab_size))
     cfg = make_config(PretrainConfig, profile, run_dir=str(HERE / "runs" / "bench"), **params)
     precision, compiled = choose_precision(cfg.precision), resolve_compile(cfg.compile)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -1632,9 +1894,18 @@ def load_model(folder):
 
 def generate(model, tok, prompt_ids: list[int], max_new_tokens: int = 64, greedy: bool = False,
              seed: int = 1337, streamer=None) -> list[int]:
-    """New token ids after the prompt (stopping at <|eos|>), sampled as the seed does or greedy."""
+    """New token ids after the prompt (stopping at <|eos|>), sampled as the seed does or greedy.
+
+    The model has n_positions positions; a prompt that leaves no room for an answer keeps its
+    last tokens (room for a quarter of the context, or max_new_tokens if less), with a warning."""
     torch.manual_seed(seed)
-    room = model.config.n_positions - len(prompt_ids)
+    n_positions = model.config.n_positions
+    if len(prompt_ids) >= n_positions:
+        keep = n_positions - max(1, min(max_new_tokens, n_positions // 4))
+        warnings.warn(f"the prompt has {len(prompt_ids)} tokens and the model's context is {n_positions}: "
+                      f"only its last {keep} tokens are used", stacklevel=2)
+        prompt_ids = prompt_ids[-keep:]
+    room = n_positions - len(prompt_ids)
     x = torch.tensor([prompt_ids], device=model.device)
     with torch.no_grad():  # one unpadded row: the mask is all ones (said, so transformers does not warn)
         out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max(1, min(max_new_tokens, room)),
@@ -1648,7 +1919,7 @@ def sample_continuations(model_dir, prompts, max_new_tokens: int = 40) -> list[d
     model, tok = load_model(model_dir), load_tokenizer(model_dir)
     rows = []
     for p in prompts:
-        ids = generate(model, tok, [BOS_ID] + tok.encode(p), max_new_tokens)
+        ids = generate(model, tok, [BOS_ID, *encode_text(tok, [p])[0]], max_new_tokens)
         rows.append({"prompt": p, "continuation": tok.decode(ids, skip_special_tokens=True)})
     return rows
 
@@ -1659,16 +1930,18 @@ def distinct_n(texts, n: int = 2) -> float:
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
-def eval_val_split(model, tokenizer_dir, batch_size: int = 8, max_batches: int = 50) -> dict:
-    """Loss, perplexity and bits per byte on the pretraining val split (bits per byte does not
-    depend on the tokenizer, so models with different vocabularies compare)."""
+def eval_val_split(model, tokenizer_dir, n_windows: int, batch_size: int = 8) -> dict:
+    """Loss, perplexity and bits per byte on the pretraining val split's fixed evaluation sample,
+    the same windows 02 evaluates (bits per byte does not depend on the tokenizer, so models with
+    different vocabularies compare)."""
     meta = read_json(Path(tokenizer_dir) / "meta.json")
     data = TokenWindows(Path(tokenizer_dir) / "val.bin", model.config.n_positions, batch_size, 0, meta["vocab_size"])
-    batches = data.eval_batches(max_batches)
+    batches = data.eval_batches(n_windows)
     loss = evaluate(LMLoss(model), batches, model.device)
     bytes_per_token = meta["val_bytes"] / meta["val_tokens"]
     return {"val_loss": loss, "perplexity": math.exp(loss), "bits_per_byte": loss / math.log(2) / bytes_per_token,
-            "tokens_evaluated": sum(y.numel() for _, y in batches)}
+            "tokens_evaluated": sum(y.numel() for _, y in batches), "val_split_tokens": meta["val_tokens"],
+            "whole_split": n_windows >= data.n}
 
 
 def eval_responses(model, tok, pairs, batch_size: int = 16) -> float:
@@ -1708,10 +1981,10 @@ def write_export_folder(model, tok, out_dir, card: str) -> None:
     for key, value in SAMPLING.items():  # the seed's sampling as generate()'s default
         setattr(model.generation_config, key, value)
     save_hf_folder(model, tok, out_dir)
-    torch.save(model.state_dict(), out_dir / "pytorch_model.bin")
+    write_file(out_dir / "pytorch_model.bin", lambda tmp: torch.save(model.state_dict(), tmp))
     write_json(out_dir / "special_tokens_map.json", {"bos_token": "<|bos|>", "eos_token": "<|eos|>",
                                                      "unk_token": "<unk>", "pad_token": "<pad>"})
-    (out_dir / "README.md").write_text(card, encoding="utf-8")
+    write_file(out_dir / "README.md", card)
 
 
 VERIFY_SCRIPT = r'''
@@ -2148,7 +2421,8 @@ DEFAULT_PROMPTS = ["What does torch.nn.LayerNorm do?", "Explain transformers.GPT
 
 @dataclasses.dataclass
 class ExportConfig:
-    profile: str = "demo"
+    stage: ClassVar[str] = "export"
+    profile: str = "t4"
     run_dir: str | None = None
     seed: int = 1337
     tokenizer_dir: str | None = None
@@ -2243,10 +2517,13 @@ def report_rows(r: dict) -> list[tuple[str, str]]:
             ("tokenizer", f"{r['vocab_size']:,} tokens, {r['bytes_per_token']:.2f} bytes/token on val"),
             ("time: tokenizer / pretrain / SFT", " / ".join(duration(r[f"{s}_minutes"] * 60) for s in ["tokenizer", "pretrain", "sft"])),
             ("pretrain tokens seen", f"{r['pretrain_tokens']:,} ({r['pretrain_steps']:,} steps, finished: {r['pretrain_finished']})"),
+            ("val sample (02 and 04 alike)", f"{r['pretrain_tokens_evaluated']:,} tokens of the {r['pretrain_val_split_tokens']:,}-token val split"
+             + (" (all of it)" if r["pretrain_whole_split"] else ", a fixed sample spread over it")),
             ("pretrain val loss / perplexity / bits per byte", f"{r['pretrain_val_loss']:.3f} / {r['pretrain_perplexity']:.1f} / {r['pretrain_bits_per_byte']:.3f}"),
             ("SFT model on the same: val loss / perplexity / bits per byte", f"{r['sft_val_loss']:.3f} / {r['sft_perplexity']:.1f} / {r['sft_bits_per_byte']:.3f}"),
             ("SFT rows / tokens seen", f"{r['sft_rows']:,} / {r['sft_tokens']:,}"),
-            ("response loss before / after SFT", f"{r['pretrain_response_loss']:.3f} / {r['sft_response_loss']:.3f}"),
+            ("response loss before / after SFT", f"{r['pretrain_response_loss']:.3f} / {r['sft_response_loss']:.3f} "
+             f"(on SFT's {r['heldout_rows']:,} held-out evaluation rows)"),
             ("answers ending with <|eos|> (sampled / greedy)", f"{r['sampled_eos_share']:.0%} / {r['greedy_eos_share']:.0%}"),
             ("distinct-2 (sampled / greedy)", f"{r['sampled_distinct2']:.2f} / {r['greedy_distinct2']:.2f}")]
     for f in r.get("gguf", []):
@@ -2263,7 +2540,8 @@ def run_export_stage(cfg: ExportConfig) -> Path:
     pre_model, sft_model = load_model(pre / "model"), load_model(sft / "model")
     tok = load_tokenizer(sft / "model")
     heldout = [(r["prompt"], r["response"]) for r in read_json(sft / "heldout.json")]
-    pre_eval = eval_val_split(pre_model, tok_dir)
+    n_windows = read_json(pre / "manifest.json")["params"].get("eval_windows", PretrainConfig.eval_windows)
+    pre_eval = eval_val_split(pre_model, tok_dir, n_windows)
     answers, summary = answer_table(sft_model, tok, DEFAULT_PROMPTS + list(cfg.prompts or []),
                                     sft_model.config.n_positions, cfg.seed)
     meta, pre_m, sft_m = read_json(tok_dir / "meta.json"), read_json(pre / "metrics.json"), read_json(sft / "metrics.json")
@@ -2276,9 +2554,9 @@ def run_export_stage(cfg: ExportConfig) -> Path:
         "sft_minutes": stage_hours(sft) * 60, "pretrain_tokens": pre_m["tokens"], "pretrain_steps": pre_m["steps"],
         "pretrain_finished": pre_m["finished"], **{f"pretrain_{k}": v for k, v in pre_eval.items()},
         "sft_rows": sft_m.get("data_train_rows", 0), "sft_tokens": sft_m["tokens"],
-        "pretrain_response_loss": eval_responses(pre_model, tok, heldout),
+        "heldout_rows": len(heldout), "pretrain_response_loss": eval_responses(pre_model, tok, heldout),
         "sft_response_loss": eval_responses(sft_model, tok, heldout),
-        **{f"sft_{k}": v for k, v in eval_val_split(sft_model, tok_dir).items()}, **summary,
+        **{f"sft_{k}": v for k, v in eval_val_split(sft_model, tok_dir, n_windows).items()}, **summary,
     }
     inputs = {"tokenizer": tok_dir, "pretrain": pre, "sft": sft}
     with stage_output(cfg.out_dir, "export", dataclasses.asdict(cfg), inputs) as work:
@@ -2293,7 +2571,7 @@ def run_export_stage(cfg: ExportConfig) -> Path:
         plot_losses({"pretrain": pre / "log.csv", "sft": sft / "log.csv"}, work / "losses.png", show=False)
         write_json(work / "answers.json", answers)
         write_json(work / "metrics.json", report)
-        (work / "report.md").write_text(report_markdown(report, answers, library_versions()), encoding="utf-8")
+        write_file(work / "report.md", report_markdown(report, answers, library_versions()))
     return Path(cfg.out_dir)
 
 
@@ -2315,7 +2593,7 @@ def plot_length_distributions(stage_dir):
         ax.set_ylabel("documents")
         ax.set_title(f"median {np.median(values):,.0f} {unit}, max {values.max():,} {unit}")
     fig.tight_layout()
-    fig.savefig(Path(stage_dir) / "lengths.png", dpi=100)
+    save_figure(fig, Path(stage_dir) / "lengths.png")
     return fig
 
 
@@ -2323,6 +2601,10 @@ def read_log(path) -> list[dict]:
     """log.csv as a list of rows, numbers as floats and empty cells as None."""
     with open(path, newline="") as f:
         return [{k: (float(v) if v not in ("", None) else None) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def save_figure(fig, path) -> None:
+    write_file(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
 
 
 def plot_losses(logs: dict, out_png=None, show: bool = True):
@@ -2335,11 +2617,8 @@ def plot_losses(logs: dict, out_png=None, show: bool = True):
         rows = read_log(path)
         train = [(r["tokens"], r["train_loss"]) for r in rows if r["train_loss"] is not None]
         val = [(r["tokens"], r["val_loss"]) for r in rows if r["val_loss"] is not None]
-        if train:  # each logged train loss is one step's: noisy, so a moving average is drawn over it
-            x, y = np.array(train).T
-            ax.plot(x, y, color="C0", alpha=0.25)
-            k = max(1, min(10, len(y) // 5))
-            ax.plot(x[k - 1:], np.convolve(y, np.ones(k) / k, mode="valid"), color="C0", label=f"train (mean of {k})")
+        if train:  # each logged train loss is the mean over its log window
+            ax.plot(*zip(*train), color="C0", label="train")
         if val:
             ax.plot(*zip(*val), "o-", color="C1", label="val")
         ax.set_title(name)
@@ -2349,7 +2628,7 @@ def plot_losses(logs: dict, out_png=None, show: bool = True):
         ax.legend()
     fig.tight_layout()
     if out_png:
-        fig.savefig(out_png, dpi=100)
+        save_figure(fig, out_png)
     if not show:
         plt.close(fig)
     return fig
@@ -2390,20 +2669,42 @@ def render_html(notebook_path: Path) -> Path:
 
     body, _ = HTMLExporter().from_notebook_node(nbformat.read(str(notebook_path), as_version=4))
     html = notebook_path.with_suffix(".html")
-    html.write_text(body, encoding="utf-8")
+    write_file(html, body)
     return html
 
 
-def run_pipeline(profile: str = "demo", run_dir=None, corpus=None, dialogs=None, params=None,
+DATA_FILES = {"corpus": "corpus.txt", "dialogs": "dialogs.csv"}
+DATA_STAGES = {"corpus": "tokenizer", "dialogs": "sft"}  # the stage that reads each
+
+
+def pipeline_inputs(run_dir, corpus=None, dialogs=None, stages=None) -> dict:
+    """corpus_path and dialogs_path for the notebooks. Your own corpus with the demo dialogs (or
+    the reverse) is never chosen in silence: give both, or neither (the demo data), or say `demo`
+    for the one you want from the demo data."""
+    given = {"corpus": corpus, "dialogs": dialogs}
+    needed = {k for k, stage in DATA_STAGES.items() if not stages or stage in stages}
+    if any(v not in (None, "demo") for v in given.values()):
+        for key in needed:
+            if given[key] is None:
+                other = next(k for k in given if k != key)
+                raise PocketGPTError(f"--{other} was given without --{key}: pass --{key} PATH (your "
+                                     f"{DATA_FILES[key]}), or --{key} demo to use the demo {DATA_FILES[key]}.")
+    out = {}
+    for key in needed:
+        path = given[key] if given[key] not in (None, "demo") else demo_data(run_dir) / DATA_FILES[key]
+        out[f"{key}_path"] = str(path)
+    return out
+
+
+def run_pipeline(profile: str | None = None, run_dir=None, corpus=None, dialogs=None, params=None,
                  stages=None, log_output: bool = True) -> Path:
     """Run the notebooks that exist, 01 -> 04, each reading the folder the previous one wrote."""
+    profile, why = resolve_profile(profile)
+    print(f"profile {profile!r}: {why}", flush=True)
     run_dir = Path(run_dir or default_run_dir(profile)).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    if corpus is None:
-        data = demo_data(run_dir)
-        corpus, dialogs = data / "corpus.txt", dialogs or data / "dialogs.csv"
-    parameters = {"profile": profile, "run_dir": str(run_dir), "corpus_path": str(corpus),
-                  **({"dialogs_path": str(dialogs)} if dialogs else {}), **(params or {})}
+    parameters = {"profile": profile, "run_dir": str(run_dir), **pipeline_inputs(run_dir, corpus, dialogs, stages),
+                  **(params or {})}
     (run_dir / "notebooks").mkdir(exist_ok=True)
     for stage, name in STAGES.items():
         notebook = HERE / "notebooks" / f"{name}.ipynb"
@@ -2425,10 +2726,10 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("pipeline", help="run notebooks 01-04 with papermill")
-    p.add_argument("--profile", default="demo", choices=sorted(PROFILES))
+    p.add_argument("--profile", choices=sorted(PROFILES), help="default: t4 on a GPU, demo on a CPU")
     p.add_argument("--run-dir", help="the run folder (default runs/<profile>)")
-    p.add_argument("--corpus", help="your corpus: a .txt file, folder or glob (default: demo data)")
-    p.add_argument("--dialogs", help="your instruction/response CSV (default: demo data)")
+    p.add_argument("--corpus", help="your corpus: a .txt file, folder or glob; `demo` or none: the demo corpus")
+    p.add_argument("--dialogs", help="your instruction/response CSV; `demo` or none: the demo dialogs")
     p.add_argument("--stages", nargs="+", choices=list(STAGES), help="run only these stages")
     p.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                    help="a notebook parameter, e.g. -p max_steps 100")
@@ -2438,7 +2739,7 @@ def main(argv=None) -> int:
     d.add_argument("--max-dialogs", type=int, default=20_000)
     st = sub.add_parser("stage", help="run one stage without a notebook (e.g. under `accelerate launch`)")
     st.add_argument("name", choices=list(STAGES))
-    st.add_argument("--profile", default="demo", choices=sorted(PROFILES))
+    st.add_argument("--profile", choices=sorted(PROFILES), help="default: t4 on a GPU, demo on a CPU")
     st.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"))
     b = sub.add_parser("bench", help="time the training step (tokens/s, MFU) on this device")
     b.add_argument("--profile", default="t4", choices=sorted(PROFILES))

@@ -45,6 +45,7 @@ def test_pipeline_runs_all_four_notebooks(demo_data, tmp_path):
 
 def test_a_failing_stage_stops_the_pipeline_with_stage_cell_and_error(demo_data, tmp_path):
     with pytest.raises(pg.PocketGPTError, match=r"01_tokenizer failed in cell \d+ \(PocketGPTError: vocab_size=100.*saved at"):
-        pg.run_pipeline("demo", tmp_path, demo_data / "corpus.txt", params={"vocab_size": 100}, log_output=False)
+        pg.run_pipeline("demo", tmp_path, demo_data / "corpus.txt", demo_data / "dialogs.csv", params={"vocab_size": 100},
+                        log_output=False)
     assert (tmp_path / "notebooks" / "01_tokenizer.ipynb").exists()
     assert not (tmp_path / "pretrain").exists()
