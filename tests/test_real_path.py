@@ -1,0 +1,182 @@
+"""The path Kaggle users take: budget-limited sessions in a row, two processes, a crash anywhere.
+
+Nothing here fakes the condition it guards: budgets stop on the real clock, two processes are two
+torchrun processes on gloo, and a crash is a kill -9 of the stage's process.
+"""
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import pocketgpt_utils as pg
+from conftest import TINY
+
+BUDGET_H = 6 / 3600  # a 6-second session
+
+
+def stage_cmd(stage: str, nproc: int, params: dict) -> list[str]:
+    """What a user types: `python pocketgpt_utils.py stage ...`, under torchrun for several processes."""
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+                if nproc > 1 else [sys.executable])
+    args = [a for k, v in params.items() for a in ("-p", k, str(v))]
+    return [*launcher, str(pg.HERE / "pocketgpt_utils.py"), "stage", stage, "--profile", "demo", *args]
+
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def run_stage(stage: str, nproc: int, params: dict) -> subprocess.CompletedProcess:
+    proc = subprocess.run(stage_cmd(stage, nproc, params), capture_output=True, text=True, env=ENV, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+def pretrain_params(tokenizer_stage, run_dir, **kw) -> dict:
+    params = {k: TINY[k] for k in ["n_layer", "n_head", "n_embd", "n_positions", "batch_size", "warmup_steps"]}
+    params.update(tokenizer_dir=tokenizer_stage, run_dir=run_dir, precision="fp32", log_interval=20,
+                  eval_interval=200, eval_windows=16, checkpoint_minutes=60, max_steps=100_000)
+    params.update(kw)
+    return params
+
+
+def windows_consumed(ckpt: dict, n_windows: int) -> int:
+    return ckpt["data"]["epoch"] * n_windows + ckpt["data"]["index"]
+
+
+def test_three_budget_limited_sessions_in_a_row_each_make_progress(tokenizer_stage, tmp_path):
+    """Kaggle's 12-hour sessions, shrunk to 6 seconds: each session stops itself on the clock and the
+    next one, given the same budget, carries on as far again (the budget is per session)."""
+    params = pretrain_params(tokenizer_stage, tmp_path, max_hours=BUDGET_H, resume_from="auto")
+    params = {k: v for k, v in params.items() if k not in ("tokenizer_dir", "run_dir")}
+    cfg = lambda: pg.make_config(pg.PretrainConfig, "demo", tokenizer_dir=str(tokenizer_stage),  # noqa: E731
+                                 run_dir=str(tmp_path), **params)
+    steps, walls = [0], []
+    for session in range(3):
+        started = time.time()
+        out = pg.run_pretrain_stage(cfg())
+        walls.append(time.time() - started)
+        m = pg.read_json(out / "metrics.json")
+        assert m["stop_reason"] == "time_budget" and not m["finished"], m
+        steps.append(m["steps"])
+    made = np.diff(steps)
+    assert made[0] > 20, made
+    assert all(later >= 0.5 * made[0] for later in made[1:]), f"steps made per session: {made.tolist()}"
+    assert all(w < BUDGET_H * 3600 + 3 for w in walls), f"session wall times {walls} for a 6 s budget"
+    m = pg.read_json(tmp_path / "pretrain" / "metrics.json")
+    assert m["hours"] == pytest.approx(sum(walls) / 3600, rel=0.25)  # the total is kept, for the report
+    rows = pg.read_log(tmp_path / "pretrain" / "log.csv")
+    assert [r["step"] for r in rows] == sorted({r["step"] for r in rows})  # each session's rows once
+
+
+def test_two_processes_stop_on_the_clock_and_resume_on_two_and_then_on_one(tokenizer_stage, tmp_path):
+    """T4 x2 stood in for by 2 CPU processes on gloo: a budget stop, a resume on 2 processes, then a
+    resume on 1 (a checkpoint from 2 GPUs continued on 1 GPU or a CPU)."""
+    params = pretrain_params(tokenizer_stage, tmp_path, max_hours=BUDGET_H, resume_from="auto")
+    n_windows = pg.TokenWindows(tokenizer_stage / "train.bin", TINY["n_positions"], 1, 0, TINY["vocab_size"]).n
+    steps = [0]
+    for session, nproc in enumerate([2, 2, 1]):
+        proc = run_stage("pretrain", nproc, params)
+        m = pg.read_json(tmp_path / "pretrain" / "metrics.json")
+        steps.append(m["steps"])
+        assert steps[-1] - steps[-2] > 5, f"session {session + 1} on {nproc} process(es) made {np.diff(steps)} steps"
+        assert m["processes"] == nproc and m["stop_reason"] == "time_budget", m
+        ckpt = pg.load_checkpoint(tmp_path / "pretrain")
+        # the data position is exact whatever the process count: every window trained once, in order
+        assert windows_consumed(ckpt, n_windows) * TINY["n_positions"] == ckpt["tokens"] + ckpt["window"]["tokens"]
+        assert len(ckpt["rng"]) == nproc  # each process's random stream is kept
+    assert "the checkpoint was written by 2 process(es) and this run has 1" in proc.stdout
+    rows = pg.read_log(tmp_path / "pretrain" / "log.csv")  # one header, each step once: only rank 0 writes
+    assert [r["step"] for r in rows] == sorted({r["step"] for r in rows})
+    assert (tmp_path / "pretrain" / "log.csv").read_text().count("step,tokens") == 1
+    pg.plot_losses({"pretrain": tmp_path / "pretrain" / "log.csv"}, show=False)
+
+
+def wait_for(predicate, timeout: float, proc) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        assert proc.poll() is None, f"the stage ended before the kill: {proc.communicate()}"
+        assert time.time() < deadline, "timed out waiting for a checkpoint"
+        time.sleep(0.05)
+
+
+def kill_after_a_checkpoint(params: dict, partial, rng: random.Random, after_mtime: float = 0.0) -> dict:
+    """Start the stage, wait for a checkpoint newer than `after_mtime` in `partial`, then kill -9 it at a
+    random moment; returns what the crash left: the checkpoint's step and how old it was at the kill."""
+    proc = subprocess.Popen(stage_cmd("pretrain", 1, params), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=ENV)
+    ckpt = partial / "ckpt.pt"
+    wait_for(lambda: ckpt.exists() and ckpt.stat().st_mtime > after_mtime, 120, proc)
+    time.sleep(rng.uniform(0.2, 2.5))
+    assert proc.poll() is None, "the run finished before the kill: make it longer"
+    age = time.time() - ckpt.stat().st_mtime
+    os.kill(proc.pid, signal.SIGKILL)
+    out = proc.communicate()[0]
+    return {"age": age, "step": torch.load(ckpt, weights_only=False)["step"], "mtime": ckpt.stat().st_mtime,
+            "output": out}
+
+
+def test_kill_9_then_resume_auto_matches_an_uninterrupted_run(tokenizer_stage, tmp_path):
+    """A session dies (kill -9) twice, once right after resuming from the .partial it left; each rerun
+    with resume_from='auto' continues from the newest checkpoint, losing at most one checkpoint
+    interval, and the run ends where an uninterrupted one ends."""
+    interval_min = 0.02  # a checkpoint every 1.2 s
+    common = dict(max_steps=1500, log_interval=100, eval_interval=500, checkpoint_minutes=interval_min)
+    ref = pretrain_params(tokenizer_stage, tmp_path / "ref", **common)
+    run_stage("pretrain", 1, ref)
+    reference = pg.read_json(tmp_path / "ref" / "pretrain" / "metrics.json")
+
+    rng = random.Random()
+    run = tmp_path / "run"
+    partial = run / "pretrain.partial"
+    # session 1 ends on its budget: a finished folder with a checkpoint
+    run_stage("pretrain", 1, pretrain_params(tokenizer_stage, run, max_hours=3 / 3600, **common))
+    first = pg.read_json(run / "pretrain" / "metrics.json")
+    assert first["stop_reason"] == "time_budget" and 0 < first["steps"] < 1500
+    params = pretrain_params(tokenizer_stage, run, resume_from="auto", **common)
+    # session 2 resumes from it and is killed; session 3 must prefer that newer .partial to the finished folder
+    crash = kill_after_a_checkpoint(params, partial, rng)
+    assert crash["step"] > first["steps"]
+    assert crash["age"] < interval_min * 60 + 1.5, crash  # checkpoints keep their own cadence
+    # session 3 resumes from the .partial and is killed again once it has written a checkpoint of its own
+    crash2 = kill_after_a_checkpoint(params, partial, rng, after_mtime=crash["mtime"])
+    assert f"resuming {partial} at step {crash['step']} " in crash2["output"]
+    assert crash2["step"] > crash["step"]  # the checkpoint it resumed from was replaced by a newer one, never lost
+    # session 4 finishes
+    proc = run_stage("pretrain", 1, params)
+    assert f"resuming {partial} at step {crash2['step']} " in proc.stdout
+    final = pg.read_json(run / "pretrain" / "metrics.json")
+    assert final["finished"] and final["steps"] == 1500
+    assert final["final_val_loss"] == pytest.approx(reference["final_val_loss"], abs=2e-3)
+    a = {r["step"]: r for r in pg.read_log(tmp_path / "ref" / "pretrain" / "log.csv")}
+    b = {r["step"]: r for r in pg.read_log(run / "pretrain" / "log.csv")}
+    assert set(a) <= set(b)  # the interrupted run logged every row the uninterrupted one did, and the same losses
+    assert all(b[s]["train_loss"] == pytest.approx(a[s]["train_loss"], abs=2e-3) for s in a if a[s]["train_loss"])
+    assert not partial.exists()
+
+
+def test_sft_on_two_processes_trains_every_epoch_on_full_global_batches(tokenizer_stage, tmp_path, demo_data):
+    """03 under torchrun with 2 processes for 2 epochs sees every training row twice."""
+    pre = tmp_path / "pretrain_run"
+    run_stage("pretrain", 1, pretrain_params(tokenizer_stage, pre, max_steps=20))
+    params = dict(pretrain_dir=pre / "pretrain", run_dir=tmp_path, dialogs_path=demo_data / "dialogs.csv",
+                  precision="fp32", batch_size=8, epochs=2, log_interval=5, eval_interval=1000)
+    run_stage("sft", 2, params)
+    out = tmp_path / "sft"
+    m, report = pg.read_json(out / "metrics.json"), pg.read_json(out / "data_report.json")
+    # the same rows, encoded as the stage encodes them
+    tok = pg.load_tokenizer(pre / "pretrain" / "model")
+    cfg = pg.make_config(pg.SFTConfig, "demo", run_dir=str(tmp_path), dialogs_path=str(demo_data / "dialogs.csv"))
+    rows = pg.prepare_sft_data(cfg, tok, TINY["n_positions"])["rows"]["train"]
+    assert m["tokens"] == 2 * sum(len(ids) - 1 for ids, _ in rows)  # every row twice, real tokens counted
+    assert m["steps"] == 2 * -(-len(rows) // (2 * 8)) == 2 * report["steps_per_epoch"]
+    assert m["processes"] == 2 and report["processes"] == 2
+    batches = pg.DialogBatches(rows, 8, cfg.seed, world=2)
+    assert report["real_token_fraction"] == pytest.approx(batches.real_token_fraction())
+    assert len(pg.read_json(out / "heldout.json")) == report["eval_rows"]  # written whole, once
+    assert [r["step"] for r in pg.read_log(out / "log.csv")] == sorted({r["step"] for r in pg.read_log(out / "log.csv")})
