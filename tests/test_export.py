@@ -21,7 +21,8 @@ def run(tokenizer_stage, demo_data, tmp_path_factory):
     run = tmp_path_factory.mktemp("exportrun")
     params = {k: v for k, v in TINY.items() if k != "vocab_size"}
     pg.run_pretrain_stage(pg.make_config(pg.PretrainConfig, "demo", run_dir=str(run), precision="fp32",
-                                         tokenizer_dir=str(tokenizer_stage), **{**params, "max_steps": 60}))
+                                         tokenizer_dir=str(tokenizer_stage), eval_windows=16,
+                                         **{**params, "max_steps": 60}))
     pg.run_sft_stage(pg.make_config(pg.SFTConfig, "demo", run_dir=str(run), precision="fp32", batch_size=16,
                                     dialogs_path=str(demo_data / "dialogs.csv"), epochs=1, learning_rate=1e-3))
     pg.run_export_stage(pg.make_config(pg.ExportConfig, "demo", run_dir=str(run), tokenizer_dir=str(tokenizer_stage),
@@ -78,11 +79,12 @@ def test_report_card_has_every_number(run):
     assert m["pretrain_val_loss"] > 0 and m["pretrain_perplexity"] == pytest.approx(2.718281828 ** m["pretrain_val_loss"], rel=1e-6)
     assert 0 < m["pretrain_bits_per_byte"] < 8
     assert m["sft_response_loss"] < m["pretrain_response_loss"]  # SFT taught the response format
-    assert 0 <= m["greedy_eos_share"] <= 1 and 0 <= m["sampled_distinct2"] <= 1
+    answers = pg.read_json(run / "export" / "answers.json")
+    assert m["greedy_eos_share"] == sum(a["greedy_eos"] for a in answers) / len(answers)
+    assert m["sampled_distinct2"] == pg.distinct_n([a["sampled"] for a in answers])
     report = (run / "export" / "report.md").read_text()
     for text in ["pretrain val loss", "response loss before / after SFT", "What is a tensor?", "losses.png"]:
         assert text in report
-    answers = pg.read_json(run / "export" / "answers.json")
     assert [a["instruction"] for a in answers][-1] == "What is a tensor?"
     assert (run / "export" / "losses.png").stat().st_size > 1000
 
@@ -128,3 +130,14 @@ def test_gguf_without_the_pre_tokenizer_type_tokenizes_differently(run, tmp_path
 def test_unknown_gguf_type_is_refused(run, tmp_path):
     with pytest.raises(pg.PocketGPTError, match="ftype must be one of"):
         pg.write_gguf(run / "export" / "pocketGPT", tmp_path / "x.gguf", "q4_k")
+
+
+def test_02_03_and_04_measure_on_the_same_held_out_sample(run):
+    """04's pretrain val loss is 02's final one (the same fixed windows), and its SFT response loss is
+    03's final val loss (the same held-out rows): the report's numbers agree with the logs."""
+    pre, sft, export = (pg.read_json(run / s / "metrics.json") for s in ["pretrain", "sft", "export"])
+    assert export["pretrain_tokens_evaluated"] == pre["val_tokens_evaluated"] == 16 * TINY["n_positions"]
+    assert export["pretrain_val_loss"] == pytest.approx(pre["final_val_loss"], abs=1e-4)
+    assert export["heldout_rows"] == pg.read_json(run / "sft" / "data_report.json")["eval_rows"]
+    assert export["sft_response_loss"] == pytest.approx(sft["final_val_loss"], abs=1e-4)
+    assert f"{16 * TINY['n_positions']:,} tokens of the" in (run / "export" / "report.md").read_text()

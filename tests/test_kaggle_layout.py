@@ -48,3 +48,17 @@ def test_pretrain_finds_its_input_and_resumes_in_a_second_session(kaggle, tokeni
 def test_missing_input_on_kaggle_says_to_attach_it(kaggle):
     with pytest.raises(pg.PocketGPTError, match="attach the output of the 01_tokenizer notebook"):
         pg.run_pretrain_stage(pretrain_cfg())
+
+
+def test_two_attached_corpora_are_not_concatenated_in_silence(kaggle, demo_data, capsys):
+    for owner in ["someone", "someone-else"]:
+        data = kaggle / "input" / "datasets" / owner / "my-data"
+        data.mkdir(parents=True)
+        shutil.copy(demo_data / "corpus.txt", data / "corpus.txt")
+    with pytest.raises(pg.PocketGPTError, match=r"corpus_path=None and 2 files named corpus.txt are attached: "
+                                                r".*someone/my-data/corpus.txt \(0.2 MB\).*Set corpus_path"):
+        pg.build_tokenizer_stage(pg.make_config(pg.TokenizerConfig, "t4", vocab_size=400))
+    assert not (kaggle / "working" / "tokenizer").exists()
+    chosen = kaggle / "input" / "datasets" / "someone" / "my-data" / "corpus.txt"
+    pg.build_tokenizer_stage(pg.make_config(pg.TokenizerConfig, "t4", vocab_size=400, corpus_path=str(chosen)))
+    assert f"corpus_path={chosen}: {chosen} (0.2 MB)" in capsys.readouterr().out  # what was used, said before the work

@@ -49,3 +49,49 @@ def test_a_failing_stage_stops_the_pipeline_with_stage_cell_and_error(demo_data,
                         log_output=False)
     assert (tmp_path / "notebooks" / "01_tokenizer.ipynb").exists()
     assert not (tmp_path / "pretrain").exists()
+
+
+def test_your_corpus_without_your_dialogs_is_refused(demo_data, tmp_path):
+    with pytest.raises(pg.PocketGPTError, match="--corpus was given without --dialogs: pass --dialogs PATH .*--dialogs demo"):
+        pg.run_pipeline("demo", tmp_path, demo_data / "corpus.txt", params=TINY, log_output=False)
+    assert not (tmp_path / "tokenizer").exists()
+    inputs = pg.pipeline_inputs(tmp_path, demo_data / "corpus.txt", "demo")  # the demo dialogs, asked for by name
+    assert inputs == {"corpus_path": str(demo_data / "corpus.txt"), "dialogs_path": str(tmp_path / "data" / "dialogs.csv")}
+    assert pg.pipeline_inputs(tmp_path, demo_data / "corpus.txt", stages=["tokenizer"]) == {
+        "corpus_path": str(demo_data / "corpus.txt")}  # 03 is not run: no dialogs needed
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebooks_default_to_the_profile_of_the_hardware_and_say_which(path):
+    nb = nbformat.read(str(path), as_version=4)
+    i = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
+    assert "profile = None" in nb.cells[i].source
+    assert nb.cells[i + 1].source.startswith("profile, why = pg.resolve_profile(profile)\nprint(")
+
+
+def test_each_default_is_written_once():
+    """The dataclasses hold the t4 defaults; the demo profile changes real fields only; the README's
+    table says what the dataclasses say; notebook comments quote no default value."""
+    import dataclasses
+    import re
+
+    configs = {c.stage: c for c in [pg.TokenizerConfig, pg.PretrainConfig, pg.SFTConfig, pg.ExportConfig]}
+    for stage, values in pg.PROFILES["demo"].items():
+        assert set(values) <= {f.name for f in dataclasses.fields(configs[stage])}, stage
+    readme = (pg.HERE / "README.md").read_text()
+    table = {row.split("|")[1].strip(): row for row in readme.splitlines() if row.startswith("| 0")}
+    for notebook, stage in [("01_tokenizer", "tokenizer"), ("02_pretrain", "pretrain"), ("03_sft", "sft")]:
+        fields = {f.name: f.default for f in dataclasses.fields(configs[stage])}
+        quoted = re.findall(r"`(\w+)` \(([^)]*)\)", table[notebook])
+        assert quoted, notebook
+        for name, value in quoted:
+            if not value.startswith("None"):
+                try:
+                    value = ast.literal_eval(value)
+                except (ValueError, SyntaxError):
+                    pass  # a word: auto, fail, truncate
+                assert fields[name] == value, (notebook, name, value, fields[name])
+    for path in NOTEBOOKS:
+        cell = next(c for c in nbformat.read(str(path), as_version=4).cells if "parameters" in c.metadata.get("tags", []))
+        comments = " ".join(line.split("#", 1)[1] for line in cell.source.splitlines() if "#" in line)
+        assert not re.search(r"\b(4096|24000|11\.25|0\.05|0\.01)\b", comments), path.stem

@@ -186,6 +186,91 @@ def test_the_t4_path_fp16_with_gradscaler_trains_and_checkpoints_the_scaler(toke
     metrics = pg.read_json(out / "metrics.json")
     vals = [r["val_loss"] for r in pg.read_log(out / "log.csv") if r["val_loss"] is not None]
     assert metrics["precision"] == "fp16" and vals[-1] < vals[0]
-    scaler = pg.load_checkpoint(out)["scaler"]
-    assert scaler is not None and scaler["scale"] > 0  # resumes with the same loss scale
+    # the checkpoint holds the scaler's state: it started at 2**16 and halved once per skipped step
+    # (it grows only after 2000 clean steps), so the scale it holds says how many steps were skipped
+    scale = pg.load_checkpoint(out)["scaler"]["scale"]
+    assert 2.0 ** 16 / scale == 2 ** metrics["skipped_steps"]
     assert pg.load_model(out / "model").dtype == torch.float32  # saved in fp32 whatever trained it
+
+
+def inf_loss_at(monkeypatch, steps):
+    """The training loss becomes inf at the given training steps (counted from 1), as an fp16 overflow makes it."""
+    forward, calls = pg.LMLoss.forward, {"n": 0}
+
+    def forward_with_overflow(self, x, y, reduction="mean"):
+        loss = forward(self, x, y, reduction)
+        if not self.training:
+            return loss
+        calls["n"] += 1
+        return loss * float("inf") if calls["n"] in steps else loss
+    monkeypatch.setattr(pg.LMLoss, "forward", forward_with_overflow)
+
+
+def test_fp16_a_step_the_gradscaler_skips_is_counted_not_fatal(tokenizer_stage, tmp_path, monkeypatch):
+    monkeypatch.setattr(pg, "choose_precision", lambda requested: "fp16")
+    inf_loss_at(monkeypatch, {5})  # on a log step
+    out = pg.run_pretrain_stage(pretrain_cfg(tokenizer_stage, tmp_path, max_steps=20, log_interval=5))
+    metrics, rows = pg.read_json(out / "metrics.json"), {r["step"]: r for r in pg.read_log(out / "log.csv")}
+    assert metrics["finished"] and metrics["steps"] == 20
+    assert rows[5]["skipped_steps"] >= 1 and rows[5]["train_loss"] is not None  # the mean of the finite steps
+    assert metrics["skipped_steps"] == sum(r["skipped_steps"] or 0 for r in rows.values())
+
+
+def test_fp16_a_loss_that_stays_inf_stops_the_run_with_a_message(tokenizer_stage, tmp_path, monkeypatch):
+    monkeypatch.setattr(pg, "choose_precision", lambda requested: "fp16")
+    inf_loss_at(monkeypatch, set(range(3, 1000)))
+    with pytest.raises(pg.PocketGPTError, match=f"stayed inf/nan for {pg.FP16_MAX_SKIPS_IN_A_ROW} steps in a row"):
+        pg.run_pretrain_stage(pretrain_cfg(tokenizer_stage, tmp_path, max_steps=200, log_interval=100))
+
+
+def test_evaluation_logging_and_checkpoints_keep_their_own_cadence(tokenizer_stage, tmp_path, monkeypatch):
+    saved, save = [], torch.save
+    monkeypatch.setattr(torch, "save", lambda obj, f, **kw: (saved.append(obj.get("step")), save(obj, f, **kw)))
+    out = pg.run_pretrain_stage(pretrain_cfg(tokenizer_stage, tmp_path, max_steps=20, log_interval=3,
+                                             eval_interval=5, checkpoint_minutes=1e-6))
+    rows = pg.read_log(out / "log.csv")
+    assert [r["step"] for r in rows if r["val_loss"] is not None] == [5, 10, 15, 20]
+    assert [r["step"] for r in rows if r["tokens_per_s"] is not None] == [3, 5, 6, 9, 10, 12, 15, 18, 20]
+    assert set(range(1, 20)) <= set(saved)  # a checkpoint whenever its time comes, not only on log steps
+
+
+def test_the_validation_sample_is_spread_over_the_split_and_fixed(tokenizer_stage):
+    val = tokenizer_stage / "val.bin"
+    d = pg.TokenWindows(val, 16, 4, seed=1, vocab_size=TINY["vocab_size"])
+    k = d.n // 4
+    every = d.windows(range(d.n))[0]
+    index = {tuple(row.tolist()): i for i, row in enumerate(every)}
+    picked = [index[tuple(row.tolist())] for x, _ in d.eval_batches(k) for row in x]
+    assert len(picked) == k and max(picked) > 0.75 * d.n and min(picked) < 0.25 * d.n  # not the first pages
+    other = pg.TokenWindows(val, 16, 7, seed=2, vocab_size=TINY["vocab_size"])  # another batch size and seed
+    assert [index[tuple(r.tolist())] for x, _ in other.eval_batches(k) for r in x] == picked
+    assert sum(x.shape[0] for x, _ in d.eval_batches(10 * d.n)) == d.n  # all of it when small
+
+
+def test_a_prompt_longer_than_the_context_keeps_its_last_tokens(tokenizer_stage):
+    cfg = pg.make_config(pg.PretrainConfig, "demo", run_dir="/tmp/unused", **{k: v for k, v in TINY.items() if k != "vocab_size"})
+    model, tok = pg.build_model(TINY["vocab_size"], cfg).eval(), pg.load_tokenizer(tokenizer_stage)
+    prompt = list(range(4, 4 + TINY["n_positions"] + 30))
+    with pytest.warns(UserWarning, match=f"prompt has {len(prompt)} tokens.*only its last"):
+        new = pg.generate(model, tok, prompt, max_new_tokens=8, greedy=True)
+    assert 1 <= len(new) <= 8
+
+
+def test_profile_none_means_t4_on_a_gpu_and_demo_on_a_cpu(monkeypatch, tmp_path):
+    assert pg.resolve_profile(None)[0] == "demo"  # this machine has no GPU
+    assert pg.make_config(pg.PretrainConfig, None, run_dir=str(tmp_path)).n_embd == 128
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla T4")
+    profile, why = pg.resolve_profile(None)
+    assert profile == "t4" and "Tesla T4" in why
+    assert pg.make_config(pg.PretrainConfig, None, run_dir=str(tmp_path)).n_embd == 384
+    with pytest.raises(pg.PocketGPTError, match="profile='t5' is unknown"):
+        pg.resolve_profile("t5")
+
+
+def test_mfu_peaks_are_looked_up_by_whole_gpu_names():
+    assert pg.peak_for_name("NVIDIA L40S", "bf16") == 362e12  # not the L4's 121
+    assert pg.peak_for_name("NVIDIA L4", "bf16") == 121e12
+    assert pg.peak_for_name("Tesla T4", "fp16") == 65e12 and pg.peak_for_name("Tesla T4", "fp32") == 8.1e12
+    assert pg.peak_for_name("NVIDIA H100 80GB HBM3", "bf16") == 989e12
+    assert pg.peak_for_name("NVIDIA GeForce RTX 4090", "bf16") is None  # unknown: no MFU rather than a wrong one

@@ -1,6 +1,7 @@
 """Stage 3: dialogs are read, cleaned and formatted as the seed does; only the response is learned."""
 import csv
 
+import numpy as np
 import pytest
 import torch
 
@@ -156,3 +157,36 @@ def test_csv_without_the_answer_column_is_rejected_with_its_columns(pretrain_sta
     f = write_csv(tmp_path / "d.csv", ["question", "context"], [["q", "c"]])
     with pytest.raises(pg.PocketGPTError, match=r"d.csv: no prompt/response columns found among \['question', 'context'\]"):
         pg.run_sft_stage(sft_cfg(pretrain_stage, tmp_path, f))
+
+
+def test_an_answer_that_quotes_special_tokens_is_learned_as_text(tok):
+    ids, labels = pg.encode_dialog(tok, "How does <|bos|> start a document?", "Append <|eos|> and pad with <pad>.")
+    assert ids.count(pg.BOS_ID) == 1 and ids[0] == pg.BOS_ID
+    assert ids.count(pg.EOS_ID) == 1 and ids[-1] == pg.EOS_ID and pg.PAD_ID not in ids  # the answer does not end early
+    assert labels.count(pg.EOS_ID) == 1 and labels[-1] == pg.EOS_ID
+    assert tok.decode(ids, skip_special_tokens=True) == ("Instruction: How does <|bos|> start a document?\n"
+                                                         "Response: Append <|eos|> and pad with <pad>.")
+    assert pg.chat_prompt_ids(tok, "What is <pad>?").count(pg.PAD_ID) == 0
+
+
+def test_the_evaluation_sample_is_spread_over_the_rows_not_the_shortest(tok, demo_data):
+    pairs, _ = pg.read_dialogs([demo_data / "dialogs.csv"])
+    _, rows, _ = pg.encode_dialogs(tok, pairs, 512, "truncate")  # no row cut: lengths vary
+    k = len(rows) // 5
+    x = torch.cat([x.flatten() for x, _ in pg.DialogBatches(rows, 8, seed=0).eval_batches(k)])
+    lengths = sorted(len(ids) for ids, _ in rows)
+    picked = pg.eval_sample(len(rows), k)
+    assert len(picked) == k and picked[-1] > len(rows) * 0.75 and picked[0] < len(rows) * 0.25
+    assert np.mean([len(rows[i][0]) for i in picked]) > 1.5 * np.mean(lengths[:k])  # not the k shortest rows
+    assert int((x != pg.PAD_ID).sum()) == sum(len(rows[i][0]) - 1 for i in picked)
+    again = torch.cat([x.flatten() for x, _ in pg.DialogBatches(rows, 3, seed=9).eval_batches(k)])
+    assert int((again != pg.PAD_ID).sum()) == int((x != pg.PAD_ID).sum())  # the same rows, whatever the batch or seed
+
+
+def test_sft_applies_its_dropout_parameter(pretrain_stage, tmp_path, demo_data):
+    runs = {p: pg.run_sft_stage(sft_cfg(pretrain_stage, tmp_path / str(p), demo_data / "dialogs.csv", max_steps=6,
+                                        log_interval=2, dropout=p)) for p in (0.0, 0.5)}
+    losses = {p: [r["train_loss"] for r in pg.read_log(out / "log.csv") if r["train_loss"] is not None]
+              for p, out in runs.items()}
+    assert losses[0.0] != losses[0.5]  # the same data, seed and weights: only dropout differs
+    assert pg.read_json(runs[0.5] / "model" / "config.json")["resid_pdrop"] == 0.5

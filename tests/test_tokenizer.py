@@ -143,3 +143,22 @@ def test_a_crash_leaves_no_finished_looking_folder(tmp_path):
     assert not (tmp_path / "tokenizer").exists()
     with pytest.raises(pg.PocketGPTError, match="No finished 'tokenizer' stage"):
         pg.find_stage("tokenizer", run_dir=tmp_path)
+
+
+def test_special_token_text_in_the_corpus_stays_text(tmp_path):
+    """ML documentation quotes "<pad>" and "<|eos|>": such text must never become a control token
+    (it would split the document, and skip_special_tokens would delete it)."""
+    quoting = ["Pad with <pad> and end with <|eos|>; a document starts with <|bos|>.",
+               "The <unk> token marks unknown words.\n  indented <|eos|><pad> line"]
+    docs = [f"{quoting[i % 2]} Document {i} about tensors, layers and {i * 7} gradients." for i in range(300)]
+    (tmp_path / "c.txt").write_text("\n\n".join(docs) + "\n")
+    out = pg.build_tokenizer_stage(tokenizer_cfg(tmp_path, tmp_path / "c.txt", vocab_size=300, val_fraction=0.2))
+    tok = pg.load_tokenizer(out)
+    decoded = []
+    for split in ["train", "val"]:
+        ids = np.asarray(pg.read_bin(out / f"{split}.bin"))
+        n_docs = pg.read_json(out / "meta.json")[f"{split}_documents"]
+        assert (ids == pg.BOS_ID).sum() == (ids == pg.EOS_ID).sum() == n_docs  # one of each per document
+        assert not np.isin(ids, [pg.PAD_ID, pg.UNK_ID]).any()
+        decoded += pg.decode_documents(ids, tok)
+    assert Counter(decoded) == Counter(docs)
