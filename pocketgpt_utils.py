@@ -1201,12 +1201,13 @@ def train(model, train_data, val_batches, cfg, work: Path, resume: dict | None =
     timing = {"step": 0.0, "tokens_per_s": math.inf, "eval": None, "ckpt": 0.0, "last_ckpt": time.time()}
     # the log window: loss sum, finite steps, non-finite steps (as tensors: no sync per step), tokens
     window = torch.zeros(3, dtype=torch.float64, device=acc.device)
-    window_tokens, window_skipped, window_started = 0, 0, time.time()
+    window_tokens, window_steps, window_skipped, window_started = 0, 0, 0, time.time()
     if saved_window and acc.is_main_process:  # a checkpoint taken mid-window: its sums over all processes
         window += torch.tensor(saved_window["sums"], dtype=torch.float64, device=acc.device)
         window_tokens = int(saved_window["tokens"])
     if saved_window:
-        window_skipped, window_started = saved_window["skipped"], time.time() - saved_window["seconds"]
+        window_steps, window_skipped = saved_window.get("steps", 0), saved_window["skipped"]
+        window_started = time.time() - saved_window["seconds"]
     skipped_total, skips_in_a_row = resume.get("skipped_steps", 0) if resume else 0, 0
     scale = scaler.get_scale() if scaler.is_enabled() else None
     stop_reason, val_loss, lr = "max_steps", None, lr_at(step, cfg)
@@ -1223,18 +1224,16 @@ def train(model, train_data, val_batches, cfg, work: Path, resume: dict | None =
 
     def close_window() -> dict:
         """Sum the window over all processes (the one sync per log row) and start a new one."""
-        nonlocal window, window_tokens, window_skipped, window_started, tokens
-        sums = window_sums()
-        loss_sum, n_ok, n_bad, n_tokens = sums
+        nonlocal window_tokens, window_steps, window_skipped, window_started, tokens
+        loss_sum, n_ok, n_bad, n_tokens = window_sums()
         dt = max(time.time() - window_started, 1e-9)
-        steps = step - (log_rows[-1]["step"] if log_rows else 0)  # a resumed window counts from its last row
-        timing["step"], timing["tokens_per_s"] = dt / max(1, steps), max(n_tokens / dt, 1.0)
+        timing["step"], timing["tokens_per_s"] = dt / max(1, window_steps), max(n_tokens / dt, 1.0)
         tokens += int(n_tokens)
         row = {"step": step, "tokens": tokens, "train_loss": round(loss_sum / n_ok, 4) if n_ok else None,
                "lr": f"{lr:.3e}", "tokens_per_s": round(n_tokens / dt), "skipped_steps": window_skipped,
                "mfu": round(flops * n_tokens / dt / peak, 4) if peak else None, "elapsed_s": round(hours() * 3600, 1)}
         window.zero_()
-        window_tokens, window_skipped, window_started = 0, 0, time.time()
+        window_tokens, window_steps, window_skipped, window_started = 0, 0, 0, time.time()
         return row
 
     def window_sums() -> list[float]:
@@ -1259,8 +1258,8 @@ def train(model, train_data, val_batches, cfg, work: Path, resume: dict | None =
                      "data": train_data.state(), "rng": rngs, "config": dataclasses.asdict(cfg),
                      "model_config": model.config.to_dict(), "log": log_rows, "stage": stage, "tokens": tokens,
                      "hours": hours(), "skipped_steps": skipped_total,
-                     "window": {"sums": sums[:3], "tokens": sums[3], "skipped": window_skipped,
-                                "seconds": time.time() - window_started}}
+                     "window": {"sums": sums[:3], "tokens": sums[3], "steps": window_steps,
+                                "skipped": window_skipped, "seconds": time.time() - window_started}}
             write_file(ckpt_path, lambda tmp: torch.save(state, tmp))
         acc.wait_for_everyone()
         timing["ckpt"], timing["last_ckpt"] = time.time() - started, time.time()
@@ -1300,9 +1299,10 @@ def train(model, train_data, val_batches, cfg, work: Path, resume: dict | None =
             step += 1
             ok = torch.isfinite(loss)
             window += torch.stack([torch.where(ok, loss, 0.0).double(), ok.double(), (~ok).double()])
-            window_tokens += real
+            window_tokens, window_steps = window_tokens + real, window_steps + 1
             if scale is not None:  # fp16: the scale drops exactly when GradScaler skipped the step
-                skipped, scale = scaler.get_scale() < scale, scaler.get_scale()
+                new_scale = scaler.get_scale()  # one GPU sync per step, in fp16 only
+                skipped, scale = new_scale < scale, new_scale
                 skips_in_a_row = skips_in_a_row + 1 if skipped else 0
                 window_skipped, skipped_total = window_skipped + skipped, skipped_total + skipped
                 if skips_in_a_row >= FP16_MAX_SKIPS_IN_A_ROW:
