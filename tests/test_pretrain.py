@@ -1,5 +1,6 @@
 """Stage 2: the model, the loop, resuming, precision, and the errors a user can hit."""
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -49,8 +50,10 @@ def test_pretraining_lowers_the_loss_and_writes_a_loadable_folder(tokenizer_stag
     assert pg.find_stage("pretrain", run_dir=tmp_path) == out
 
 
-def test_a_stopped_and_resumed_run_matches_the_uninterrupted_one(tokenizer_stage, tmp_path):
-    kw = dict(max_steps=16, log_interval=2, eval_interval=4, dropout=0.1)  # dropout: the RNG must resume too
+@pytest.mark.parametrize("recipe", [dict(optimizer="muon", schedule="wsd"), dict(optimizer="adamw", schedule="cosine")],
+                         ids=["muon-wsd", "adamw-cosine"])
+def test_a_stopped_and_resumed_run_matches_the_uninterrupted_one(tokenizer_stage, tmp_path, recipe):
+    kw = dict(max_steps=16, log_interval=2, eval_interval=4, dropout=0.1, **recipe)  # dropout: the RNG must resume too
     full = pg.run_pretrain_stage(pretrain_cfg(tokenizer_stage, tmp_path / "a", **kw))
     part = pg.run_pretrain_stage(pretrain_cfg(tokenizer_stage, tmp_path / "b", **kw), stop_at_step=7)
     assert not pg.read_json(part / "metrics.json")["finished"]
@@ -274,3 +277,98 @@ def test_mfu_peaks_are_looked_up_by_whole_gpu_names():
     assert pg.peak_for_name("Tesla T4", "fp16") == 65e12 and pg.peak_for_name("Tesla T4", "fp32") == 8.1e12
     assert pg.peak_for_name("NVIDIA H100 80GB HBM3", "bf16") == 989e12
     assert pg.peak_for_name("NVIDIA GeForce RTX 4090", "bf16") is None  # unknown: no MFU rather than a wrong one
+
+
+def schedule_cfg(**kw):
+    return pg.make_config(pg.PretrainConfig, "demo", run_dir="/tmp/unused", **{
+        "learning_rate": 1e-3, "min_lr": 1e-4, "warmup_steps": 10, "max_steps": 100, **kw})
+
+
+def test_wsd_warms_up_holds_then_decays_to_min_lr_on_the_last_step():
+    cfg = schedule_cfg(schedule="wsd", decay_fraction=0.2)
+    lrs = [pg.lr_at(s, cfg) for s in range(100)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)  # linear warmup
+    assert all(lr == pytest.approx(1e-3) for lr in lrs[10:80])  # stable
+    assert all(a > b for a, b in zip(lrs[79:], lrs[80:]))  # decaying over the last 20 steps
+    assert lrs[-1] == pytest.approx(1e-4)
+    cosine = [pg.lr_at(s, schedule_cfg(schedule="cosine")) for s in range(100)]
+    assert cosine[-1] == pytest.approx(1e-4) and all(a >= b for a, b in zip(cosine[10:], cosine[11:]))
+
+
+def test_max_steps_auto_fills_one_session_and_ends_annealed(tokenizer_stage, tmp_path):
+    """A budget-limited single session on the real clock: the plan ends inside it, at min_lr."""
+    budget_h = 8 / 3600
+    started = time.time()
+    out = pg.run_pretrain_stage(pretrain_cfg(tokenizer_stage, tmp_path, max_steps="auto", max_hours=budget_h,
+                                             log_interval=20, eval_interval=100, warmup_steps=10))
+    wall = time.time() - started
+    m, rows = pg.read_json(out / "metrics.json"), pg.read_log(out / "log.csv")
+    assert m["planned"] and m["finished"] and m["stop_reason"] == "max_steps" and m["steps"] == m["max_steps"] > 50
+    assert rows[-1]["step"] == m["steps"] and rows[-1]["lr"] == pytest.approx(pg.PROFILES["demo"]["pretrain"]["min_lr"])
+    assert wall < budget_h * 3600 + 3
+    assert pg.read_json(out / "manifest.json")["params"]["max_steps"] == "auto"  # what was asked; metrics: the plan
+    assert pg.load_checkpoint(out)["config"]["max_steps"] == m["steps"]  # a resumed session keeps the plan
+
+
+def muon_steps(opt_cls, w0, grads, **kw):
+    w = torch.nn.Parameter(w0.clone())
+    opt = opt_cls([w], **kw)
+    for g in grads:
+        w.grad = g.clone()
+        opt.step()
+    return w.detach()
+
+
+@pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon arrived in torch 2.9")
+def test_our_muon_is_torch_muon_to_the_bit_where_both_apply():
+    """pocketGPT's Muon exists for one thing torch.optim.Muon cannot do (Q|K|V as three blocks);
+    on any other matrix it must be the same optimizer."""
+    torch.manual_seed(0)
+    for shape in [(64, 256), (256, 64), (96, 96)]:
+        w0, grads = torch.randn(shape), [torch.randn(shape) for _ in range(3)]
+        ours = muon_steps(pg.Muon, w0, grads, lr=0.02, weight_decay=0.1)
+        theirs = muon_steps(torch.optim.Muon, w0, grads, lr=0.02, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+        assert torch.equal(ours, theirs), shape
+
+
+def test_muon_needs_no_transpose_of_hf_conv1d_weights():
+    """HF GPT-2 keeps its matrices as Conv1D (in x out), nanoGPT as Linear (out x in). Muon's update for
+    the transposed matrix is the transpose of its update, the fused Q|K|V included: the layout does not
+    change training."""
+    torch.manual_seed(0)
+    for shape in [(64, 192), (64, 256)]:  # Conv1D's c_attn (in x 3*in) and c_fc (in x 4*in)
+        w0, grads = torch.randn(shape), [torch.randn(shape) for _ in range(2)]
+        conv1d = muon_steps(pg.Muon, w0, grads, lr=0.02)
+        linear = muon_steps(pg.Muon, w0.T.contiguous(), [g.T.contiguous() for g in grads], lr=0.02)
+        assert torch.allclose(conv1d, linear.T, atol=1e-3), shape  # Newton-Schulz runs in bf16: equal to its rounding
+        assert not torch.allclose(conv1d, w0, atol=1e-2)  # and it did move
+
+
+def test_muon_orthogonalizes_a_fused_qkv_matrix_as_three_blocks():
+    torch.manual_seed(0)
+    g = torch.randn(32, 96)  # Conv1D's c_attn: Q | K | V side by side
+    split = muon_steps(pg.Muon, torch.zeros(32, 96), [g], lr=1.0, momentum=0.0, nesterov=False)
+    fused = muon_steps(pg.Muon, torch.zeros(32, 96), [g], lr=1.0, momentum=0.0, nesterov=False, split_qkv=False)
+    for block, grad in zip(split.chunk(3, dim=1), g.chunk(3, dim=1)):  # each block: -0.2*sqrt(32) * its own polar factor
+        expected = -0.2 * 32 ** 0.5 * pg.orthogonalize(grad).float()
+        assert torch.allclose(block, expected, atol=1e-3)
+    assert not torch.allclose(split, fused, atol=1e-2)
+
+
+def test_muon_trains_the_block_matrices_and_adamw_the_rest(tokenizer_stage):
+    cfg = pg.make_config(pg.PretrainConfig, "demo", run_dir="/tmp/unused", **{k: v for k, v in TINY.items() if k != "vocab_size"})
+    model = pg.build_model(TINY["vocab_size"], cfg)
+    adamw, muon = pg.make_optimizers(model, cfg, torch.device("cpu"))
+    names = {id(p): n for n, p in model.named_parameters()}
+    in_muon = {names[id(p)] for g in muon.param_groups for p in g["params"]}
+    assert in_muon == {n for n, p in model.named_parameters() if p.dim() == 2 and n.startswith("transformer.h.")}
+    assert "transformer.wte.weight" not in in_muon  # the embedding (and the tied lm_head) stays with AdamW
+    assert len(pg.make_optimizers(model, pg.make_config(pg.PretrainConfig, "demo", run_dir="/tmp/unused",
+                                                        optimizer="adamw"), torch.device("cpu"))) == 1
+
+
+def test_resuming_with_another_optimizer_names_the_parameter(tokenizer_stage, tmp_path):
+    part = pg.run_pretrain_stage(pretrain_cfg(tokenizer_stage, tmp_path, max_steps=12), stop_at_step=4)
+    with pytest.raises(pg.PocketGPTError, match="that run trained with adamw \\+ muon.*set optimizer='muon'"):
+        pg.run_pretrain_stage(pretrain_cfg(tokenizer_stage, tmp_path, max_steps=12, optimizer="adamw",
+                                           resume_from=str(part)))
