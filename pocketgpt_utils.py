@@ -2162,21 +2162,23 @@ def repeated_ngram_share(words: list[str], n: int = 3) -> float:
 
 
 def answer_quality(model, tok, pairs, seed: int = 1337) -> tuple[dict, list[dict]]:
-    """How a model answers held-out instructions, against the reference answers: response loss; then, for
-    greedy and sampled answers, ROUGE-L F1 (rouge-score), the share that end with <|eos|>, the share of
-    repeated 3-grams inside an answer, distinct-2 across answers, and the mean length in words."""
-    from rouge_score import rouge_scorer
-
-    scorer = rouge_scorer.RougeScorer(["rougeL"])
+    """How a model answers held-out instructions, against the reference answers: for greedy and sampled
+    answers, ROUGE-L F1 (rouge-score; None where it is not installed), the share that end with <|eos|>,
+    the share of repeated 3-grams inside an answer, distinct-2 across answers, the mean length in words."""
+    try:  # on Kaggle it comes as a wheel in the code dataset, and needs nltk and absl from the image
+        from rouge_score import rouge_scorer
+        scorer = rouge_scorer.RougeScorer(["rougeL"])
+    except ImportError:
+        scorer = None
     prompts = [chat_prompt_ids(tok, p) for p, _ in pairs]
-    numbers = {"rows": len(pairs), "response_loss": eval_responses(model, tok, pairs),
-               "reference_words": float(np.mean([len(r.split()) for _, r in pairs]))}
+    numbers = {"rows": len(pairs), "reference_words": float(np.mean([len(r.split()) for _, r in pairs]))}
     answers = [{"instruction": p, "reference": r} for p, r in pairs]
     for mode in ["greedy", "sampled"]:
         new = generate_many(model, prompts, greedy=mode == "greedy", seed=seed)
         texts = [tok.decode(ids, skip_special_tokens=True).strip() for ids in new]
         numbers.update({
-            f"{mode}_rougeL": float(np.mean([scorer.score(r, t)["rougeL"].fmeasure for (_, r), t in zip(pairs, texts)])),
+            f"{mode}_rougeL": float(np.mean([scorer.score(r, t)["rougeL"].fmeasure for (_, r), t in zip(pairs, texts)]))
+            if scorer else None,
             f"{mode}_eos_share": float(np.mean([bool(ids) and ids[-1] == EOS_ID for ids in new])),
             f"{mode}_repeated_3gram_share": float(np.mean([repeated_ngram_share(t.split()) for t in texts])),
             f"{mode}_distinct2": distinct_n(texts),
@@ -2185,6 +2187,59 @@ def answer_quality(model, tok, pairs, seed: int = 1337) -> tuple[dict, list[dict
         for a, t in zip(answers, texts):
             a[mode] = t
     return numbers, answers
+
+
+QUALITY_MEASURES = [  # key, label, format
+    ("response_loss", "response loss on all held-out rows (lower is better)", "{:.3f}"),
+    ("greedy_rougeL", "ROUGE-L F1 against the reference, greedy", "{:.3f}"),
+    ("sampled_rougeL", "ROUGE-L F1 against the reference, sampled", "{:.3f}"),
+    ("greedy_eos_share", "answers that end with <|eos|>, greedy", "{:.0%}"),
+    ("sampled_eos_share", "answers that end with <|eos|>, sampled", "{:.0%}"),
+    ("greedy_repeated_3gram_share", "repeated 3-grams inside an answer, greedy", "{:.1%}"),
+    ("sampled_repeated_3gram_share", "repeated 3-grams inside an answer, sampled", "{:.1%}"),
+    ("greedy_distinct2", "distinct-2 across answers, greedy", "{:.2f}"),
+    ("sampled_distinct2", "distinct-2 across answers, sampled", "{:.2f}"),
+    ("greedy_words", "words per answer, greedy", "{:.1f}"),
+    ("sampled_words", "words per answer, sampled", "{:.1f}"),
+]
+
+
+def quality_table(quality: dict) -> list[dict]:
+    """The models side by side, one row per measure (a skipped measure says how to enable it)."""
+    rows = []
+    for key, label, fmt in QUALITY_MEASURES:
+        row = {"measure": label}
+        for name, numbers in quality.items():
+            value = numbers.get(key)
+            row[name] = fmt.format(value) if value is not None else "skipped: pip install rouge-score"
+        rows.append(row)
+    reference = next(iter(quality.values()))
+    rows.append({"measure": "words per reference answer", **{n: f"{reference['reference_words']:.1f}" for n in quality}})
+    return rows
+
+
+def plot_quality(quality: dict, out_png=None, show: bool = True):
+    """The answer measures of each model as grouped bars (all on a 0-1 scale)."""
+    import matplotlib.pyplot as plt
+
+    keys = [k for k, _, _ in QUALITY_MEASURES if k.endswith(("rougeL", "eos_share", "3gram_share", "distinct2"))
+            and all(q.get(k) is not None for q in quality.values())]
+    fig, ax = plt.subplots(figsize=(11, 3.8))
+    width = 0.8 / len(quality)
+    for i, (name, numbers) in enumerate(quality.items()):
+        ax.bar(np.arange(len(keys)) + i * width, [numbers[k] for k in keys], width, label=name)
+    ax.set_xticks(np.arange(len(keys)) + 0.4 - width / 2, [k.replace("_share", "").replace("_", " ") for k in keys],
+                  rotation=20, ha="right")
+    ax.set_ylim(0, 1)
+    ax.set_title(f"answers to {next(iter(quality.values()))['rows']} held-out instructions")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend()
+    fig.tight_layout()
+    if out_png:
+        save_figure(fig, out_png)
+    if not show:
+        plt.close(fig)
+    return fig
 
 
 def ask(model, tok, prompt: str, max_length: int = 384, stream: bool = False, greedy: bool = False) -> str:
@@ -2721,8 +2776,13 @@ def report_markdown(report: dict, answers: list[dict], versions: dict) -> str:
     vers = ", ".join(f"{k} {v}" for k, v in versions.items())
     ans = "\n".join(f"| {a['instruction']} | {a['sampled'][:200].replace('|', '/').replace(chr(10), ' ')} | "
                     f"{a['greedy'][:200].replace('|', '/').replace(chr(10), ' ')} |" for a in answers)
+    table = quality_table(report["quality"])
+    names = list(report["quality"])
+    quality = "\n".join("| " + " | ".join(str(r[c]).replace("|", "\\|") for c in ["measure", *names]) + " |" for r in table)
     return (f"# pocketGPT report card\n\n{report['device']}; {vers}\n\n| measure | value |\n|---|---|\n{rows}\n\n"
-            f"![losses](losses.png)\n\n## Answers\n\n| instruction | sampled | greedy |\n|---|---|---|\n{ans}\n")
+            f"![losses](losses.png)\n\n## Answer quality on {report['quality'][names[0]]['rows']} held-out instructions\n\n"
+            f"| measure | {' | '.join(names)} |\n|{'---|' * (len(names) + 1)}\n{quality}\n\n![quality](quality.png)\n\n"
+            f"## Answers\n\n| instruction | sampled | greedy |\n|---|---|---|\n{ans}\n")
 
 
 def duration(seconds: float) -> str:
@@ -2779,6 +2839,13 @@ def run_export_stage(cfg: ExportConfig) -> Path:
         "sft_response_loss": eval_responses(sft_model, tok, heldout),
         **{f"sft_{k}": v for k, v in eval_val_split(sft_model, tok_dir, n_windows).items()}, **summary,
     }
+    sample = [heldout[i] for i in eval_sample(len(heldout), QUALITY_ROWS)]
+    quality, quality_answers = {}, {}
+    for name, model, loss in [("pretrained", pre_model, report["pretrain_response_loss"]),
+                              ("SFT", sft_model, report["sft_response_loss"])]:
+        quality[name], quality_answers[name] = answer_quality(model, tok, sample, cfg.seed)
+        quality[name]["response_loss"] = loss
+    report["quality"] = quality
     inputs = {"tokenizer": tok_dir, "pretrain": pre, "sft": sft}
     with stage_output(cfg.out_dir, "export", dataclasses.asdict(cfg), inputs) as work:
         folder = work / "pocketGPT"
@@ -2790,7 +2857,9 @@ def run_export_stage(cfg: ExportConfig) -> Path:
         report["hf_tokens_per_s"] = next((g["hf_tokens_per_s"] for g in report["gguf"] if "hf_tokens_per_s" in g), None)
         shutil.make_archive(str(work / "pocketGPT"), "zip", root_dir=work, base_dir="pocketGPT")
         plot_losses({"pretrain": pre / "log.csv", "sft": sft / "log.csv"}, work / "losses.png", show=False)
+        plot_quality(quality, work / "quality.png", show=False)
         write_json(work / "answers.json", answers)
+        write_json(work / "quality_answers.json", quality_answers)
         write_json(work / "metrics.json", report)
         write_file(work / "report.md", report_markdown(report, answers, library_versions()))
     return Path(cfg.out_dir)

@@ -27,7 +27,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 NOTEBOOKS = ["01_tokenizer", "02_pretrain", "03_sft", "04_eval_export"]  # push order
-GGUF_WHEEL = "gguf==0.19.0"  # as in requirements.txt
+WHEELS = ["gguf==0.19.0", "rouge-score==0.1.2"]  # as in requirements.txt; pure Python, which Kaggle's image may lack
 USERNAME, DATA_SLUG = "<username>", "<data-slug>"  # the placeholders in the templates
 
 # -----------------------------------------------------------------------------
@@ -154,15 +154,16 @@ def pretrain_finished(kernel_id, out):
             return bool(json.loads(metrics.read_text()).get("finished"))
     return False
 
-def add_gguf_wheel(folder, dry_run):
-    """Kaggle's image may lack the `gguf` package and its kernels have no internet: the pure-Python
-    wheel travels in the code dataset, and the notebooks put it on sys.path (a wheel is a zip)."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "-d", str(folder), GGUF_WHEEL]
-    if dry_run:
-        print(" ".join(cmd))
-        return
-    if subprocess.run(cmd, capture_output=True).returncode != 0:
-        print(f"# could not download {GGUF_WHEEL}: 04 will skip the GGUF files on Kaggle", flush=True)
+def add_wheels(folder, dry_run):
+    """Kaggle's image may lack `gguf` (04's GGUF files) and `rouge-score` (04's ROUGE-L), and its kernels
+    have no internet: their pure-Python wheels travel in the code dataset, and the notebooks put them on
+    sys.path (a wheel is a zip). `pip wheel` also builds rouge-score, which PyPI has as a source archive."""
+    for wheel in WHEELS:
+        cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(folder), wheel]
+        if dry_run:
+            print(" ".join(cmd))
+        elif subprocess.run(cmd, capture_output=True).returncode != 0:
+            print(f"# could not fetch {wheel}: 04 will skip what needs it on Kaggle and say so", flush=True)
 
 # -----------------------------------------------------------------------------
 
@@ -206,7 +207,7 @@ def main(argv=None):
     try:
         if "code" in steps:
             metas["code"] = write_dataset_folder("code", out, user, slug, {"pocketgpt_utils.py": args.module})
-            add_gguf_wheel(out / "code", dry)
+            add_wheels(out / "code", dry)
         if "data" in steps:
             metas["data"] = write_dataset_folder("data", out, user, slug, data_files)
         for name in NOTEBOOKS:

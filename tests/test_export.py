@@ -5,6 +5,7 @@ import subprocess
 import sys
 import zipfile
 
+import numpy as np
 import pytest
 import torch
 
@@ -141,3 +142,42 @@ def test_02_03_and_04_measure_on_the_same_held_out_sample(run):
     assert export["heldout_rows"] == pg.read_json(run / "sft" / "data_report.json")["eval_rows"]
     assert export["sft_response_loss"] == pytest.approx(sft["final_val_loss"], abs=1e-4)
     assert f"{16 * TINY['n_positions']:,} tokens of the" in (run / "export" / "report.md").read_text()
+
+
+def test_repetition_measures_count_what_a_reader_sees():
+    assert pg.repeated_ngram_share("the layer of the layer of the layer".split()) == pytest.approx(1 - 3 / 6)
+    assert pg.repeated_ngram_share("one two three four".split()) == 0.0
+
+
+def test_batched_answers_equal_one_at_a_time(run):
+    """04 answers hundreds of held-out prompts in left-padded batches: greedy, each answer must be the
+    one a single generate() gives (prompts of one length here, so each gets the same room)."""
+    model, tok = pg.load_model(run / "sft" / "model"), pg.load_tokenizer(run / "sft" / "model")
+    prompts = [pg.chat_prompt_ids(tok, p) for p in ["What is a tensor?", "What is a vector?", "What is a matrix?",
+                                                    "Explain dropout.", "Explain softmax."]]
+    batched = pg.generate_many(model, prompts, greedy=True, batch_size=8)
+    single = [pg.generate(model, tok, ids, 500, greedy=True) for ids in prompts]
+    for ids, a, b in zip(prompts, batched, single):
+        room = model.config.n_positions - max(len(p) for p in prompts)
+        assert a == b[:room], ids
+
+
+def test_answer_quality_numbers_are_those_of_the_saved_answers(run):
+    from rouge_score import rouge_scorer
+
+    quality = pg.read_json(run / "export" / "metrics.json")["quality"]
+    answers = pg.read_json(run / "export" / "quality_answers.json")
+    heldout = pg.read_json(run / "sft" / "heldout.json")
+    assert set(quality) == {"pretrained", "SFT"} and quality["SFT"]["rows"] == min(len(heldout), pg.QUALITY_ROWS)
+    scorer = rouge_scorer.RougeScorer(["rougeL"])
+    for name in quality:
+        a = answers[name]
+        assert quality[name]["greedy_rougeL"] == pytest.approx(
+            np.mean([scorer.score(x["reference"], x["greedy"])["rougeL"].fmeasure for x in a]))
+        assert quality[name]["sampled_repeated_3gram_share"] == pytest.approx(
+            np.mean([pg.repeated_ngram_share(x["sampled"].split()) for x in a]))
+        assert quality[name]["greedy_distinct2"] == pytest.approx(pg.distinct_n([x["greedy"] for x in a]))
+    assert quality["SFT"]["response_loss"] < quality["pretrained"]["response_loss"]
+    report = (run / "export" / "report.md").read_text()
+    assert f"## Answer quality on {quality['SFT']['rows']} held-out instructions" in report and "nan" not in report
+    assert (run / "export" / "quality.png").stat().st_size > 1000
