@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import argparse
 import ast
+import copy
 import csv
 import dataclasses
+import difflib
 import glob
 import hashlib
 import importlib.metadata
@@ -861,15 +863,66 @@ class LMLoss(nn.Module):
     Targets of -100 (padding, SFT prompts) are ignored.
     """
 
+    stat_names = ()  # what else each step reports besides the loss (DPOLoss: reward accuracy and margin)
+
     def __init__(self, model):
         super().__init__()
         self.model = model
+
+    @staticmethod
+    def units(y) -> int:
+        """What the loss is averaged over: target tokens."""
+        return int((y != -100).sum())
 
     def forward(self, x, y, reduction: str = "mean"):
         h = self.model.transformer(input_ids=x, use_cache=False).last_hidden_state  # no KV cache in training
         logits = self.model.lm_head(h)
         return F.cross_entropy(logits.flatten(0, 1), y.reshape(-1), ignore_index=-100,
                                reduction=reduction)
+
+
+def answer_logprob(model, x, y):
+    """Each row's summed log-probability of its target tokens (those not -100: the answer and <|eos|>)."""
+    logits = model.lm_head(model.transformer(input_ids=x, use_cache=False).last_hidden_state)
+    nll = F.cross_entropy(logits.flatten(0, 1), y.reshape(-1), ignore_index=-100, reduction="none")
+    return -nll.view(y.shape).sum(1)
+
+
+class DPOLoss(nn.Module):
+    """Direct Preference Optimization (Rafailov et al. 2023), the offline form of RLHF.
+
+    The policy learns to prefer the chosen answer to the rejected one, measured against a frozen
+    reference (the SFT model) so it cannot drift far from it:
+        loss = -log sigmoid(beta * [(log p(chosen) - log p_ref(chosen)) - (log p(rejected) - log p_ref(rejected))])
+    A batch stacks the chosen rows, then the rejected rows of the same prompts; only answer tokens
+    count (targets are -100 on the prompt and the padding), as in SFT. Each step also reports the
+    share of pairs the implicit reward ranks right and the mean reward margin.
+    """
+    stat_names = ("reward_accuracy", "reward_margin")
+
+    def __init__(self, model, reference, beta: float):
+        super().__init__()
+        self.model, self.reference, self.beta = model, reference.requires_grad_(False).eval(), beta
+
+    @staticmethod
+    def units(y) -> int:
+        """What the loss is averaged over: pairs."""
+        return y.size(0) // 2
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.reference.eval()  # the reference is a fixed function: never dropout
+        return self
+
+    def forward(self, x, y, reduction: str = "mean"):
+        policy = answer_logprob(self.model, x, y)
+        with torch.no_grad():
+            reference = answer_logprob(self.reference, x, y)
+        n = x.size(0) // 2
+        chosen, rejected = self.beta * (policy[:n] - reference[:n]), self.beta * (policy[n:] - reference[n:])
+        losses = -F.logsigmoid(chosen - rejected)
+        stats = torch.stack([(chosen > rejected).float().mean(), (chosen - rejected).mean()]).detach()
+        return (losses.mean() if reduction == "mean" else losses.sum()), stats
 
 
 class PlainGPT(nn.Module):
@@ -1164,17 +1217,18 @@ def train_step(acc, loss_fn, optimizers, scaler, batches, grad_clip: float, prec
 
     fp16 needs the GradScaler: the loss is scaled up so small gradients survive in fp16, the
     gradients are unscaled before clipping, and a step with inf/nan gradients is skipped.
-    Returns the mean loss (a tensor, so nothing waits for the GPU), the gradient norm and the
-    number of real (not padding) input tokens this process trained on.
+    Returns the mean loss and the loss's other statistics (tensors, so nothing waits for the GPU),
+    the gradient norm and the number of real (not padding) input tokens this process trained on.
     """
-    total, real = 0.0, 0
+    total, stats, real = 0.0, 0.0, 0
     for i, (x, y) in enumerate(batches):
         sync = i == len(batches) - 1
         with nullcontext() if sync else acc.no_sync(loss_fn):
             with autocast(acc.device, precision):
-                loss = loss_fn(x.to(acc.device, non_blocking=True), y.to(acc.device, non_blocking=True))
+                out = loss_fn(x.to(acc.device, non_blocking=True), y.to(acc.device, non_blocking=True))
+            loss, step_stats = out if isinstance(out, tuple) else (out, torch.zeros(0, device=acc.device))
             scaler.scale(loss / len(batches)).backward()
-        total = total + loss.detach()
+        total, stats = total + loss.detach(), stats + step_stats.float() / len(batches)
         real += int((x != PAD_ID).sum())  # x is still on the CPU: no GPU sync
     for opt in optimizers:
         scaler.unscale_(opt)
@@ -1184,19 +1238,20 @@ def train_step(acc, loss_fn, optimizers, scaler, batches, grad_clip: float, prec
     scaler.update()
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
-    return total / len(batches), grad_norm, real
+    return total / len(batches), stats, grad_norm, real
 
 
-def evaluate(loss_fn, batches, device, precision: str = "fp32") -> float:
-    """Mean loss per target token over fixed batches (ignored targets do not count)."""
+def evaluate(loss_fn, batches, device, precision: str = "fp32", units=LMLoss.units) -> float:
+    """Mean loss over fixed batches, per target token (per pair for DPO: `units`)."""
     was_training = loss_fn.training
     loss_fn.eval()
     total, count = 0.0, 0
     with torch.no_grad(), autocast(device, precision):
         for x, y in batches:
             y = y.to(device)
-            total += float(loss_fn(x.to(device), y, reduction="sum"))
-            count += int((y != -100).sum())
+            out = loss_fn(x.to(device), y, reduction="sum")
+            total += float(out[0] if isinstance(out, tuple) else out)
+            count += units(y)
     loss_fn.train(was_training)
     return total / max(count, 1)
 
@@ -1245,7 +1300,7 @@ def load_checkpoint(folder) -> dict:
 
 
 LOG_COLUMNS = ["step", "tokens", "train_loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "mfu", "elapsed_s",
-               "skipped_steps"]
+               "skipped_steps", *DPOLoss.stat_names]
 
 
 def write_log(path: Path, rows: list[dict]) -> None:
@@ -1265,13 +1320,15 @@ def agree(acc, *flags: bool) -> list[bool]:
 
 
 def train(model, train_data, val_batches, cfg, work: Path, resume: dict | None = None,
-          deadline: float | None = None, stop_at_step: int | None = None, stage: str = "pretrain") -> dict:
+          deadline: float | None = None, stop_at_step: int | None = None, stage: str = "pretrain",
+          loss_module: nn.Module | None = None) -> dict:
     """The loop both stages share. Returns the final numbers; writes log.csv and ckpt.pt into `work`.
 
     Stops at max_steps, or when this session's budget would run out: `deadline` is a time.time()
     (the stage's start + max_hours), and the loop keeps back the time the final evaluation,
     checkpoint and save need. The budget is this session's alone; the hours of earlier sessions
     are carried for the report only. `stop_at_step` cuts a run short for the resume tests.
+    `loss_module` is what trains `model` (LMLoss by default; DPOLoss for preference tuning).
     Logging (log_interval steps), evaluation (eval_interval steps) and checkpoints
     (checkpoint_minutes of wall time) each keep their own cadence.
     """
@@ -1305,7 +1362,8 @@ def train(model, train_data, val_batches, cfg, work: Path, resume: dict | None =
         step, tokens, log_rows = resume["step"], resume.get("tokens", 0), list(resume.get("log", []))
         hours_before = resume.get("hours", resume.get("elapsed_s", 0.0) / 3600)
         saved_window = resume.get("window")
-    loss_fn = LMLoss(model)
+    loss_fn = loss_module = loss_module or LMLoss(model)
+    loss_module.to(acc.device)
     if compiled:
         loss_fn = torch.compile(loss_fn)  # compiled before the DDP wrap, as nanoGPT does
     loss_fn, *optimizers = acc.prepare(loss_fn, *optimizers)
@@ -1322,7 +1380,7 @@ def train(model, train_data, val_batches, cfg, work: Path, resume: dict | None =
     val_tokens = sum(int((y != -100).sum()) for _, y in val_batches)
     timing = {"step": 0.0, "tokens_per_s": math.inf, "eval": None, "ckpt": 0.0, "last_ckpt": time.time()}
     # the log window: loss sum, finite steps, non-finite steps (as tensors: no sync per step), tokens
-    window = torch.zeros(3, dtype=torch.float64, device=acc.device)
+    window = torch.zeros(3 + len(loss_module.stat_names), dtype=torch.float64, device=acc.device)  # + the loss's stats
     window_tokens, window_steps, window_skipped, window_started = 0, 0, 0, time.time()
     session_tokens = 0  # this process's real tokens this session (for the plan)
     if saved_window and acc.is_main_process:  # a checkpoint taken mid-window: its sums over all processes
@@ -1370,13 +1428,15 @@ def train(model, train_data, val_batches, cfg, work: Path, resume: dict | None =
     def close_window() -> dict:
         """Sum the window over all processes (the one sync per log row) and start a new one."""
         nonlocal window_tokens, window_steps, window_skipped, window_started, tokens
-        loss_sum, n_ok, n_bad, n_tokens = window_sums()
+        sums = window_sums()
+        (loss_sum, n_ok, _), stat_sums, n_tokens = sums[:3], sums[3:-1], sums[-1]
         dt = max(time.time() - window_started, 1e-9)
         timing["step"], timing["tokens_per_s"] = dt / max(1, window_steps), max(n_tokens / dt, 1.0)
         tokens += int(n_tokens)
         row = {"step": step, "tokens": tokens, "train_loss": round(loss_sum / n_ok, 4) if n_ok else None,
                "lr": f"{lr:.3e}", "tokens_per_s": round(n_tokens / dt), "skipped_steps": window_skipped,
-               "mfu": round(flops * n_tokens / dt / peak, 4) if peak else None, "elapsed_s": round(hours() * 3600, 1)}
+               "mfu": round(flops * n_tokens / dt / peak, 4) if peak else None, "elapsed_s": round(hours() * 3600, 1),
+               **{name: round(v / n_ok, 4) for name, v in zip(loss_module.stat_names, stat_sums) if n_ok}}
         window.zero_()
         window_tokens, window_steps, window_skipped, window_started = 0, 0, 0, time.time()
         return row
@@ -1404,7 +1464,7 @@ def train(model, train_data, val_batches, cfg, work: Path, resume: dict | None =
                      "data": train_data.state(), "rng": rngs, "config": dataclasses.asdict(cfg),
                      "model_config": model.config.to_dict(), "log": log_rows, "stage": stage, "tokens": tokens,
                      "hours": hours(), "skipped_steps": skipped_total,
-                     "window": {"sums": sums[:3], "tokens": sums[3], "steps": window_steps,
+                     "window": {"sums": sums[:-1], "tokens": sums[-1], "steps": window_steps,
                                 "skipped": window_skipped, "seconds": time.time() - window_started}}
             write_file(ckpt_path, lambda tmp: torch.save(state, tmp))
         acc.wait_for_everyone()
@@ -1440,10 +1500,11 @@ def train(model, train_data, val_batches, cfg, work: Path, resume: dict | None =
                 save_ckpt()
             lr = set_lr(optimizers, step, cfg)
             batches = [train_data.next_batch() for _ in range(cfg.grad_accum_steps)]
-            loss, grad_norm, real = train_step(acc, loss_fn, optimizers, scaler, batches, cfg.grad_clip, precision)
+            loss, stats, grad_norm, real = train_step(acc, loss_fn, optimizers, scaler, batches, cfg.grad_clip, precision)
             step += 1
             ok = torch.isfinite(loss)
-            window += torch.stack([torch.where(ok, loss, 0.0).double(), ok.double(), (~ok).double()])
+            window += torch.cat([torch.stack([torch.where(ok, loss, 0.0).double(), ok.double(), (~ok).double()]),
+                                 stats.double()])
             window_tokens, window_steps, session_tokens = window_tokens + real, window_steps + 1, session_tokens + real
             if auto_plan and not planned() and step - session_first_step in PLAN_PROBE_STEPS:
                 if acc.device.type == "cuda":
@@ -1476,7 +1537,7 @@ def train(model, train_data, val_batches, cfg, work: Path, resume: dict | None =
                 row["grad_norm"] = round(float(grad_norm), 3)
                 if eval_now or step == cfg.max_steps:
                     t_eval = time.time()
-                    val_loss = evaluate(loss_fn, val_batches, acc.device, precision)
+                    val_loss = evaluate(loss_fn, val_batches, acc.device, precision, loss_module.units)
                     timing["eval"] = time.time() - t_eval
                     window_started += timing["eval"]  # tokens/s and the step time measure training alone
                     row["val_loss"] = round(val_loss, 4)
@@ -1502,14 +1563,14 @@ def train(model, train_data, val_batches, cfg, work: Path, resume: dict | None =
             row = log_rows.pop()
         else:  # a stop before max_steps: the train-loss window stays open and goes into the checkpoint,
             # so a resumed run logs the same rows as one that was never interrupted
-            row = {"step": step, "tokens": tokens + int(window_sums()[3]), "lr": f"{lr:.3e}",
+            row = {"step": step, "tokens": tokens + int(window_sums()[-1]), "lr": f"{lr:.3e}",
                    "elapsed_s": round(hours() * 3600, 1)}
-        val_loss = evaluate(loss_fn, val_batches, acc.device, precision)
+        val_loss = evaluate(loss_fn, val_batches, acc.device, precision, loss_module.units)
         row["val_loss"] = round(val_loss, 4)
         log_rows.append(row)
         write_log(log_path, log_rows)
     save_ckpt()
-    tokens += int(window_sums()[3])  # the tokens of a window left open
+    tokens += int(window_sums()[-1])  # the tokens of a window left open
     rates = [r["tokens_per_s"] for r in log_rows if r.get("tokens_per_s")]
     mfus = [r["mfu"] for r in log_rows if r.get("mfu")]
     return {"steps": step, "tokens": tokens, "final_val_loss": val_loss, "val_tokens_evaluated": val_tokens,
@@ -1545,9 +1606,11 @@ def partial_dir(out_dir) -> Path:
 
 
 def newest_checkpoint(folders) -> Path | None:
-    """Of these folders, the one whose ckpt.pt was written last, or None."""
+    """Of these folders with a ckpt.pt, the one whose checkpoint was written last (03's preference
+    phase keeps its own in preference/), or None."""
     found = [Path(f) for f in folders if (Path(f) / "ckpt.pt").is_file()]
-    return max(found, key=lambda f: (f / "ckpt.pt").stat().st_mtime) if found else None
+    written = lambda f: max(c.stat().st_mtime for c in [f / "ckpt.pt", f / "preference" / "ckpt.pt"] if c.is_file())  # noqa: E731
+    return max(found, key=written) if found else None
 
 
 def resolve_resume(resume_from, stage: str, out_dir) -> Path | None:
@@ -1676,6 +1739,12 @@ class SFTConfig(TrainConfig):
     eval_rows: int = 2000                 # held-out rows in the fixed evaluation sample (all when there are fewer)
     weight_decay: float = 0.0
     dropout: float = 0.0                  # applied to the pretrained model's dropout layers during SFT
+    preference: str | None = None         # a second phase, DPO: None (off); "self": the SFT model's own answers
+                                          # as the rejected ones; or a CSV of prompt, chosen, rejected
+    beta: float = 0.1                     # DPO: how far the tuned model may move from the SFT model (lower: farther)
+    preference_learning_rate: float = 5e-5
+    preference_epochs: float = 1
+    preference_rows: int = 2000           # "self": pairs built from this many training prompts
 
     def __post_init__(self):
         self.min_lr = self.learning_rate / 10 if self.min_lr is None else self.min_lr
@@ -1684,6 +1753,11 @@ class SFTConfig(TrainConfig):
             raise PocketGPTError(f"too_long={self.too_long!r}: use 'truncate' or 'drop'.")
         if not self.epochs > 0:
             raise PocketGPTError(f"epochs={self.epochs} must be positive.")
+        if self.preference not in (None, "self") and not Path(self.preference).is_file():
+            raise PocketGPTError(f"preference={self.preference!r}: use None, 'self' (pairs from the SFT model's own "
+                                 f"answers) or the path of a CSV with prompt, chosen and rejected columns.")
+        if not self.beta > 0:
+            raise PocketGPTError(f"beta={self.beta} must be positive, e.g. 0.1.")
 
 
 def dialog_files(dialogs_path, run_dir) -> list[Path]:
@@ -1718,18 +1792,23 @@ def detect_columns(columns, prompt_column=None, response_column=None, file="") -
                          f"{', '.join('/'.join(pr) for pr in COLUMN_PAIRS[:4])}, ...).")
 
 
+def read_csv(f, holds: str) -> pd.DataFrame:
+    """A CSV as strings, with a message that names the file when it cannot be read."""
+    try:
+        return pd.read_csv(f, dtype=str, keep_default_na=False, encoding="utf-8")
+    except pd.errors.EmptyDataError:
+        raise PocketGPTError(f"{f} is empty: it needs a header row and {holds}.") from None
+    except UnicodeDecodeError as e:
+        raise PocketGPTError(f"{f} is not UTF-8 (byte {e.start}: {e.reason}). Save it as UTF-8 and try again.") from None
+    except pd.errors.ParserError as e:
+        raise PocketGPTError(f"{f} is not a readable CSV ({e}).") from None
+
+
 def read_dialogs(files, prompt_column=None, response_column=None) -> tuple[list[tuple[str, str]], dict]:
     """Read every CSV into (prompt, response) pairs, stripped, without empty rows or exact duplicates."""
     pairs, report = [], {"files": [str(f) for f in files], "rows_read": 0, "dropped_empty": 0, "dropped_duplicates": 0}
     for f in files:
-        try:
-            df = pd.read_csv(f, dtype=str, keep_default_na=False, encoding="utf-8")
-        except pd.errors.EmptyDataError:
-            raise PocketGPTError(f"{f} is empty: it needs a header row and instruction/response rows.") from None
-        except UnicodeDecodeError as e:
-            raise PocketGPTError(f"{f} is not UTF-8 (byte {e.start}: {e.reason}). Save it as UTF-8 and try again.") from None
-        except pd.errors.ParserError as e:
-            raise PocketGPTError(f"{f} is not a readable CSV ({e}).") from None
+        df = read_csv(f, "instruction/response rows")
         pc, rc = detect_columns(list(df.columns), prompt_column, response_column, f)
         report.setdefault("columns", {})[str(f)] = [pc, rc]
         for p, r in zip(df[pc], df[rc]):
@@ -1805,8 +1884,7 @@ class DialogBatches:
         if self._batches is None or self._batches[0] != (self.epoch, self.world):
             rng = np.random.default_rng([self.seed, self.epoch])
             order, size = rng.permutation(len(self.rows)), self.B * self.world
-            chunks = [sorted(order[i:i + 64 * size], key=lambda j: len(self.rows[j][0]))
-                      for i in range(0, len(order), 64 * size)]
+            chunks = [sorted(order[i:i + 64 * size], key=self.length) for i in range(0, len(order), 64 * size)]
             batches = []
             for c in chunks:
                 for i in range(0, len(c), size):
@@ -1820,15 +1898,11 @@ class DialogBatches:
     def __len__(self) -> int:
         return len(self.batches())
 
+    def length(self, i: int) -> int:
+        return len(self.rows[i][0])
+
     def collate(self, idx):
-        width = max(len(self.rows[i][0]) for i in idx) - 1
-        x = torch.full((len(idx), width), PAD_ID, dtype=torch.long)
-        y = torch.full((len(idx), width), -100, dtype=torch.long)
-        for k, i in enumerate(idx):
-            ids, labels = self.rows[i]
-            x[k, :len(ids) - 1] = torch.tensor(ids[:-1])
-            y[k, :len(ids) - 1] = torch.tensor(labels[1:])
-        return x, y
+        return pad_rows([self.rows[i] for i in idx])
 
     def next_batch(self):
         idx = self.batches()[self.index]
@@ -1852,15 +1926,36 @@ class DialogBatches:
         real = padded = 0
         for b in self.batches():
             for r in range(self.world):
-                part = b[r::self.world]
-                real += sum(len(self.rows[i][0]) - 1 for i in part)
-                padded += len(part) * (max(len(self.rows[i][0]) for i in part) - 1)
+                x, _ = self.collate(b[r::self.world])
+                real, padded = real + int((x != PAD_ID).sum()), padded + x.numel()
         return real / padded
 
     def eval_batches(self, n_rows: int):
         """The fixed evaluation sample (eval_sample) in batches of similar length."""
-        idx = sorted(eval_sample(len(self.rows), n_rows).tolist(), key=lambda j: len(self.rows[j][0]))
+        idx = sorted(eval_sample(len(self.rows), n_rows).tolist(), key=self.length)
         return [self.collate(idx[i:i + self.B]) for i in range(0, len(idx), self.B)]
+
+
+def pad_rows(rows):
+    """(ids, labels) rows as inputs and targets moved by one: inputs padded with <pad>, targets with -100."""
+    width = max(len(ids) for ids, _ in rows) - 1
+    x = torch.full((len(rows), width), PAD_ID, dtype=torch.long)
+    y = torch.full((len(rows), width), -100, dtype=torch.long)
+    for k, (ids, labels) in enumerate(rows):
+        x[k, :len(ids) - 1] = torch.tensor(ids[:-1])
+        y[k, :len(ids) - 1] = torch.tensor(labels[1:])
+    return x, y
+
+
+class PairBatches(DialogBatches):
+    """Preference pairs ((chosen ids, labels), (rejected ids, labels)) in DialogBatches' seeded,
+    resumable, length-grouped global batches; a batch stacks the chosen rows, then the rejected ones."""
+
+    def length(self, i: int) -> int:
+        return max(len(self.rows[i][0][0]), len(self.rows[i][1][0]))
+
+    def collate(self, idx):
+        return pad_rows([self.rows[i][0] for i in idx] + [self.rows[i][1] for i in idx])
 
 
 def prepare_sft_data(cfg: SFTConfig, tok, context: int) -> dict:
@@ -1898,8 +1993,108 @@ def set_dropout(model, p: float) -> None:
     model.config.resid_pdrop = model.config.embd_pdrop = model.config.attn_pdrop = p
 
 
+# -----------------------------------------------------------------------------
+# Stage 3, second phase (optional): preference tuning with DPO
+
+PAIR_COLUMNS = ("prompt", "chosen", "rejected")
+
+
+def read_preference_pairs(path) -> list[dict]:
+    """prompt, chosen, rejected rows from a CSV (columns in any case), each cell non-empty."""
+    df = read_csv(path, "prompt, chosen and rejected rows")
+    columns = {c.strip().lower(): c for c in df.columns}
+    missing = [c for c in PAIR_COLUMNS if c not in columns]
+    if missing:
+        raise PocketGPTError(f"{path}: no {', '.join(missing)} column; the columns are {list(df.columns)}. A preference "
+                             f"file needs prompt, chosen and rejected (the layout of the public preference datasets).")
+    pairs = []
+    for i, row in enumerate(df[[columns[c] for c in PAIR_COLUMNS]].itertuples(index=False), start=2):  # line 1: header
+        cells = dict(zip(PAIR_COLUMNS, (str(v).strip() for v in row)))
+        empty = next((c for c in PAIR_COLUMNS if not cells[c]), None)
+        if empty:
+            raise PocketGPTError(f"{path}, row {i}: the {empty!r} cell is empty. Fill it or remove the row.")
+        pairs.append(cells)
+    if not pairs:
+        raise PocketGPTError(f"{path} has a header but no preference pairs.")
+    return pairs
+
+
+def self_preference_pairs(model, tok, dialogs, n: int, seed: int) -> tuple[list[dict], int]:
+    """Pairs that need no extra data: for a seeded sample of the SFT training prompts, the reference
+    answer is chosen and the SFT model's own sampled answer (as the seed samples) is rejected. Pairs
+    whose two answers are near-identical (90% of their words in order) teach nothing and are skipped."""
+    picked = [dialogs[i] for i in eval_sample(len(dialogs), n)]
+    prompt_ids = [chat_prompt_ids(tok, p) for p, _ in picked]
+    pairs, skipped = [], 0
+    for (prompt, reference), ids, answer in zip(picked, prompt_ids, generate_many(model, prompt_ids, False, seed)):
+        text = tok.decode(answer, skip_special_tokens=True).strip()
+        if difflib.SequenceMatcher(None, text.split(), reference.split()).ratio() >= 0.9:
+            skipped += 1
+            continue
+        pairs.append({"prompt": prompt, "chosen": reference, "rejected": text, "rejected_ids": answer})
+    return pairs, skipped
+
+
+def encode_preference_pairs(tok, pairs, context: int) -> list:
+    """((chosen ids, labels), (rejected ids, labels)) per pair, as SFT encodes rows (long answers cut).
+    A sampled rejected answer keeps its own ids: with <|eos|> where the model ended, without where it
+    ran out of context."""
+    chosen = encode_dialogs(tok, [(p["prompt"], p["chosen"]) for p in pairs], context, "truncate")[1]
+    rejected = encode_dialogs(tok, [(p["prompt"], p["rejected"]) for p in pairs], context, "truncate")[1]
+    rows = []
+    for pair, c, r in zip(pairs, chosen, rejected):
+        if "rejected_ids" in pair:
+            prompt = chat_prompt_ids(tok, pair["prompt"])
+            r = (prompt + pair["rejected_ids"], [-100] * len(prompt) + pair["rejected_ids"])
+        rows.append((c, r))
+    return rows
+
+
+def run_preference_phase(cfg, sft_model, tok, dialogs, work: Path, resume_dir: Path | None, deadline: float,
+                         stop_at_step: int | None) -> dict:
+    """DPO after SFT, in `work`/preference (pairs.json, log.csv, ckpt.pt), through the same loop.
+
+    The SFT model is the frozen reference; a copy of it is trained (the copy's parameters carry no
+    hooks of the SFT phase's DDP wrapper). The pairs are saved, so a resumed phase trains on the same ones."""
+    folder = work / "preference"
+    if is_main_process():
+        folder.mkdir(exist_ok=True)
+    saved = resume_dir / "preference" / "pairs.json" if resume_dir else None
+    if saved is not None and saved.is_file():
+        pairs, skipped = read_json(saved), None
+    elif cfg.preference == "self":
+        pairs, skipped = self_preference_pairs(sft_model, tok, dialogs, cfg.preference_rows, cfg.seed)
+    else:
+        pairs, skipped = read_preference_pairs(cfg.preference), 0
+    write_json(folder / "pairs.json", pairs)
+    rows = encode_preference_pairs(tok, pairs, sft_model.config.n_positions)
+    split = [split_of(f"{p['prompt']}\n{p['chosen']}", cfg.seed, cfg.val_fraction) for p in pairs]
+    train_rows = [r for r, s in zip(rows, split) if s == "train"]
+    val_rows = [r for r, s in zip(rows, split) if s == "val"] or train_rows[:cfg.batch_size]
+    if len(train_rows) < world_size():
+        raise PocketGPTError(f"preference={cfg.preference!r}: only {len(rows)} usable pairs"
+                             + (f" ({skipped} were near-identical)" if skipped else "") + ": too few to train on.")
+    train_data = PairBatches(train_rows, cfg.batch_size, cfg.seed, world=world_size())
+    steps = max(1, round(cfg.preference_epochs * -(-len(train_data) // cfg.grad_accum_steps)))
+    dcfg = dataclasses.replace(cfg, optimizer="adamw", schedule="cosine", learning_rate=cfg.preference_learning_rate,
+                               min_lr=cfg.preference_learning_rate / 10, max_steps=steps, warmup_steps=max(1, steps // 10),
+                               weight_decay=0.0)
+    policy = copy.deepcopy(sft_model).train()
+    resume = load_checkpoint(resume_dir / "preference") if resume_dir and (resume_dir / "preference" / "ckpt.pt").is_file() else None
+    result = train(policy, train_data, PairBatches(val_rows, cfg.batch_size, cfg.seed).eval_batches(len(val_rows)), dcfg,
+                   folder, resume, deadline, stop_at_step, stage="preference",
+                   loss_module=DPOLoss(policy, sft_model, cfg.beta))
+    result.update(pairs=len(pairs), train_pairs=len(train_rows), val_pairs=len(val_rows),
+                  skipped_near_identical=skipped, beta=cfg.beta, learning_rate=cfg.preference_learning_rate,
+                  source=cfg.preference)
+    return result
+
+
 def run_sft_stage(cfg: SFTConfig, stop_at_step: int | None = None) -> Path:
-    """Stage 3, whole: the pretrained model and tokenizer, the dialogs, the shared loop, the folder."""
+    """Stage 3, whole: the pretrained model and tokenizer, the dialogs, the shared loop, the folder;
+    then, with `preference`, DPO on the SFT model (the SFT model is kept in model_sft/, the tuned
+    one is model/). A resume finds which phase it is in by which checkpoint it has. `stop_at_step`
+    (tests) stops the last phase that runs."""
     deadline = time.time() + cfg.max_hours * 3600  # this session's budget counts from the stage's start
     pre = find_stage("pretrain", cfg.pretrain_dir, cfg.run_dir)
     tok = load_tokenizer(pre / "model")
@@ -1916,24 +2111,46 @@ def run_sft_stage(cfg: SFTConfig, stop_at_step: int | None = None) -> Path:
     report = {**data["report"], "real_token_fraction": train_data.real_token_fraction(),
               "processes": world_size(), "steps_per_epoch": steps_per_epoch, "max_steps": cfg.max_steps}
     resume_dir = resolve_resume(cfg.resume_from, "sft", cfg.out_dir)
-    resume = load_checkpoint(resume_dir) if resume_dir else None
-    if resume and is_main_process():
-        print(f"resuming {resume_dir} at step {resume['step']} of {cfg.max_steps} "
-              f"(this session's budget: {duration(cfg.max_hours * 3600)})")
+    in_phase_two = bool(cfg.preference and resume_dir and (resume_dir / "sft_phase.json").is_file())
+    resume = load_checkpoint(resume_dir) if resume_dir and not in_phase_two else None
+    if resume_dir and is_main_process():
+        print(f"resuming {resume_dir} " + ("in its preference phase" if in_phase_two else
+              f"at step {resume['step']} of {cfg.max_steps}") + f" (this session's budget: {duration(cfg.max_hours * 3600)})")
     inputs = {"pretrain": pre, **{f"dialogs:{Path(f).name}": Path(f) for f in data["report"]["files"]},
-              **({"resumed_from": resume_dir / "ckpt.pt"} if resume else {})}
+              **({"resumed_from": resume_dir} if resume_dir else {}),
+              **({"preference": Path(cfg.preference)} if cfg.preference not in (None, "self") else {})}
+    sft_folder = "model_sft" if cfg.preference else "model"
     with stage_output(cfg.out_dir, "sft", dataclasses.asdict(cfg), inputs, resume_dir) as work:
         write_json(work / "data_report.json", report)
         write_json(work / "heldout.json", [{"prompt": p, "response": r} for p, r in data["pairs"]["eval"]])
-        result = train(model, train_data, val_data.eval_batches(len(val_data.rows)), cfg, work, resume, deadline,
-                       stop_at_step, stage="sft")
-        if not result.pop("is_main_process"):
+        if in_phase_two:  # the SFT phase ended in an earlier session: its model, log and numbers are there
+            model, result = load_model(resume_dir / sft_folder), read_json(resume_dir / "sft_phase.json")
+            if is_main_process() and resume_dir.resolve() != work.resolve():
+                for name in [sft_folder, "log.csv", "sft_phase.json", "ckpt.pt"]:
+                    (shutil.copytree if (resume_dir / name).is_dir() else shutil.copy)(resume_dir / name, work / name)
+        else:
+            result = train(model, train_data, val_data.eval_batches(len(val_data.rows)), cfg, work, resume, deadline,
+                           None if cfg.preference else stop_at_step, stage="sft")
+            model, _ = result.pop("model"), result.pop("is_main_process")
+            if is_main_process():
+                save_hf_folder(model, tok, work / sft_folder)
+                write_json(work / "sft_phase.json", result)
+        logs = {"sft": work / "log.csv"}
+        if cfg.preference and result["finished"]:
+            result["preference"] = run_preference_phase(cfg, model, tok, data["pairs"]["train"], work,
+                                                        resume_dir if in_phase_two else None, deadline, stop_at_step)
+            tuned, _ = result["preference"].pop("model"), result["preference"].pop("is_main_process")
+            result["finished"] = result["preference"]["finished"]
+            if is_main_process():
+                save_hf_folder(tuned, tok, work / "model")
+            logs["preference"] = work / "preference" / "log.csv"
+        if not is_main_process():
             return Path(cfg.out_dir)
-        save_hf_folder(result.pop("model"), tok, work / "model")
         pre_metrics = read_json(pre / "metrics.json")
         write_json(work / "metrics.json", {**result, **{f"data_{k}": v for k, v in report.items() if k != "columns"},
-                                           "pretrain_val_loss": pre_metrics.get("final_val_loss")})
-        plot_losses({"sft": work / "log.csv"}, work / "loss.png", show=False)
+                                           "pretrain_val_loss": pre_metrics.get("final_val_loss"),
+                                           "exported_model": "SFT + DPO" if cfg.preference else "SFT"})
+        plot_losses(logs, work / "loss.png", show=False)
     return Path(cfg.out_dir)
 
 
@@ -2794,7 +3011,11 @@ def duration(seconds: float) -> str:
 
 def report_rows(r: dict) -> list[tuple[str, str]]:
     """The report card's table, in reading order."""
+    pref = r.get("preference")
     rows = [("hardware", r["device"]), ("parameters", f"{r['parameters']:,}"),
+            ("exported model", r.get("exported_model", "SFT") + (
+                f" (preference={pref['source']!r}: {pref['pairs']:,} pairs, beta {pref['beta']}, "
+                f"{pref['steps']:,} steps)" if pref else "")),
             ("tokenizer", f"{r['vocab_size']:,} tokens, {r['bytes_per_token']:.2f} bytes/token on val"),
             ("time: tokenizer / pretrain / SFT", " / ".join(duration(r[f"{s}_minutes"] * 60) for s in ["tokenizer", "pretrain", "sft"])),
             ("pretrain tokens seen", f"{r['pretrain_tokens']:,} ({r['pretrain_steps']:,} steps, finished: {r['pretrain_finished']})"),
@@ -2818,7 +3039,9 @@ def run_export_stage(cfg: ExportConfig) -> Path:
     tok_dir = find_stage("tokenizer", cfg.tokenizer_dir, cfg.run_dir)
     pre = find_stage("pretrain", cfg.pretrain_dir, cfg.run_dir)
     sft = find_stage("sft", cfg.sft_dir, cfg.run_dir)
-    pre_model, sft_model = load_model(pre / "model"), load_model(sft / "model")
+    pre_model, sft_model = load_model(pre / "model"), load_model(sft / "model")  # model/: what 03 exports
+    tuned = (sft / "model_sft").is_dir()  # 03 ran its preference phase: model_sft/ is the SFT model before it
+    sft_phase_model = load_model(sft / "model_sft") if tuned else sft_model
     tok = load_tokenizer(sft / "model")
     heldout = [(r["prompt"], r["response"]) for r in read_json(sft / "heldout.json")]
     n_windows = read_json(pre / "manifest.json")["params"].get("eval_windows", PretrainConfig.eval_windows)
@@ -2836,13 +3059,20 @@ def run_export_stage(cfg: ExportConfig) -> Path:
         "pretrain_finished": pre_m["finished"], **{f"pretrain_{k}": v for k, v in pre_eval.items()},
         "sft_rows": sft_m.get("data_train_rows", 0), "sft_tokens": sft_m["tokens"],
         "heldout_rows": len(heldout), "pretrain_response_loss": eval_responses(pre_model, tok, heldout),
-        "sft_response_loss": eval_responses(sft_model, tok, heldout),
+        "sft_response_loss": eval_responses(sft_phase_model, tok, heldout),
+        "exported_model": "SFT + DPO" if tuned else "SFT",
         **{f"sft_{k}": v for k, v in eval_val_split(sft_model, tok_dir, n_windows).items()}, **summary,
     }
     sample = [heldout[i] for i in eval_sample(len(heldout), QUALITY_ROWS)]
     quality, quality_answers = {}, {}
-    for name, model, loss in [("pretrained", pre_model, report["pretrain_response_loss"]),
-                              ("SFT", sft_model, report["sft_response_loss"])]:
+    models = [("pretrained", pre_model, report["pretrain_response_loss"]),
+              ("SFT", sft_phase_model, report["sft_response_loss"])]
+    if tuned:
+        pref = read_json(sft / "metrics.json").get("preference", {})
+        report["preference"] = {k: pref.get(k) for k in ["source", "beta", "learning_rate", "pairs", "steps",
+                                                          "final_val_loss", "finished"]}
+        models.append(("SFT + DPO", sft_model, eval_responses(sft_model, tok, heldout)))
+    for name, model, loss in models:
         quality[name], quality_answers[name] = answer_quality(model, tok, sample, cfg.seed)
         quality[name]["response_loss"] = loss
     report["quality"] = quality
@@ -2911,6 +3141,13 @@ def plot_losses(logs: dict, out_png=None, show: bool = True):
             ax.plot(*zip(*train), color="C0", label="train")
         if val:
             ax.plot(*zip(*val), "o-", color="C1", label="val")
+        accuracy = [(r["tokens"], r["reward_accuracy"]) for r in rows if r.get("reward_accuracy") is not None]
+        if accuracy:  # DPO: the share of pairs whose chosen answer the model now prefers
+            twin = ax.twinx()
+            twin.plot(*zip(*accuracy), color="C2", label="reward accuracy")
+            twin.set_ylim(0, 1)
+            twin.set_ylabel("reward accuracy")
+            twin.legend(loc="upper right")
         ax.set_title(name)
         ax.set_xlabel("tokens seen")
         ax.set_ylabel("loss (nats/token)")

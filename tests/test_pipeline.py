@@ -24,7 +24,7 @@ def test_notebooks_are_clean_and_every_parameter_parses(path):
 
 
 def test_pipeline_runs_all_four_notebooks(demo_data, tmp_path):
-    params = {**TINY, "max_steps": 40, "epochs": 1, "prompts": ["What is a tensor?"]}
+    params = {**TINY, "max_steps": 40, "epochs": 1, "prompts": ["What is a tensor?"], "preference": "self"}
     run = pg.run_pipeline("demo", tmp_path / "run", demo_data / "corpus.txt", demo_data / "dialogs.csv", params,
                           log_output=False)
     for stage in ["tokenizer", "pretrain", "sft", "export"]:
@@ -41,6 +41,10 @@ def test_pipeline_runs_all_four_notebooks(demo_data, tmp_path):
     assert pg.read_json(run / "pretrain" / "manifest.json")["params"]["n_embd"] == TINY["n_embd"]
     assert (run / "export" / "pocketGPT.zip").stat().st_size > 0
     assert "What is a tensor?" in json.dumps(pg.read_json(run / "export" / "answers.json"))
+    # 03 ran its preference phase (DPO on self pairs), and 04 compared and exported the tuned model
+    assert pg.read_json(run / "sft" / "metrics.json")["preference"]["finished"]
+    export = pg.read_json(run / "export" / "metrics.json")
+    assert export["exported_model"] == "SFT + DPO" and set(export["quality"]) == {"pretrained", "SFT", "SFT + DPO"}
 
 
 def test_a_failing_stage_stops_the_pipeline_with_stage_cell_and_error(demo_data, tmp_path):

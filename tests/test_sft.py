@@ -190,3 +190,83 @@ def test_sft_applies_its_dropout_parameter(pretrain_stage, tmp_path, demo_data):
               for p, out in runs.items()}
     assert losses[0.0] != losses[0.5]  # the same data, seed and weights: only dropout differs
     assert pg.read_json(runs[0.5] / "model" / "config.json")["resid_pdrop"] == 0.5
+
+
+# --- preference tuning (DPO) ----------------------------------------------------------------------
+
+def toy_pair_batch(tok):
+    """One chosen and one rejected answer to the same prompt, as PairBatches stacks them."""
+    rows = pg.encode_preference_pairs(tok, [{"prompt": "What is a tensor?", "chosen": "An array of numbers.",
+                                             "rejected": "a tensor tensor tensor"}], 64)
+    return pg.PairBatches(rows, 1, seed=0).collate([0])
+
+
+def test_dpo_loss_equals_a_hand_computation(pretrain_stage, tok):
+    policy, reference = pg.load_model(pretrain_stage / "model"), pg.load_model(pretrain_stage / "model")
+    with torch.no_grad():  # make the two models differ
+        for p in policy.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    x, y = toy_pair_batch(tok)
+    loss, stats = pg.DPOLoss(policy, reference, beta=0.5)(x, y)
+
+    def logp(model, row):  # the answer tokens' log-probabilities, summed, from the plain HF forward
+        logits = model(x[row:row + 1]).logits[0].log_softmax(-1)
+        keep = y[row] != -100
+        return logits[keep].gather(1, y[row][keep][:, None]).sum()
+    with torch.no_grad():
+        margin = 0.5 * ((logp(policy, 0) - logp(reference, 0)) - (logp(policy, 1) - logp(reference, 1)))
+    assert loss.item() == pytest.approx(-torch.nn.functional.logsigmoid(margin).item(), rel=1e-4)
+    assert stats[1].item() == pytest.approx(margin.item(), rel=1e-4) and stats[0].item() == float(margin > 0)
+
+
+def test_dpo_prompt_tokens_and_the_reference_get_no_gradient(pretrain_stage, tok):
+    policy, reference = pg.load_model(pretrain_stage / "model"), pg.load_model(pretrain_stage / "model")
+    outputs = []
+
+    def keep_logits(module, inputs, out):  # returns None: the output is unchanged
+        out.retain_grad()
+        outputs.append(out)
+    policy.lm_head.register_forward_hook(keep_logits)
+    x, y = toy_pair_batch(tok)
+    loss, _ = pg.DPOLoss(policy, reference, beta=0.1)(x, y)
+    loss.backward()
+    grad = outputs[0].grad  # d loss / d logits of the policy, rows: chosen, rejected
+    assert grad[y == -100].abs().max() == 0  # the prompt (and padding) teaches nothing
+    assert (grad[y != -100].abs().sum(-1) > 0).all()  # every answer token does
+    assert all(p.grad is None for p in reference.parameters()) and not any(p.requires_grad for p in reference.parameters())
+
+
+def write_pairs(path, header, rows):
+    return write_csv(path, header, rows)
+
+
+def test_a_preference_file_with_a_missing_column_or_an_empty_cell_is_named(tmp_path):
+    f = write_pairs(tmp_path / "p.csv", ["prompt", "chosen", "answer"], [["q", "a", "b"]])
+    with pytest.raises(pg.PocketGPTError, match=r"p.csv: no rejected column; the columns are \['prompt', 'chosen', 'answer'\]"):
+        pg.read_preference_pairs(f)
+    f = write_pairs(tmp_path / "e.csv", ["Prompt", "Chosen", "Rejected"], [["q", "a", "b"], ["q2", "a2", "  "]])
+    with pytest.raises(pg.PocketGPTError, match=r"e.csv, row 3: the 'rejected' cell is empty"):
+        pg.read_preference_pairs(f)
+    with pytest.raises(pg.PocketGPTError, match="preference='nope.csv': use None, 'self'"):
+        pg.make_config(pg.SFTConfig, "demo", run_dir=str(tmp_path), preference="nope.csv")
+
+
+def test_dpo_phase_resumed_mid_phase_matches_an_uninterrupted_one(pretrain_stage, tmp_path, demo_data):
+    kw = dict(max_steps=6, preference="self", preference_rows=96, preference_epochs=2, batch_size=8, log_interval=2,
+              eval_interval=4, preference_learning_rate=1e-3, dropout=0.1)  # dropout: the RNG must resume too
+    full = pg.run_sft_stage(sft_cfg(pretrain_stage, tmp_path / "a", demo_data / "dialogs.csv", **kw))
+    part = pg.run_sft_stage(sft_cfg(pretrain_stage, tmp_path / "b", demo_data / "dialogs.csv", **kw), stop_at_step=5)
+    assert not pg.read_json(part / "metrics.json")["finished"]
+    resumed = pg.run_sft_stage(sft_cfg(pretrain_stage, tmp_path / "b", demo_data / "dialogs.csv", resume_from="auto", **kw))
+    a, b = (pg.read_log(d / "preference" / "log.csv") for d in (full, resumed))
+    a = {r["step"]: r for r in a}
+    b = {r["step"]: r for r in b if r["step"] != 5}
+    assert set(b) == set(a) and len(a) >= 4
+    for step, row in b.items():
+        for k in ["train_loss", "val_loss", "reward_accuracy", "reward_margin"]:
+            assert row[k] == pytest.approx(a[step][k], abs=2e-4), (step, k)
+    m = pg.read_json(resumed / "metrics.json")
+    assert m["finished"] and m["exported_model"] == "SFT + DPO" and m["preference"]["pairs"] > 40
+    assert (resumed / "model_sft" / "config.json").is_file() and (resumed / "model" / "config.json").is_file()
+    assert not torch.equal(pg.load_model(resumed / "model").transformer.wte.weight,
+                           pg.load_model(resumed / "model_sft").transformer.wte.weight)  # DPO moved the weights
