@@ -896,13 +896,16 @@ class DPOLoss(nn.Module):
         loss = -log sigmoid(beta * [(log p(chosen) - log p_ref(chosen)) - (log p(rejected) - log p_ref(rejected))])
     A batch stacks the chosen rows, then the rejected rows of the same prompts; only answer tokens
     count (targets are -100 on the prompt and the padding), as in SFT. Each step also reports the
-    share of pairs the implicit reward ranks right and the mean reward margin.
+    share of pairs the implicit reward ranks right and the mean reward margin. `rpo_alpha` adds that
+    much of the chosen answers' per-token NLL (RPO, as TRL's rpo_alpha): DPO alone can lower the
+    likelihood of both answers, and answers grow long.
     """
     stat_names = ("reward_accuracy", "reward_margin")
 
-    def __init__(self, model, reference, beta: float):
+    def __init__(self, model, reference, beta: float, rpo_alpha: float = 0.0):
         super().__init__()
-        self.model, self.reference, self.beta = model, reference.requires_grad_(False).eval(), beta
+        self.model, self.reference = model, reference.requires_grad_(False).eval()
+        self.beta, self.rpo_alpha = beta, rpo_alpha
 
     @staticmethod
     def units(y) -> int:
@@ -921,6 +924,8 @@ class DPOLoss(nn.Module):
         n = x.size(0) // 2
         chosen, rejected = self.beta * (policy[:n] - reference[:n]), self.beta * (policy[n:] - reference[n:])
         losses = -F.logsigmoid(chosen - rejected)
+        if self.rpo_alpha:
+            losses = losses - self.rpo_alpha * policy[:n] / (y[:n] != -100).sum(1).clamp(min=1)
         stats = torch.stack([(chosen > rejected).float().mean(), (chosen - rejected).mean()]).detach()
         return (losses.mean() if reduction == "mean" else losses.sum()), stats
 
@@ -1742,6 +1747,7 @@ class SFTConfig(TrainConfig):
     preference: str | None = None         # a second phase, DPO: None (off); "self": the SFT model's own answers
                                           # as the rejected ones; or a CSV of prompt, chosen, rejected
     beta: float = 0.1                     # DPO: how far the tuned model may move from the SFT model (lower: farther)
+    rpo_alpha: float = 0.0                # DPO: plus this much of the chosen answers' NLL (RPO)
     preference_learning_rate: float = 5e-5
     preference_epochs: float = 1
     preference_rows: int = 2000           # "self": pairs built from this many training prompts
@@ -2070,7 +2076,10 @@ def run_preference_phase(cfg, sft_model, tok, dialogs, work: Path, resume_dir: P
     rows = encode_preference_pairs(tok, pairs, sft_model.config.n_positions)
     split = [split_of(f"{p['prompt']}\n{p['chosen']}", cfg.seed, cfg.val_fraction) for p in pairs]
     train_rows = [r for r, s in zip(rows, split) if s == "train"]
-    val_rows = [r for r, s in zip(rows, split) if s == "val"] or train_rows[:cfg.batch_size]
+    val_rows = [r for r, s in zip(rows, split) if s == "val"]
+    if not val_rows:  # too few pairs for the split to hold any out: hold out a few, never measure on training pairs
+        k = max(1, min(cfg.batch_size, len(train_rows) // 20))
+        train_rows, val_rows = train_rows[:-k], train_rows[-k:]
     if len(train_rows) < world_size():
         raise PocketGPTError(f"preference={cfg.preference!r}: only {len(rows)} usable pairs"
                              + (f" ({skipped} were near-identical)" if skipped else "") + ": too few to train on.")
@@ -2083,9 +2092,10 @@ def run_preference_phase(cfg, sft_model, tok, dialogs, work: Path, resume_dir: P
     resume = load_checkpoint(resume_dir / "preference") if resume_dir and (resume_dir / "preference" / "ckpt.pt").is_file() else None
     result = train(policy, train_data, PairBatches(val_rows, cfg.batch_size, cfg.seed).eval_batches(len(val_rows)), dcfg,
                    folder, resume, deadline, stop_at_step, stage="preference",
-                   loss_module=DPOLoss(policy, sft_model, cfg.beta))
+                   loss_module=DPOLoss(policy, sft_model, cfg.beta, cfg.rpo_alpha))
     result.update(pairs=len(pairs), train_pairs=len(train_rows), val_pairs=len(val_rows),
-                  skipped_near_identical=skipped, beta=cfg.beta, learning_rate=cfg.preference_learning_rate,
+                  skipped_near_identical=skipped, beta=cfg.beta, rpo_alpha=cfg.rpo_alpha,
+                  learning_rate=cfg.preference_learning_rate,
                   source=cfg.preference)
     return result
 
@@ -3069,8 +3079,8 @@ def run_export_stage(cfg: ExportConfig) -> Path:
               ("SFT", sft_phase_model, report["sft_response_loss"])]
     if tuned:
         pref = read_json(sft / "metrics.json").get("preference", {})
-        report["preference"] = {k: pref.get(k) for k in ["source", "beta", "learning_rate", "pairs", "steps",
-                                                          "final_val_loss", "finished"]}
+        report["preference"] = {k: pref.get(k) for k in ["source", "beta", "rpo_alpha", "learning_rate", "pairs",
+                                                          "steps", "final_val_loss", "finished"]}
         models.append(("SFT + DPO", sft_model, eval_responses(sft_model, tok, heldout)))
     for name, model, loss in models:
         quality[name], quality_answers[name] = answer_quality(model, tok, sample, cfg.seed)

@@ -217,6 +217,11 @@ def test_dpo_loss_equals_a_hand_computation(pretrain_stage, tok):
         margin = 0.5 * ((logp(policy, 0) - logp(reference, 0)) - (logp(policy, 1) - logp(reference, 1)))
     assert loss.item() == pytest.approx(-torch.nn.functional.logsigmoid(margin).item(), rel=1e-4)
     assert stats[1].item() == pytest.approx(margin.item(), rel=1e-4) and stats[0].item() == float(margin > 0)
+    # RPO: plus rpo_alpha times the chosen answer's NLL per answer token
+    rpo, _ = pg.DPOLoss(policy, reference, beta=0.5, rpo_alpha=0.3)(x, y)
+    with torch.no_grad():
+        nll = -logp(policy, 0) / int((y[0] != -100).sum())
+    assert rpo.item() == pytest.approx(loss.item() + 0.3 * nll.item(), rel=1e-4)
 
 
 def test_dpo_prompt_tokens_and_the_reference_get_no_gradient(pretrain_stage, tok):
