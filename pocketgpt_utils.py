@@ -94,14 +94,17 @@ def library_versions() -> dict:
 
 
 def fingerprint(path) -> str:
-    """sha256 of a file, or of a stage folder's manifest (which lists and dates its files)."""
+    """sha256 of a file, of a stage folder's manifest (which lists and dates its files), or of a
+    save_to_disk folder's state.json files (which hold the fingerprints `datasets` gives its data)."""
     path = Path(path)
+    parts = [path]
     if path.is_dir():
-        path = path / "manifest.json"
+        parts = sorted(path.rglob("state.json")) if data_format(path) == "saved" else [path / "manifest.json"]
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+    for part in parts:
+        with open(part, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
     return h.hexdigest()
 
 
@@ -122,6 +125,94 @@ def is_main_process() -> bool:
 def world_size() -> int:
     """How many processes train together (WORLD_SIZE, set by the launchers; 1 without one)."""
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def watched() -> bool:
+    """Whether someone watches the output as it is made: a terminal or an interactive notebook.
+
+    Not in a headless run, whose output is read afterwards: `pipeline` sets POCKETGPT_PROGRESS=lines
+    for its notebooks, Kaggle's "Save & Run All" is a batch run, and papermill or nbconvert started
+    by hand is the kernel's parent. There every update of a bar would stay in the saved notebook as a
+    line of its own (1,734 of them in 02 once). POCKETGPT_PROGRESS=live or =lines overrides.
+    """
+    mode = os.environ.get("POCKETGPT_PROGRESS", "")
+    if mode in ("live", "lines"):
+        return mode == "live"
+    if os.environ.get("KAGGLE_KERNEL_RUN_TYPE") == "Batch":
+        return False
+    if "ipykernel" in sys.modules:
+        try:
+            parent = Path(f"/proc/{os.getppid()}/cmdline").read_bytes()
+        except OSError:
+            return True
+        return not re.search(rb"papermill|nbconvert|nbclient|jupyter-execute", parent)
+    return sys.stderr.isatty()
+
+
+class LineBar(tqdm):
+    """tqdm for a headless run: one plain line on stdout at each quarter of the way (with the time
+    left), or every 10 minutes when the total is unknown, and one at the end."""
+
+    def __init__(self, *args, **kwargs):
+        self._next_fraction, self._printed = 0.25, (time.time(), None)
+        kwargs.setdefault("file", sys.stdout)
+        kwargs.setdefault("bar_format", "{desc}: {percentage:3.0f}% {n_fmt}/{total_fmt} {unit} "
+                                        "[{elapsed} elapsed, {remaining} left, {rate_fmt}]")
+        super().__init__(*args, **kwargs)
+
+    def display(self, msg=None, pos=None):
+        fraction = self.n / self.total if self.total else None
+        at_end = fraction is not None and fraction >= 1
+        due = (fraction >= self._next_fraction if fraction is not None
+               else time.time() - self._printed[0] > 600 or pos == 0)
+        if (due or at_end) and self._printed[1] != self.n and self.n > 0:
+            while fraction is not None and self._next_fraction <= fraction:
+                self._next_fraction += 0.25
+            n = self.format_sizeof(self.n) if self.unit_scale else f"{self.n:,}"
+            line = str(self) if self.total else \
+                f"{self.desc}: {n} {self.unit} [{self.format_interval(self.format_dict['elapsed'])}]"
+            print(line, file=self.fp, flush=True)
+            self._printed = (time.time(), self.n)
+        return True
+
+    def clear(self, nolock=False):
+        pass
+
+    def close(self):
+        if not self.disable:
+            self.display(pos=0)
+        self.sp = None  # tqdm's own close would end with a blank line
+        super().close()
+
+
+def progress(total=None, desc: str = "", unit: str = "it", **kwargs) -> tqdm:
+    """The progress bar of long work: live where someone watches, a few lines where nobody does."""
+    if not is_main_process():
+        kwargs["disable"] = True
+    return (tqdm if watched() else LineBar)(total=total, desc=desc, unit=unit, **kwargs)
+
+
+@contextmanager
+def quiet_library_bars():
+    """Silence transformers' own bars ("Loading weights", "Writing model shards": one per model load
+    or save, and nothing a reader can use) inside a stage; the user's setting comes back after."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
+def is_number(value) -> bool:
+    try:
+        float(value)
+        return True
+    except (TypeError, ValueError):
+        return False
 
 
 def write_file(path, content) -> None:
@@ -196,18 +287,24 @@ def find_stage(stage: str, path=None, run_dir=None) -> Path:
     return max(found)[1]
 
 
-def attached_input(name: str, param: str) -> Path:
-    """The one file called `name` attached under /kaggle/input, for a parameter left None.
+def attached_input(name: str, param: str, formats=None) -> Path:
+    """The one input called `name` attached under /kaggle/input, for a parameter left None. With `formats`,
+    `name` is a stem: corpus.txt, corpus.jsonl.gz, corpus.parquet or a save_to_disk folder `corpus` all count.
 
     Several matches (two datasets each with a corpus.txt, say) are not concatenated in silence:
     the user says which with `param`."""
     root = kaggle_root() / "input"
-    found = sorted(Path(f) for f in glob.glob(str(root / "**" / name), recursive=True) if Path(f).is_file())
+    pattern = f"{name}*" if formats else name
+    found = sorted(Path(f) for f in glob.glob(str(root / "**" / pattern), recursive=True)
+                   if (not formats and Path(f).is_file()) or (formats and data_format(f) in formats
+                       and Path(f).name.split(".")[0] == name and (Path(f).is_file() or data_format(f) == "saved")))
+    label = f"{name}.txt, {name}.jsonl, {name}.parquet, ... or a saved folder {name}" if formats else name
     if not found:
-        raise PocketGPTError(f"{param}=None and no {name} is attached under {root}: attach the dataset holding "
+        raise PocketGPTError(f"{param}=None and no {label} is attached under {root}: attach the dataset holding "
                              f"it, or set {param} to your file.")
     if len(found) > 1:
-        raise PocketGPTError(f"{param}=None and {len(found)} files named {name} are attached: {files_summary(found)}. "
+        raise PocketGPTError(f"{param}=None and {len(found)} files named {' / '.join(sorted({f.name for f in found}))} "
+                             f"are attached: {files_summary(found)}. "
                              f"Set {param} to the one to use (or to a glob, to use them all).")
     return found[0]
 
@@ -215,7 +312,7 @@ def attached_input(name: str, param: str) -> Path:
 def files_summary(files) -> str:
     """'a.txt (1.2 MB), b.txt (0.3 MB)': what was found and used, printed before the work."""
     files = list(files)
-    shown = ", ".join(f"{f} ({Path(f).stat().st_size / 1e6:.1f} MB)" for f in files[:10])
+    shown = ", ".join(f"{f} ({data_size(f) / 1e6:.1f} MB)" for f in files[:10])
     return shown + (f" and {len(files) - 10} more" if len(files) > 10 else "")
 
 
@@ -327,6 +424,7 @@ class TokenizerConfig:
     run_dir: str | None = None
     seed: int = 1337
     corpus_path: str | None = None        # file, folder or glob; None = the demo corpus in the run folder
+    text_column: str | None = None        # JSONL/Parquet/CSV/Arrow: the column of documents; None: detected
     vocab_size: int = 24000
     val_fraction: float = 0.01
     out_dir: str | None = None
@@ -449,25 +547,97 @@ def demo_data(run_dir) -> Path:
 
 
 # -----------------------------------------------------------------------------
-# Reading a corpus: documents are separated by blank lines; read as a stream
+# Reading data: a corpus, dialogs or preference pairs, in the formats they come in
+# .txt is read line by line (documents between blank lines); JSON Lines, Parquet, CSV, Arrow files and
+# save_to_disk folders are streamed through `datasets`; .gz, .bz2 and .zst are read by their extension.
 
-def corpus_files(corpus_path) -> list[Path]:
-    """A corpus is a file, a folder (every *.txt under it) or a glob; files in sorted order."""
-    if corpus_path is None:
-        raise PocketGPTError("corpus_path is not set: pass a text file, a folder of .txt files or a glob.")
-    p = Path(corpus_path)
-    if p.is_file():
+FORMATS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
+COMPRESSIONS = (".gz", ".bz2", ".zst")
+CORPUS_FORMATS = ("text", "json", "parquet", "csv", "arrow", "saved")
+TEXT_COLUMNS = ["text", "content", "document", "body", "raw_content", "article", "passage", "markdown"]
+
+
+def data_format(path, default: str | None = None) -> str | None:
+    """How a path is read: by its extension under any .gz/.bz2/.zst (text, json, parquet, csv, arrow);
+    'saved' for a folder written by `datasets`' save_to_disk; else `default`."""
+    p = Path(path)
+    if p.is_dir():
+        return "saved" if (p / "state.json").is_file() or (p / "dataset_dict.json").is_file() else default
+    suffixes = [s.lower() for s in p.suffixes[-2:]]
+    if suffixes and suffixes[-1] in COMPRESSIONS:
+        suffixes.pop()
+    return FORMATS.get(suffixes[-1] if suffixes else "", default)
+
+
+def data_size(path) -> int:
+    """Bytes on disk: a file's size, or the size of a save_to_disk folder's .arrow files."""
+    p = Path(path)
+    return sum(f.stat().st_size for f in p.rglob("*.arrow")) if p.is_dir() else p.stat().st_size
+
+
+def data_files(path, param: str, formats, hint: str) -> list[Path]:
+    """The inputs a path names: a file, a save_to_disk folder, a glob, or a folder: every file (and saved
+    folder) under it in one of `formats`, in sorted order. A folder holding two formats (a corpus beside a
+    metadata.csv, say) is not read in silence: a glob says which files to read."""
+    p = Path(path)
+    if p.is_file() or data_format(p) == "saved":
         return [p]
     if p.is_dir():
-        files = sorted(f for f in p.rglob("*.txt") if f.is_file())
-        if not files:
-            raise PocketGPTError(f"corpus_path={corpus_path}: the folder holds no .txt files.")
-        return files
-    files = sorted(Path(f) for f in glob.glob(str(corpus_path), recursive=True) if Path(f).is_file())
-    if not files:
-        raise PocketGPTError(f"corpus_path={corpus_path}: no such file, folder or glob match. "
-                             f"Check the path (on Kaggle, attach the dataset holding your corpus).")
-    return files
+        found = [f for f in sorted(p.rglob("*")) if not f.name.startswith(".") and data_format(f) in formats
+                 and (f.is_file() or data_format(f) == "saved")]
+        saved = [f for f in found if f.is_dir()]
+        found = [f for f in found if not any(s in f.parents for s in saved)]  # a saved folder is read whole
+        kinds = sorted({data_format(f) for f in found})
+        if len(kinds) > 1:
+            raise PocketGPTError(f"{param}={path}: the folder holds files of {len(kinds)} formats ({', '.join(kinds)}). "
+                                 f"Set {param} to a glob of the ones to read, e.g. {p / '**' / '*.jsonl'}.")
+        if not found:
+            names = sorted(ext for ext, fmt in FORMATS.items() if fmt in formats)
+            raise PocketGPTError(f"{param}={path}: the folder holds no {', '.join(names)} files (plain or .gz, .bz2, "
+                                 f".zst){' or save_to_disk folders' if 'saved' in formats else ''}. {hint}")
+        return found
+    found = sorted(Path(f) for f in glob.glob(str(path), recursive=True)
+                   if Path(f).is_file() or data_format(f) == "saved")
+    if not found:
+        raise PocketGPTError(f"{param}={path}: no such file, folder or glob match. {hint}")
+    return found
+
+
+def corpus_files(corpus_path) -> list[Path]:
+    """A corpus is a file, a folder or a glob of .txt, .jsonl/.json, .parquet, .csv, .arrow files (any of
+    them .gz, .bz2 or .zst) or save_to_disk folders; files in sorted order."""
+    if corpus_path is None:
+        raise PocketGPTError("corpus_path is not set: pass a corpus file (.txt, .jsonl, .parquet, ...), a folder "
+                             "of them or a glob.")
+    return data_files(corpus_path, "corpus_path", CORPUS_FORMATS,
+                      "Check the path (on Kaggle, attach the dataset holding your corpus).")
+
+
+def open_data(file, raw=None):
+    """A file to read bytes from, decompressed by its extension (.gz, .bz2, .zst); `raw`: the file already
+    open (it is returned as it is when the file is not compressed, and left open)."""
+    suffix, own = Path(file).suffix.lower(), raw is None
+    if suffix == ".gz":
+        import gzip
+        return gzip.open(file if own else raw, "rb")
+    if suffix == ".bz2":
+        import bz2
+        return bz2.open(file if own else raw, "rb")
+    raw = open(file, "rb") if own else raw
+    if suffix == ".zst":
+        import zstandard
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True, closefd=own))
+    return raw
+
+
+def bytes_read() -> int | None:
+    """Bytes this process has read so far (Linux's /proc/self/io), for progress in bytes through readers
+    that do not say where they are in a file; None where the system does not tell."""
+    try:
+        with open("/proc/self/io", "rb") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(b"rchar"))
+    except (OSError, ValueError, StopIteration):
+        return None
 
 
 class InvalidUTF8:
@@ -494,44 +664,213 @@ class InvalidUTF8:
                 pos += e.end
 
 
-def iter_documents(files, invalid: InvalidUTF8 | None = None, progress=None):
-    """Yield documents (text between blank lines) from the files, one line in memory at a time.
+def first_bad_json_line(file) -> tuple[int, str] | None:
+    """The first line of a JSON Lines file that is not a JSON object, and why (for a file holding one JSON
+    array: the line where it breaks); None when every line parses (the trouble is elsewhere)."""
+    try:
+        with open_data(file) as f:
+            for n, line in enumerate(f, 1):
+                line = line.removeprefix(b"\xef\xbb\xbf") if n == 1 else line  # a UTF-8 byte order mark
+                if n == 1 and line.lstrip().startswith(b"["):
+                    try:
+                        json.loads(line + f.read())
+                    except json.JSONDecodeError as e:
+                        return e.lineno, e.msg
+                    except ValueError as e:
+                        return 1, str(e)
+                    return None
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    return n, f"{e.msg} at column {e.colno}"
+                except ValueError as e:  # a line that is not UTF-8
+                    return n, str(e)
+                if not isinstance(record, dict):
+                    return n, f"a JSON {type(record).__name__}, not an object"
+    except (OSError, EOFError, ValueError):  # a damaged compressed file: said by the caller
+        return None
+    return None
 
-    Lines keep their leading spaces; line endings become "\\n"; invalid UTF-8 becomes U+FFFD and
-    is counted in `invalid`. `progress` (a tqdm bar) is advanced by the bytes read.
+
+def table_error(file, fmt: str, e: Exception) -> PocketGPTError:
+    """What went wrong reading a table, said so it can be fixed: the line of a JSON Lines file that is not
+    JSON, a file that is not UTF-8, else the reader's own words, with the file's name."""
+    while e.__cause__ is not None and not isinstance(e, PocketGPTError):  # datasets wraps the reader's error
+        e = e.__cause__
+    if isinstance(e, PocketGPTError):
+        return e
+    if Path(file).suffix.lower() in COMPRESSIONS:  # a download that stopped halfway: say so, not "bad JSON"
+        try:
+            with open_data(file) as f:
+                while f.read(1 << 24):
+                    pass
+        except Exception as damage:
+            return PocketGPTError(f"{file} is damaged or cut short: it does not decompress ({type(damage).__name__}: "
+                                  f"{damage}). Copy or compress it again.")
+    bad = first_bad_json_line(file) if fmt == "json" else None
+    if bad:
+        return PocketGPTError(f"{file}, line {bad[0]}: not a JSON object ({bad[1]}). A JSON Lines file holds one JSON "
+                              f"object a line: fix or remove that line.")
+    if isinstance(e, UnicodeDecodeError):
+        return PocketGPTError(f"{file} is not UTF-8 (byte {e.start}: {e.reason}). Save it as UTF-8 and try again.")
+    name = {"json": "JSON", "parquet": "Parquet", "csv": "CSV", "arrow": "Arrow", "saved": "a save_to_disk folder"}[fmt]
+    return PocketGPTError(f"{file} cannot be read as {name} ({type(e).__name__}: {e}). Check that it is whole and that its "
+                          f"extension says its format (.jsonl, .json, .parquet, .csv, .arrow; .gz, .bz2, .zst compressed).")
+
+
+def open_table(file, fmt: str):
+    """A table as `datasets` streams (a save_to_disk folder: memory-mapped, a DatasetDict's splits in turn)
+    and its column names ([] when it holds no rows). A CSV is read as written, every cell a string:
+    "007", "nan" and "" stay what they are."""
+    import datasets
+    try:
+        if fmt == "saved":
+            ds = datasets.load_from_disk(str(file))
+            parts = list(ds.values()) if isinstance(ds, datasets.DatasetDict) else [ds]
+            return parts, parts[0].column_names if parts else []
+        options = {}
+        if fmt == "csv":
+            with open_data(file) as f:
+                try:
+                    header = list(pd.read_csv(f, nrows=0, encoding="utf-8").columns)
+                except pd.errors.EmptyDataError:
+                    return [], []
+            options = dict(features=datasets.Features({c: datasets.Value("string") for c in header}),
+                           keep_default_na=False)
+        ds = datasets.load_dataset(fmt, data_files=[str(file)], split="train", streaming=True, **options)
+        return [ds], ds.column_names or list(next(iter(ds), {}))
+    except StopIteration:  # datasets found no row to learn the columns from
+        return [], []
+    except Exception as e:
+        raise table_error(file, fmt, e) from None
+
+
+def iter_table(parts, file, fmt: str, columns, progress=None, batch_rows: int = 1000):
+    """Yield (number of the batch's first row, {column: values}) for `columns` of an open table, streamed.
+    `progress` advances by the file's bytes on disk: what this process has read of it (bytes_read), or
+    for a memory-mapped saved folder the share of its rows."""
+    size, done, start = data_size(file), 0, 0
+    n_rows = sum(len(p) for p in parts) if fmt == "saved" else None
+    before = bytes_read()
+    try:
+        for part in parts:
+            for batch in part.select_columns(columns).iter(batch_size=batch_rows):
+                yield start, batch
+                start += len(batch[columns[0]])
+                if progress is not None:
+                    now = size * start // max(n_rows, 1) if n_rows is not None else (bytes_read() or 0) - (before or 0)
+                    step = min(now, size) - done
+                    if step > 0:
+                        progress.update(step)
+                        done += step
+    except Exception as e:
+        raise table_error(file, fmt, e) from None
+    if progress is not None:
+        progress.update(size - done)
+
+
+def row_place(file, fmt: str, i: int) -> str:
+    """Where row i (from 0) is, as the user finds it: a .jsonl line, a CSV row (row 1 is the header), a row."""
+    if fmt == "json":
+        return f"{file}, line {i + 1}" if ".jsonl" in [s.lower() for s in Path(file).suffixes] else f"{file}, record {i + 1}"
+    return f"{file}, row {i + 2}" if fmt == "csv" else f"{file}, row {i + 1}"
+
+
+def find_text_column(columns, text_column=None, file="") -> str:
+    """The column of documents: `text_column` (in any case), else the first of TEXT_COLUMNS, in any case."""
+    lower = {c.lower(): c for c in columns}
+    if text_column:
+        if text_column in columns or text_column.lower() in lower:
+            return text_column if text_column in columns else lower[text_column.lower()]
+        raise PocketGPTError(f"{file}: text_column={text_column!r} is not a column; the columns are {list(columns)}. "
+                             f"Set text_column to the one holding the documents.")
+    found = next((lower[name] for name in TEXT_COLUMNS if name in lower), None)
+    if found is None:
+        raise PocketGPTError(f"{file}: no text column found among {list(columns)}. Set text_column to the column "
+                             f"holding the documents (found by name: {', '.join(TEXT_COLUMNS)}, in any case).")
+    return found
+
+
+def table_documents(file, fmt: str, text_column=None, progress=None, counts: dict | None = None):
+    """A table's documents: the text cell of each row, as it is. Rows whose cell is empty are skipped and
+    counted in `counts`, with the rows read and the column used."""
+    counts = {} if counts is None else counts
+    parts, columns = open_table(file, fmt)
+    if not columns:  # no rows
+        if progress is not None:
+            progress.update(data_size(file))
+        return
+    column = find_text_column(columns, text_column, file)
+    counts.setdefault("text_columns", {})[str(file)] = column
+    for start, batch in iter_table(parts, file, fmt, [column], progress):
+        counts["rows"] = counts.get("rows", 0) + len(batch[column])
+        for i, text in enumerate(batch[column], start):
+            if text is not None and not isinstance(text, str):
+                raise PocketGPTError(f"{row_place(file, fmt, i)}: the {column!r} cell is a {type(text).__name__}, not "
+                                     f"text. Set text_column to the column that holds the documents as strings.")
+            if not text or not text.strip():
+                counts["empty_rows"] = counts.get("empty_rows", 0) + 1
+                continue
+            yield text
+
+
+def iter_documents(files, invalid: InvalidUTF8 | None = None, progress=None, text_column=None,
+                   counts: dict | None = None):
+    """Yield documents from the files, one line (or one batch of rows) in memory at a time.
+
+    A .txt file's documents are the text between blank lines: lines keep their leading spaces; line
+    endings become "\\n"; invalid UTF-8 becomes U+FFFD and is counted in `invalid`. Any other file's
+    documents are the cells of its text column (table_documents). `progress` (a tqdm bar) is advanced
+    by the bytes read from disk.
     """
     invalid = invalid or InvalidUTF8()
     for file in files:
-        lines, offset = [], 0
-        with open(file, "rb") as f:
+        fmt = data_format(file, "text")
+        if fmt != "text":
+            yield from table_documents(file, fmt, text_column, progress, counts)
+            continue
+        lines, offset, counted = [], 0, 0
+        with open(file, "rb") as disk, open_data(file, disk) as f:
             for line_no, raw in enumerate(f, 1):
                 line = invalid.decode(raw, file, line_no, offset).rstrip("\r\n")
                 offset += len(raw)
-                if progress is not None:
+                if progress is not None and f is disk:
                     progress.update(len(raw))
+                elif progress is not None and line_no % 4096 == 0:  # compressed: the bytes on disk read so far
+                    progress.update(disk.tell() - counted)
+                    counted = disk.tell()
                 if line.strip():
                     lines.append(line)
                 elif lines:
                     yield "\n".join(lines)
                     lines = []
+            if progress is not None and f is not disk:
+                progress.update(data_size(file) - counted)
         if lines:
             yield "\n".join(lines)
 
 
-def scan_corpus(files, on_invalid_utf8: str = "fail") -> dict:
-    """One cheap pass before the work: sizes, document count, invalid UTF-8 (fail or replace)."""
-    invalid, n_docs, n_bytes = InvalidUTF8(), 0, sum(f.stat().st_size for f in files)
-    with tqdm(total=n_bytes, unit="B", unit_scale=True, desc="scan") as bar:
-        for _ in iter_documents(files, invalid, progress=bar):
+def scan_corpus(files, on_invalid_utf8: str = "fail", text_column=None) -> dict:
+    """One cheap pass before the work: sizes, document count, invalid UTF-8 (fail or replace); for tables
+    the text column of each file and the rows without text."""
+    invalid, counts, n_docs, n_text = InvalidUTF8(), {}, 0, 0
+    n_bytes = sum(data_size(f) for f in files)
+    with progress(total=n_bytes, unit="B", unit_scale=True, desc="scan") as bar:
+        for doc in iter_documents(files, invalid, progress=bar, text_column=text_column, counts=counts):
             n_docs += 1
+            n_text += len(doc.encode("utf-8", "surrogatepass"))
     if n_docs == 0:
-        raise PocketGPTError(f"The corpus {', '.join(map(str, files))} is empty (no text). "
-                             f"Point corpus_path at a file with documents separated by blank lines.")
+        raise PocketGPTError(f"The corpus {', '.join(map(str, files))} is empty (no text). Point corpus_path at a file "
+                             f"with documents separated by blank lines, or with rows of text in a text column.")
     if invalid.count and on_invalid_utf8 == "fail":
         raise PocketGPTError(f"The corpus has {invalid.count} invalid UTF-8 byte(s), first at "
                              f"{'; '.join(invalid.where)}. Fix the file(s), or set "
                              f"on_invalid_utf8='replace' to replace them with U+FFFD.")
-    return {"files": [str(f) for f in files], "bytes": n_bytes, "documents": n_docs,
+    return {"files": [str(f) for f in files], "bytes": n_bytes, "text_bytes": n_text, "documents": n_docs,
+            "rows": counts.get("rows", 0), "empty_rows": counts.get("empty_rows", 0),
+            "text_columns": counts.get("text_columns", {}),
             "invalid_utf8_bytes": invalid.count, "invalid_utf8_where": invalid.where}
 
 
@@ -620,7 +959,7 @@ def load_tokenizer(folder):
 
 
 def encode_corpus(files, tok, out_dir, seed: int, val_fraction: float, total_bytes: int,
-                  batch_docs: int = 2000) -> dict:
+                  batch_docs: int = 2000, text_column: str | None = None) -> dict:
     """Encode every document as <|bos|> ... <|eos|> into uint16 train.bin / val.bin.
 
     Batches go through the Rust tokenizer's parallel batch encoding (special-token strings in the
@@ -645,9 +984,9 @@ def encode_corpus(files, tok, out_dir, seed: int, val_fraction: float, total_byt
             lengths["split"].append(s == "val"); lengths["bytes"].append(nb); lengths["tokens"].append(len(ids))
 
     try:
-        with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="encode") as bar:
+        with progress(total=total_bytes, unit="B", unit_scale=True, desc="encode") as bar:
             batch = []
-            for doc in iter_documents(files, progress=bar):
+            for doc in iter_documents(files, progress=bar, text_column=text_column):
                 batch.append(doc)
                 if len(batch) == batch_docs:
                     flush(batch); batch = []
@@ -677,31 +1016,37 @@ def encode_corpus(files, tok, out_dir, seed: int, val_fraction: float, total_byt
     }
 
 
+@quiet_library_bars()
 def build_tokenizer_stage(cfg: TokenizerConfig) -> Path:
     """Stage 1, whole: scan, train the BPE, save it, encode the splits, write meta and manifest."""
-    if cfg.corpus_path is None and on_kaggle():  # the attached dataset's corpus.txt, wherever it is mounted
-        cfg.corpus_path = str(attached_input("corpus.txt", "corpus_path"))
+    if cfg.corpus_path is None and on_kaggle():  # the attached corpus.txt (.jsonl, .parquet, ...), wherever it is mounted
+        cfg.corpus_path = str(attached_input("corpus", "corpus_path", CORPUS_FORMATS))
     elif cfg.corpus_path is None:
         cfg.corpus_path = str(demo_data(cfg.run_dir) / "corpus.txt")
     files = corpus_files(cfg.corpus_path)
     print(f"corpus_path={cfg.corpus_path}: {files_summary(files)}")
-    scan = scan_corpus(files, cfg.on_invalid_utf8)
+    scan = scan_corpus(files, cfg.on_invalid_utf8, cfg.text_column)
+    columns = sorted(set(scan["text_columns"].values()))
     print(f"corpus: {len(files)} file(s), {scan['bytes'] / 1e6:.1f} MB, {scan['documents']:,} documents"
+          + (f" from the column {', '.join(columns)} of {scan['rows']:,} rows" if columns else "")
+          + (f" ({scan['empty_rows']:,} rows without text skipped)" if scan["empty_rows"] else "")
           + (f", {scan['invalid_utf8_bytes']} invalid UTF-8 bytes replaced" if scan["invalid_utf8_bytes"] else ""))
     inputs = {f"corpus:{f.name}" if len(files) > 1 else "corpus": f for f in files}
     with stage_output(cfg.out_dir, "tokenizer", dataclasses.asdict(cfg), inputs) as work:
         started = time.time()
-        with tqdm(total=scan["bytes"], unit="B", unit_scale=True, desc="train BPE") as bar:  # counting pairs
-            tok = train_tokenizer(iter_documents(files, progress=bar), cfg.vocab_size, scan["documents"])
+        with progress(total=scan["bytes"], unit="B", unit_scale=True, desc="train BPE") as bar:  # counting pairs
+            tok = train_tokenizer(iter_documents(files, progress=bar, text_column=cfg.text_column), cfg.vocab_size,
+                                  scan["documents"])
         train_seconds = time.time() - started
         print(f"trained a {tok.get_vocab_size():,}-token BPE in {train_seconds:.1f}s")
         hf_tok = wrap_tokenizer(tok)
         save_tokenizer(hf_tok, work)
-        enc = encode_corpus(files, hf_tok, work, cfg.seed, cfg.val_fraction, scan["bytes"])
+        enc = encode_corpus(files, hf_tok, work, cfg.seed, cfg.val_fraction, scan["bytes"], text_column=cfg.text_column)
         meta = {"vocab_size": tok.get_vocab_size(), "dtype": "uint16",
                 "special_tokens": dict(zip(SPECIAL_TOKENS, range(4))),
                 "bos_id": BOS_ID, "eos_id": EOS_ID, "pad_id": PAD_ID,
-                "corpus_bytes": scan["bytes"], "documents": scan["documents"],
+                "corpus_bytes": scan["bytes"], "text_bytes": scan["text_bytes"], "documents": scan["documents"],
+                "text_columns": scan["text_columns"], "empty_rows": scan["empty_rows"],
                 "invalid_utf8_bytes": scan["invalid_utf8_bytes"], **enc}
         write_json(work / "meta.json", meta)
         write_json(work / "metrics.json", {"train_seconds": train_seconds, "train_mb_per_s":
@@ -772,6 +1117,7 @@ class TrainConfig:
     checkpoint_minutes: float = 30
     precision: str = "auto"               # auto | fp32 | bf16 | fp16
     compile: str | bool = "auto"          # auto = on a GPU
+    log_with: str | list | None = None    # accelerate's trackers to send every log row to: tensorboard, wandb, trackio, ...
     weight_decay: float = 0.1
     grad_clip: float = 1.0
 
@@ -806,7 +1152,22 @@ def check_model_shape(cfg) -> None:
                              f"use one of {divisors} (or change n_embd).")
 
 
+def check_trackers(log_with) -> None:
+    """accelerate drops a tracker whose package is missing with a log line; here it is an error."""
+    from accelerate import utils as acc_utils
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+
+    for name in [log_with] if isinstance(log_with, str) else list(log_with):
+        if name not in LOGGER_TYPE_TO_CLASS:
+            raise PocketGPTError(f"log_with={log_with!r}: {name!r} is not one of accelerate's trackers "
+                                 f"({', '.join(LOGGER_TYPE_TO_CLASS)}).")
+        if not getattr(acc_utils, f"is_{name}_available", lambda: True)():
+            raise PocketGPTError(f"log_with={log_with!r}: the {name} package is not installed (pip install {name}).")
+
+
 def check_training_params(cfg) -> None:
+    if cfg.log_with:
+        check_trackers(cfg.log_with)
     for name in ["batch_size", "grad_accum_steps", "log_interval", "eval_interval"]:
         if int(getattr(cfg, name)) < 1:
             raise PocketGPTError(f"{name}={getattr(cfg, name)} must be a positive integer.")
@@ -860,14 +1221,17 @@ class LMLoss(nn.Module):
     The stock `labels=` path shifts and copies the logits and upcasts them to fp32 before the
     loss; here the targets are already shifted (y = x moved by one) and cross_entropy reads
     the logits as they are, which is what makes the HF model as fast as a plain one.
-    Targets of -100 (padding, SFT prompts) are ignored.
+    Targets of -100 (padding, SFT prompts) are ignored. `padded` batches (SFT: rows padded on the
+    right with <pad>) pass their mask: the causal mask already keeps every real token from seeing
+    the padding after it, so the loss is the same, and transformers has no padding to warn about.
+    Pretraining windows hold no padding and pass none (the fast causal-only attention path).
     """
 
     stat_names = ()  # what else each step reports besides the loss (DPOLoss: reward accuracy and margin)
 
-    def __init__(self, model):
+    def __init__(self, model, padded: bool = False):
         super().__init__()
-        self.model = model
+        self.model, self.padded = model, padded
 
     @staticmethod
     def units(y) -> int:
@@ -875,7 +1239,8 @@ class LMLoss(nn.Module):
         return int((y != -100).sum())
 
     def forward(self, x, y, reduction: str = "mean"):
-        h = self.model.transformer(input_ids=x, use_cache=False).last_hidden_state  # no KV cache in training
+        mask = (x != PAD_ID).long() if self.padded else None
+        h = self.model.transformer(input_ids=x, attention_mask=mask, use_cache=False).last_hidden_state  # no KV cache
         logits = self.model.lm_head(h)
         return F.cross_entropy(logits.flatten(0, 1), y.reshape(-1), ignore_index=-100,
                                reduction=reduction)
@@ -883,7 +1248,8 @@ class LMLoss(nn.Module):
 
 def answer_logprob(model, x, y):
     """Each row's summed log-probability of its target tokens (those not -100: the answer and <|eos|>)."""
-    logits = model.lm_head(model.transformer(input_ids=x, use_cache=False).last_hidden_state)
+    h = model.transformer(input_ids=x, attention_mask=(x != PAD_ID).long(), use_cache=False).last_hidden_state
+    logits = model.lm_head(h)
     nll = F.cross_entropy(logits.flatten(0, 1), y.reshape(-1), ignore_index=-100, reduction="none")
     return -nll.view(y.shape).sum(1)
 
@@ -1340,7 +1706,11 @@ def train(model, train_data, val_batches, cfg, work: Path, resume: dict | None =
     precision, compiled = choose_precision(cfg.precision), resolve_compile(cfg.compile)
     # device placement and multi-process DDP (cpu=True lets torchrun run several CPU processes on gloo);
     # precision is ours, explicit below
-    acc = Accelerator(cpu=not torch.cuda.is_available())
+    acc = Accelerator(cpu=not torch.cuda.is_available(), log_with=cfg.log_with,
+                      project_dir=str(work / "trackers") if cfg.log_with else None)
+    if cfg.log_with:  # the trackers get the config once and every log row (tensorboard: <stage>/trackers/<stage>)
+        acc.init_trackers(stage, config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                                         for k, v in dataclasses.asdict(cfg).items()})
     set_seed(cfg.seed, device_specific=True)  # a dropout stream per process; rank 0 keeps the seed's
     deadline = deadline or time.time() + cfg.max_hours * 3600
     auto_plan = cfg.max_steps == "auto"  # this session sets max_steps to what fits its budget, decay included
@@ -1369,8 +1739,9 @@ def train(model, train_data, val_batches, cfg, work: Path, resume: dict | None =
         saved_window = resume.get("window")
     loss_fn = loss_module = loss_module or LMLoss(model)
     loss_module.to(acc.device)
-    if compiled:
-        loss_fn = torch.compile(loss_fn)  # compiled before the DDP wrap, as nanoGPT does
+    if compiled:  # before the DDP wrap, as nanoGPT does; batches of varying shape (SFT, DPO) compile
+        # with dynamic shapes at once: a train and an eval graph, not a recompile per new shape (measured on 03)
+        loss_fn = torch.compile(loss_fn, dynamic=True if getattr(train_data, "variable_shapes", False) else None)
     loss_fn, *optimizers = acc.prepare(loss_fn, *optimizers)
     if resume:
         rng = resume["rng"] if isinstance(resume["rng"], list) else [resume["rng"]]
@@ -1476,6 +1847,12 @@ def train(model, train_data, val_batches, cfg, work: Path, resume: dict | None =
         timing["ckpt"], timing["last_ckpt"] = time.time() - started, time.time()
         window_started += timing["ckpt"]  # tokens/s measures training, not writing
 
+    def track(row: dict) -> None:
+        """The row's numbers to accelerate's trackers (rank 0 only, as accelerate does)."""
+        if cfg.log_with:
+            acc.log({k: float(v) for k, v in row.items() if k != "step" and isinstance(v, (int, float, str))
+                     and v not in ("", None) and is_number(v)}, step=int(row["step"]))
+
     def log_line(row: dict) -> None:
         left = max(0.0, deadline - time.time())
         left = min((cfg.max_steps - step) * timing["step"], left) if planned() else left
@@ -1488,8 +1865,9 @@ def train(model, train_data, val_batches, cfg, work: Path, resume: dict | None =
                        + (f" skipped {row['skipped_steps']}" if row.get("skipped_steps") else "")
                        + f" | {duration(left)} left this session")
 
+    # a live bar where someone watches; a headless run has the log lines (with the time left) alone
     bar = tqdm(total=cfg.max_steps if planned() else None, initial=step, desc=stage, unit="step",
-               **({} if acc.is_main_process else {"disable": True}))
+               disable=not (acc.is_main_process and watched()))
     try:
         while not planned() or step < cfg.max_steps:
             if stop_at_step is not None and step >= stop_at_step:
@@ -1554,6 +1932,7 @@ def train(model, train_data, val_batches, cfg, work: Path, resume: dict | None =
                         tqdm.write(f"re-planned: {plan_line()}")
                 log_rows.append(row)
                 write_log(log_path, log_rows)
+                track(row)
                 bar.set_postfix(loss=row["train_loss"], tok_s=f"{row['tokens_per_s']:,}")
                 log_line(row)
     except torch.cuda.OutOfMemoryError:
@@ -1574,7 +1953,10 @@ def train(model, train_data, val_batches, cfg, work: Path, resume: dict | None =
         row["val_loss"] = round(val_loss, 4)
         log_rows.append(row)
         write_log(log_path, log_rows)
+        track(row)
     save_ckpt()
+    if cfg.log_with:
+        acc.end_training()
     tokens += int(window_sums()[-1])  # the tokens of a window left open
     rates = [r["tokens_per_s"] for r in log_rows if r.get("tokens_per_s")]
     mfus = [r["mfu"] for r in log_rows if r.get("mfu")]
@@ -1645,6 +2027,7 @@ def resolve_resume(resume_from, stage: str, out_dir) -> Path | None:
     return None
 
 
+@quiet_library_bars()
 def run_pretrain_stage(cfg: PretrainConfig, stop_at_step: int | None = None) -> Path:
     """Stage 2, whole: data, model, the loop, then checkpoint, HF folder, log, plot, metrics."""
     deadline = time.time() + cfg.max_hours * 3600  # this session's budget counts from the stage's start
@@ -1710,12 +2093,17 @@ def launch(fn, *args):
 # -----------------------------------------------------------------------------
 # Stage 3: supervised finetuning on instruction/response pairs, loss on the response only
 
-CHAT_TEMPLATE = (  # the seed's format: <|bos|>Instruction: {prompt}\nResponse: {answer}<|eos|>
-    "{% for m in messages %}"
-    "{% if m['role'] == 'user' %}{{ '<|bos|>Instruction: ' + m['content'] + '\\n' }}"
+CHAT_TEMPLATE = (  # the seed's format: <|bos|>Instruction: {prompt}\nResponse: {answer}<|eos|>, turn after turn;
+    # a system text goes before the next instruction, as training reads it (conversation_texts)
+    "{% set ns = namespace(system='') %}{% for m in messages %}"
+    "{% if m['role'] == 'system' %}{% set ns.system = ns.system + m['content'] + '\\n\\n' %}"
+    "{% elif m['role'] == 'user' %}{{ '<|bos|>Instruction: ' + ns.system + m['content'] + '\\n' }}"
+    "{% set ns.system = '' %}"
     "{% elif m['role'] == 'assistant' %}{{ 'Response: ' + m['content'] + '<|eos|>' }}"
     "{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{{ 'Response:' }}{% endif %}")
+DIALOG_FORMATS = ("csv", "json", "parquet", "arrow", "saved")
+CHAT_ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant"}
 COLUMN_PAIRS = [("question", "answer"), ("instruction", "response"), ("prompt", "completion"),
                 ("input", "output"), ("prompt", "response"), ("instruction", "output"), ("query", "response"),
                 ("question", "response"), ("user", "assistant")]
@@ -1725,7 +2113,7 @@ COLUMN_PAIRS = [("question", "answer"), ("instruction", "response"), ("prompt", 
 class SFTConfig(TrainConfig):
     stage: ClassVar[str] = "sft"
     pretrain_dir: str | None = None       # None: found by manifest
-    dialogs_path: str | None = None       # a CSV, a folder of CSVs or a glob; None: the demo dialogs
+    dialogs_path: str | None = None       # CSV, JSONL, Parquet (a file, folder or glob); None: the demo dialogs
     prompt_column: str | None = None      # None: detected (question/answer, instruction/response, ...)
     response_column: str | None = None
     epochs: float = 3
@@ -1745,7 +2133,7 @@ class SFTConfig(TrainConfig):
     weight_decay: float = 0.0
     dropout: float = 0.0                  # applied to the pretrained model's dropout layers during SFT
     preference: str | None = None         # a second phase, DPO: None (off); "self": the SFT model's own answers
-                                          # as the rejected ones; or a CSV of prompt, chosen, rejected
+                                          # as the rejected ones; or a file of prompt, chosen, rejected
     beta: float = 0.1                     # DPO: how far the tuned model may move from the SFT model (lower: farther)
     rpo_alpha: float = 0.0                # DPO: plus this much of the chosen answers' NLL (RPO)
     preference_learning_rate: float = 5e-5
@@ -1759,26 +2147,23 @@ class SFTConfig(TrainConfig):
             raise PocketGPTError(f"too_long={self.too_long!r}: use 'truncate' or 'drop'.")
         if not self.epochs > 0:
             raise PocketGPTError(f"epochs={self.epochs} must be positive.")
-        if self.preference not in (None, "self") and not Path(self.preference).is_file():
+        if self.preference not in (None, "self") and not (Path(self.preference).is_file()
+                                                          or data_format(self.preference) == "saved"):
             raise PocketGPTError(f"preference={self.preference!r}: use None, 'self' (pairs from the SFT model's own "
-                                 f"answers) or the path of a CSV with prompt, chosen and rejected columns.")
+                                 f"answers) or the path of a file (CSV, JSONL, Parquet) with prompt, chosen and "
+                                 f"rejected columns.")
         if not self.beta > 0:
             raise PocketGPTError(f"beta={self.beta} must be positive, e.g. 0.1.")
 
 
 def dialog_files(dialogs_path, run_dir) -> list[Path]:
-    """The dialog CSVs: a file, a folder (every *.csv in it) or a glob; None = the demo dialogs."""
+    """The dialog files (CSV, JSONL, Parquet, Arrow, save_to_disk folders): a file, a folder or a glob;
+    None = the demo dialogs (on Kaggle: the one attached dialogs.csv, dialogs.jsonl, ...)."""
     if dialogs_path is None:
-        dialogs_path = str(attached_input("dialogs.csv", "dialogs_path") if on_kaggle()
+        dialogs_path = str(attached_input("dialogs", "dialogs_path", DIALOG_FORMATS) if on_kaggle()
                            else demo_data(run_dir) / "dialogs.csv")
-    p = Path(dialogs_path)
-    if p.is_file():
-        return [p]
-    files = sorted(p.rglob("*.csv")) if p.is_dir() else sorted(Path(f) for f in glob.glob(str(p), recursive=True))
-    if not files:
-        raise PocketGPTError(f"dialogs_path={dialogs_path}: no such CSV file, folder or glob match. "
-                             f"Pass the CSV of instruction/response pairs (on Kaggle, attach its dataset).")
-    return files
+    return data_files(dialogs_path, "dialogs_path", DIALOG_FORMATS, "Pass the file of instruction/response pairs "
+                      "or chats (CSV, JSONL, Parquet; on Kaggle, attach its dataset).")
 
 
 def detect_columns(columns, prompt_column=None, response_column=None, file="") -> tuple[str, str]:
@@ -1795,40 +2180,134 @@ def detect_columns(columns, prompt_column=None, response_column=None, file="") -
             return lower[p], lower[r]
     raise PocketGPTError(f"{file}: no prompt/response columns found among {list(columns)}. Name them with "
                          f"prompt_column=... and response_column=... (known pairs: "
-                         f"{', '.join('/'.join(pr) for pr in COLUMN_PAIRS[:4])}, ...).")
+                         f"{', '.join('/'.join(pr) for pr in COLUMN_PAIRS[:4])}, ...), or give the file a chat "
+                         f"column (messages, conversations) or Alpaca's instruction/input/output.")
 
 
-def read_csv(f, holds: str) -> pd.DataFrame:
-    """A CSV as strings, with a message that names the file when it cannot be read."""
-    try:
-        return pd.read_csv(f, dtype=str, keep_default_na=False, encoding="utf-8")
-    except pd.errors.EmptyDataError:
-        raise PocketGPTError(f"{f} is empty: it needs a header row and {holds}.") from None
-    except UnicodeDecodeError as e:
-        raise PocketGPTError(f"{f} is not UTF-8 (byte {e.start}: {e.reason}). Save it as UTF-8 and try again.") from None
-    except pd.errors.ParserError as e:
-        raise PocketGPTError(f"{f} is not a readable CSV ({e}).") from None
+def detect_layout(columns, prompt_column=None, response_column=None, file="") -> tuple[str, list[str]]:
+    """Which of the four layouts a dialog file is in, and the columns it is read from: chat `messages`
+    (role/content), ShareGPT `conversations` (from/value), Alpaca's instruction/input/output, or a
+    prompt/response pair of columns ("question/answer": named, or found by detect_columns)."""
+    lower = {c.strip().lower(): c for c in columns}
+    if not (prompt_column or response_column):
+        for layout in ("messages", "conversations"):
+            if layout in lower:
+                return layout, [lower[layout]]
+        if {"instruction", "input", "output"} <= set(lower):
+            return "alpaca", [lower[c] for c in ("instruction", "input", "output")]
+    return "question/answer", list(detect_columns(columns, prompt_column, response_column, file))
 
 
-def read_dialogs(files, prompt_column=None, response_column=None) -> tuple[list[tuple[str, str]], dict]:
-    """Read every CSV into (prompt, response) pairs, stripped, without empty rows or exact duplicates."""
-    pairs, report = [], {"files": [str(f) for f in files], "rows_read": 0, "dropped_empty": 0, "dropped_duplicates": 0}
+def table_rows(file, holds: str):
+    """A dialog or preference file's columns, and its rows as (where, {column: value}), streamed."""
+    fmt = data_format(file, "csv")
+    parts, columns = open_table(file, fmt)
+    if not columns:
+        raise PocketGPTError(f"{file} is empty: it needs {'a header row and ' if fmt == 'csv' else ''}{holds}.")
+
+    def rows():
+        for start, batch in iter_table(parts, file, fmt, columns):
+            for k in range(len(batch[columns[0]])):
+                yield row_place(file, fmt, start + k), {c: batch[c][k] for c in columns}
+    return columns, rows()
+
+
+def cell_text(value, where: str, column: str) -> str:
+    """A cell as text, stripped: None is empty, a number is written out, a list or a record is an error."""
+    if value is None:
+        return ""
+    if isinstance(value, (list, tuple, dict)):
+        raise PocketGPTError(f"{where}: the {column!r} cell is a {type(value).__name__}, not text. Check which "
+                             f"columns hold the text (prompt_column, response_column), or use a chat layout.")
+    return str(value).strip()
+
+
+def conversation_texts(messages, where: str, column: str) -> list[str]:
+    """A chat cell as its texts, user and assistant in turn: [u1, a1, u2, a2, ...].
+
+    Messages are role/content (chat) or from/value (ShareGPT: human, gpt), as a list or its JSON text.
+    A system text goes before the next user text, a blank line between, as CHAT_TEMPLATE renders it.
+    Another role, or turns out of order, is an error that names the message."""
+    if isinstance(messages, str):
+        try:
+            messages = json.loads(messages)
+        except ValueError as e:
+            raise PocketGPTError(f"{where}: the {column!r} cell is not a JSON list of messages ({e}).") from None
+    if not isinstance(messages, (list, tuple)):
+        raise PocketGPTError(f"{where}: the {column!r} cell is a {type(messages).__name__}, not a list of messages "
+                             f"(records with role and content, or from and value).")
+    texts, system = [], []
+    for k, m in enumerate(messages, 1):
+        role = (m.get("role") or m.get("from")) if isinstance(m, dict) else None
+        kind = CHAT_ROLES.get(str(role).strip().lower())
+        if kind is None:
+            raise PocketGPTError(f"{where}: message {k} of the {column!r} cell has the role {role!r}. pocketGPT learns "
+                                 f"from system, user and assistant turns (ShareGPT: system, human, gpt): map or "
+                                 f"remove the others.")
+        text = cell_text(m["content"] if m.get("content") is not None else m.get("value"), where, column)
+        if kind == "system":
+            system.append(text)
+            continue
+        expected = "user" if len(texts) % 2 == 0 else "assistant"
+        if kind != expected:
+            raise PocketGPTError(f"{where}: message {k} of the {column!r} cell is the {kind}'s where the {expected}'s "
+                                 f"turn belongs. Turns must alternate user, assistant, starting with user: merge or "
+                                 f"remove it.")
+        texts.append("\n\n".join(system + [text]) if kind == "user" else text)
+        system = system if kind == "assistant" else []
+    return texts
+
+
+def read_dialogs(files, prompt_column=None, response_column=None) -> tuple[list[tuple], dict]:
+    """Read every file into (prompt, response) examples, stripped, without empty ones or exact duplicates.
+
+    A row is one example; a chat row is one per assistant turn, whose prompt is the conversation before
+    it: (u1, a1, ..., un), or the instruction alone for the first turn (as every other layout gives).
+    Alpaca's instruction and a non-empty input form the prompt, a blank line between. The report counts
+    the rows of each layout and what was dropped."""
+    pairs, report = [], {"files": [str(f) for f in files], "rows_read": 0, "rows_by_layout": {}, "examples": 0,
+                         "dropped_empty": 0, "dropped_duplicates": 0}
     for f in files:
-        df = read_csv(f, "instruction/response rows")
-        pc, rc = detect_columns(list(df.columns), prompt_column, response_column, f)
-        report.setdefault("columns", {})[str(f)] = [pc, rc]
-        for p, r in zip(df[pc], df[rc]):
+        columns, rows = table_rows(f, "instruction/response rows")
+        layout, used = detect_layout(columns, prompt_column, response_column, f)
+        report.setdefault("columns", {})[str(f)] = used
+        report.setdefault("layouts", {})[str(f)] = layout
+        for where, row in rows:
             report["rows_read"] += 1
-            p, r = p.strip(), r.strip()
-            if not p or not r or p.lower() == "nan" or r.lower() == "nan":
-                report["dropped_empty"] += 1
-                continue
-            pairs.append((p, r))
+            report["rows_by_layout"][layout] = report["rows_by_layout"].get(layout, 0) + 1
+            if layout in ("messages", "conversations"):
+                texts = conversation_texts(row[used[0]], where, used[0])
+                if len(texts) < 2:
+                    raise PocketGPTError(f"{where}: the {used[0]!r} cell has no assistant turn, so nothing to learn "
+                                         f"from. Add the answer or remove the row.")
+                examples = [(texts[0] if k == 1 else tuple(texts[:k]), texts[k]) for k in range(1, len(texts), 2)]
+            elif layout == "alpaca":
+                instruction, extra, output = (cell_text(row[c], where, c) for c in used)
+                examples = [(f"{instruction}\n\n{extra}" if instruction and extra else instruction, output)]
+            else:
+                examples = [tuple(cell_text(row[c], where, c) for c in used)]
+            for prompt, response in examples:
+                report["examples"] += 1
+                last = prompt_turns(prompt)[-1]
+                if not last or not response or last.lower() == "nan" or response.lower() == "nan":
+                    report["dropped_empty"] += 1
+                    continue
+                pairs.append((prompt, response))
     unique = list(dict.fromkeys(pairs))
     report["dropped_duplicates"] = len(pairs) - len(unique)
     if not unique:
         raise PocketGPTError(f"{', '.join(map(str, files))}: no usable rows (every row had an empty prompt or response).")
     return unique, report
+
+
+def prompt_turns(prompt) -> list[str]:
+    """A prompt's texts: [instruction], or for a later turn of a chat [u1, a1, ..., un]."""
+    return [prompt] if isinstance(prompt, str) else list(prompt)
+
+
+def dialog_key(prompt, response) -> str:
+    """The text a dialog is split by (split_of): its turns and its response, a line apart."""
+    return "\n".join(prompt_turns(prompt) + [response])
 
 
 def dialog_ids(tok, pairs) -> list[tuple[list[int], list[int]]]:
@@ -1839,25 +2318,44 @@ def dialog_ids(tok, pairs) -> list[tuple[list[int], list[int]]]:
     an answer that quotes "<|eos|>" does not end there. The prompt ends exactly at "Response:";
     the answer brings its own leading space (a space left at the end of the prompt would merge
     with the answer's first word under byte-level BPE, a split the model never sees when it
-    generates). Long rows are cut later."""
-    prompts = encode_text(tok, [chat_prompt(p).removeprefix("<|bos|>") for p, _ in pairs])
-    answers = encode_text(tok, [f" {r}" for _, r in pairs])
-    return [([BOS_ID, *p, *a, EOS_ID], [-100] * (len(p) + 1) + [*a, EOS_ID]) for p, a in zip(prompts, answers)]
+    generates). A prompt with turns before it repeats the template for each of them, as
+    CHAT_TEMPLATE renders the conversation; only the last answer has targets. Long rows are cut later."""
+    turns = [prompt_turns(p) + [r] for p, r in pairs]
+    prompts = iter(encode_text(tok, [chat_prompt(u).removeprefix("<|bos|>") for t in turns for u in t[0::2]]))
+    answers = iter(encode_text(tok, [f" {a}" for t in turns for a in t[1::2]]))
+    rows = []
+    for t in turns:
+        ids = []
+        for _ in range(len(t) // 2):
+            p, a = next(prompts), next(answers)
+            ids += [BOS_ID, *p, *a, EOS_ID]
+        rows.append((ids, [-100] * (len(ids) - len(a) - 1) + [*a, EOS_ID]))
+    return rows
 
 
 def encode_dialog(tok, prompt: str, response: str) -> tuple[list[int], list[int]]:
     return dialog_ids(tok, [(prompt, response)])[0]
 
 
-def encode_dialogs(tok, pairs, context: int, too_long: str, chunk: int = 2000) -> tuple[list, list, dict]:
-    """Encode every pair (in batches: the Rust tokenizer works in parallel); rows longer than
-    context+1 tokens get their answer cut (still ending in <|eos|>) or are dropped, by `too_long`.
-    Returns the kept pairs, their rows and the counts."""
-    kept, rows, truncated, dropped = [], [], 0, 0
-    with tqdm(total=len(pairs), desc="encode dialogs", unit="row") as bar:
+def encode_dialogs(tok, pairs, context: int, too_long: str, chunk: int = 2000,
+                   kept_index: list | None = None) -> tuple[list, list, dict]:
+    """Encode every pair (in batches: the Rust tokenizer works in parallel). A row longer than
+    context+1 tokens first loses whole turns from the left of its conversation, as few as let it
+    fit (its prompt then starts at a later turn); a row still too long gets its answer cut (still
+    ending in <|eos|>) or is dropped, by `too_long`. Returns the kept pairs (prompts as cut), their
+    rows and the counts (and, into `kept_index` when given, the index of each kept pair)."""
+    kept, rows, truncated, dropped, history_cut = [], [], 0, 0, 0
+    with progress(total=len(pairs), desc="encode dialogs", unit="row") as bar:
         for start in range(0, len(pairs), chunk):
             part = pairs[start:start + chunk]
-            for (prompt, response), (ids, labels) in zip(part, dialog_ids(tok, part)):
+            for j, ((prompt, response), (ids, labels)) in enumerate(zip(part, dialog_ids(tok, part))):
+                if len(ids) > context + 1 and not isinstance(prompt, str):  # each turn starts at its <|bos|>
+                    starts = [i for i, t in enumerate(ids) if t == BOS_ID]
+                    k = next((k for k, s in enumerate(starts) if len(ids) - s <= context + 1), len(starts) - 1)
+                    ids, labels = ids[starts[k]:], labels[starts[k]:]
+                    turns = prompt_turns(prompt)[2 * k:]
+                    prompt = turns[0] if len(turns) == 1 else tuple(turns)
+                    history_cut += 1
                 if len(ids) > context + 1:
                     n_prompt = labels.count(-100)
                     if too_long == "drop" or n_prompt + 2 > context + 1:
@@ -1868,8 +2366,10 @@ def encode_dialogs(tok, pairs, context: int, too_long: str, chunk: int = 2000) -
                     truncated += 1
                 kept.append((prompt, response))
                 rows.append((ids, labels))
+                if kept_index is not None:
+                    kept_index.append(start + j)
             bar.update(len(part))
-    return kept, rows, {"truncated": truncated, "dropped_too_long": dropped}
+    return kept, rows, {"truncated": truncated, "dropped_too_long": dropped, "history_cut": history_cut}
 
 
 class DialogBatches:
@@ -1881,6 +2381,8 @@ class DialogBatches:
     the process count, which is part of the cache key: epoch 0 once used the batches built for
     one process (half-size batches on two). Inputs are padded with <pad>, targets with -100.
     """
+
+    variable_shapes = True  # a batch is as wide (and the last as long) as it happens to be: train() compiles dynamic
 
     def __init__(self, rows, batch_size: int, seed: int, rank: int = 0, world: int = 1):
         self.rows, self.B, self.seed, self.rank, self.world = rows, batch_size, seed, rank, world
@@ -1976,7 +2478,7 @@ def prepare_sft_data(cfg: SFTConfig, tok, context: int) -> dict:
     report.update(lengths)
     rows_by_split, pairs_by_split = {"train": [], "val": []}, {"train": [], "val": []}
     for pair, row in zip(kept, rows):  # split by a seeded hash of the row, as the corpus is
-        s = split_of(f"{pair[0]}\n{pair[1]}", cfg.seed, cfg.val_fraction)
+        s = split_of(dialog_key(*pair), cfg.seed, cfg.val_fraction)
         rows_by_split[s].append(row)
         pairs_by_split[s].append(pair)
     if not rows_by_split["val"] or len(rows_by_split["train"]) < world_size():
@@ -2005,21 +2507,55 @@ def set_dropout(model, p: float) -> None:
 PAIR_COLUMNS = ("prompt", "chosen", "rejected")
 
 
+def preference_answer(value, where: str, column: str) -> tuple[list[str] | None, str]:
+    """A chosen or rejected cell: text, or messages ending with the assistant's answer; returns the
+    conversation before the answer (None when the cell holds the answer alone) and the answer."""
+    if not isinstance(value, (list, tuple)):
+        return None, cell_text(value, where, column)
+    if all(isinstance(m, dict) and CHAT_ROLES.get(str(m.get("role") or m.get("from")).lower()) == "assistant"
+           for m in value):  # the answer alone, as a message
+        m = value[-1]
+        return None, cell_text(m["content"] if m.get("content") is not None else m.get("value"), where, column)
+    texts = conversation_texts(value, where, column)
+    if len(texts) % 2:
+        raise PocketGPTError(f"{where}: the {column!r} conversation does not end with an assistant message (the answer).")
+    return texts[:-1], texts[-1]
+
+
 def read_preference_pairs(path) -> list[dict]:
-    """prompt, chosen, rejected rows from a CSV (columns in any case), each cell non-empty."""
-    df = read_csv(path, "prompt, chosen and rejected rows")
-    columns = {c.strip().lower(): c for c in df.columns}
-    missing = [c for c in PAIR_COLUMNS if c not in columns]
+    """prompt, chosen, rejected rows (columns in any case, any dialog format), each cell non-empty.
+
+    A cell is text or a list of messages: a prompt conversation (its turns go before the answers, as in
+    SFT), an answer as an assistant message. Without a prompt column, chosen and rejected are whole
+    conversations that differ only in their last (assistant) message."""
+    columns, rows = table_rows(path, "prompt, chosen and rejected rows")
+    lower = {c.strip().lower(): c for c in columns}
+    missing = [c for c in PAIR_COLUMNS if c not in lower and (c != "prompt" or {"chosen", "rejected"} - set(lower))]
     if missing:
-        raise PocketGPTError(f"{path}: no {', '.join(missing)} column; the columns are {list(df.columns)}. A preference "
+        raise PocketGPTError(f"{path}: no {', '.join(missing)} column; the columns are {list(columns)}. A preference "
                              f"file needs prompt, chosen and rejected (the layout of the public preference datasets).")
     pairs = []
-    for i, row in enumerate(df[[columns[c] for c in PAIR_COLUMNS]].itertuples(index=False), start=2):  # line 1: header
-        cells = dict(zip(PAIR_COLUMNS, (str(v).strip() for v in row)))
-        empty = next((c for c in PAIR_COLUMNS if not cells[c]), None)
+    for where, row in rows:
+        cells = {c: row[lower[c]] for c in PAIR_COLUMNS if c in lower}
+        empty = next((c for c, v in cells.items() if v is None or not (v.strip() if isinstance(v, str) else len(v))), None)
         if empty:
-            raise PocketGPTError(f"{path}, row {i}: the {empty!r} cell is empty. Fill it or remove the row.")
-        pairs.append(cells)
+            raise PocketGPTError(f"{where}: the {empty!r} cell is empty. Fill it or remove the row.")
+        (before, chosen), (before_rejected, rejected) = (preference_answer(cells[c], where, lower[c])
+                                                         for c in ("chosen", "rejected"))
+        if "prompt" in cells:
+            prompt = (conversation_texts(cells["prompt"], where, lower["prompt"])
+                      if isinstance(cells["prompt"], (list, tuple)) else [cell_text(cells["prompt"], where, "prompt")])
+        elif before and before == before_rejected:
+            prompt = before
+        else:
+            raise PocketGPTError(f"{where}: there is no prompt column, so chosen and rejected must be conversations "
+                                 f"that differ only in their last (assistant) message.")
+        if len(prompt) % 2 == 0:
+            raise PocketGPTError(f"{where}: the prompt conversation does not end with a user message.")
+        empty = next((c for c, text in [("prompt", prompt[-1]), ("chosen", chosen), ("rejected", rejected)] if not text), None)
+        if empty:
+            raise PocketGPTError(f"{where}: the {empty!r} text is empty. Fill it or remove the row.")
+        pairs.append({"prompt": prompt[0] if len(prompt) == 1 else tuple(prompt), "chosen": chosen, "rejected": rejected})
     if not pairs:
         raise PocketGPTError(f"{path} has a header but no preference pairs.")
     return pairs
@@ -2032,7 +2568,8 @@ def self_preference_pairs(model, tok, dialogs, n: int, seed: int) -> tuple[list[
     picked = [dialogs[i] for i in eval_sample(len(dialogs), n)]
     prompt_ids = [chat_prompt_ids(tok, p) for p, _ in picked]
     pairs, skipped = [], 0
-    for (prompt, reference), ids, answer in zip(picked, prompt_ids, generate_many(model, prompt_ids, False, seed)):
+    for (prompt, reference), ids, answer in zip(picked, prompt_ids, generate_many(model, prompt_ids, False, seed,
+                                                                                  desc="DPO: the SFT model answers")):
         text = tok.decode(answer, skip_special_tokens=True).strip()
         if difflib.SequenceMatcher(None, text.split(), reference.split()).ratio() >= 0.9:
             skipped += 1
@@ -2044,15 +2581,20 @@ def self_preference_pairs(model, tok, dialogs, n: int, seed: int) -> tuple[list[
 def encode_preference_pairs(tok, pairs, context: int) -> list:
     """((chosen ids, labels), (rejected ids, labels)) per pair, as SFT encodes rows (long answers cut).
     A sampled rejected answer keeps its own ids: with <|eos|> where the model ended, without where it
-    ran out of context."""
-    chosen = encode_dialogs(tok, [(p["prompt"], p["chosen"]) for p in pairs], context, "truncate")[1]
-    rejected = encode_dialogs(tok, [(p["prompt"], p["rejected"]) for p in pairs], context, "truncate")[1]
+    ran out of context. A pair whose instruction alone does not fit the context is None (SFT drops
+    such rows too), so the rows stay in step with the pairs."""
+    at = []
+    for side in ("chosen", "rejected"):
+        index = []
+        rows = encode_dialogs(tok, [(p["prompt"], p[side]) for p in pairs], context, "truncate", kept_index=index)[1]
+        at.append(dict(zip(index, rows)))
     rows = []
-    for pair, c, r in zip(pairs, chosen, rejected):
-        if "rejected_ids" in pair:
+    for i, pair in enumerate(pairs):
+        c, r = at[0].get(i), at[1].get(i)
+        if c is not None and r is not None and "rejected_ids" in pair:
             prompt = chat_prompt_ids(tok, pair["prompt"])
             r = (prompt + pair["rejected_ids"], [-100] * len(prompt) + pair["rejected_ids"])
-        rows.append((c, r))
+        rows.append((c, r) if c is not None and r is not None else None)
     return rows
 
 
@@ -2074,17 +2616,21 @@ def run_preference_phase(cfg, sft_model, tok, dialogs, work: Path, resume_dir: P
         pairs, skipped = read_preference_pairs(cfg.preference), 0
     write_json(folder / "pairs.json", pairs)
     rows = encode_preference_pairs(tok, pairs, sft_model.config.n_positions)
-    split = [split_of(f"{p['prompt']}\n{p['chosen']}", cfg.seed, cfg.val_fraction) for p in pairs]
-    train_rows = [r for r, s in zip(rows, split) if s == "train"]
-    val_rows = [r for r, s in zip(rows, split) if s == "val"]
+    split = [split_of(dialog_key(p["prompt"], p["chosen"]), cfg.seed, cfg.val_fraction) for p in pairs]
+    train_rows = [r for r, s in zip(rows, split) if s == "train" and r is not None]
+    val_rows = [r for r, s in zip(rows, split) if s == "val" and r is not None]
     if not val_rows:  # too few pairs for the split to hold any out: hold out a few, never measure on training pairs
         k = max(1, min(cfg.batch_size, len(train_rows) // 20))
         train_rows, val_rows = train_rows[:-k], train_rows[-k:]
     if len(train_rows) < world_size():
-        raise PocketGPTError(f"preference={cfg.preference!r}: only {len(rows)} usable pairs"
+        raise PocketGPTError(f"preference={cfg.preference!r}: only {sum(r is not None for r in rows)} usable pairs"
                              + (f" ({skipped} were near-identical)" if skipped else "") + ": too few to train on.")
     train_data = PairBatches(train_rows, cfg.batch_size, cfg.seed, world=world_size())
     steps = max(1, round(cfg.preference_epochs * -(-len(train_data) // cfg.grad_accum_steps)))
+    if is_main_process():
+        print(f"preference phase (DPO, beta {cfg.beta}" + (f", rpo_alpha {cfg.rpo_alpha}" if cfg.rpo_alpha else "")
+              + f"): {len(train_rows):,} training and {len(val_rows):,} held-out pairs"
+              + (f" ({skipped} near-identical ones skipped)" if skipped else "") + f", {steps} steps", flush=True)
     dcfg = dataclasses.replace(cfg, optimizer="adamw", schedule="cosine", learning_rate=cfg.preference_learning_rate,
                                min_lr=cfg.preference_learning_rate / 10, max_steps=steps, warmup_steps=max(1, steps // 10),
                                weight_decay=0.0)
@@ -2100,6 +2646,7 @@ def run_preference_phase(cfg, sft_model, tok, dialogs, work: Path, resume_dir: P
     return result
 
 
+@quiet_library_bars()
 def run_sft_stage(cfg: SFTConfig, stop_at_step: int | None = None) -> Path:
     """Stage 3, whole: the pretrained model and tokenizer, the dialogs, the shared loop, the folder;
     then, with `preference`, DPO on the SFT model (the SFT model is kept in model_sft/, the tuned
@@ -2112,6 +2659,8 @@ def run_sft_stage(cfg: SFTConfig, stop_at_step: int | None = None) -> Path:
     model = load_model(pre / "model").train()
     set_dropout(model, cfg.dropout)
     data = prepare_sft_data(cfg, tok, model.config.n_positions)
+    if cfg.preference not in (None, "self"):  # a bad preference file stops the stage now, not after hours of SFT
+        read_preference_pairs(cfg.preference)
     # the global batch (batch_size rows on each process) is fixed before the padding share is measured
     train_data = DialogBatches(data["rows"]["train"], cfg.batch_size, cfg.seed, world=world_size())
     val_data = DialogBatches(data["rows"]["eval"], cfg.batch_size, cfg.seed)
@@ -2140,7 +2689,7 @@ def run_sft_stage(cfg: SFTConfig, stop_at_step: int | None = None) -> Path:
                     (shutil.copytree if (resume_dir / name).is_dir() else shutil.copy)(resume_dir / name, work / name)
         else:
             result = train(model, train_data, val_data.eval_batches(len(val_data.rows)), cfg, work, resume, deadline,
-                           None if cfg.preference else stop_at_step, stage="sft")
+                           None if cfg.preference else stop_at_step, stage="sft", loss_module=LMLoss(model, padded=True))
             model, _ = result.pop("model"), result.pop("is_main_process")
             if is_main_process():
                 save_hf_folder(model, tok, work / sft_folder)
@@ -2167,22 +2716,33 @@ def run_sft_stage(cfg: SFTConfig, stop_at_step: int | None = None) -> Path:
 def data_report_rows(stage_dir) -> list[dict]:
     """What reading and cleaning the dialogs did, as rows for the notebook's table."""
     r = read_json(Path(stage_dir) / "data_report.json")
-    names = {"rows_read": "rows read", "dropped_empty": "dropped: empty prompt or response",
-             "dropped_duplicates": "dropped: exact duplicates", "truncated": "answer cut to fit the context",
+    layouts = {f"rows_{k}": n for k, n in r.get("rows_by_layout", {}).items()}  # older reports have none
+    r = {**r, **layouts}
+    names = {"rows_read": "rows read", **{k: f"rows in the {k[5:]} layout" for k in layouts},
+             "examples": "examples (one per answer; a chat row gives one per assistant turn)",
+             "dropped_empty": "dropped: empty prompt or response",
+             "dropped_duplicates": "dropped: exact duplicates", "history_cut": "earlier turns cut to fit the context",
+             "truncated": "answer cut to fit the context",
              "dropped_too_long": "dropped: too long", "train_rows": "train rows", "val_rows": "val rows",
              "train_tokens": "train tokens", "response_tokens": "train tokens with loss (response + eos)",
              "real_token_fraction": "real (not padding) tokens per batch", "steps_per_epoch": "steps per epoch"}
-    return [{"": label, "value": f"{r[k]:.1%}" if isinstance(r[k], float) else f"{r[k]:,}"} for k, label in names.items()]
+    return [{"": label, "value": f"{r[k]:.1%}" if isinstance(r[k], float) else f"{r[k]:,}"}
+            for k, label in names.items() if k in r]
 
 
-def chat_prompt(prompt: str) -> str:
-    """What the seed feeds generate(): the template up to and including "Response:"."""
-    return f"<|bos|>Instruction: {prompt}\nResponse:"
+def chat_prompt(prompt) -> str:
+    """What the seed feeds generate(): the template up to and including "Response:"; a prompt with
+    turns before it (u1, a1, ..., un) renders them first, as CHAT_TEMPLATE does."""
+    *before, last = prompt_turns(prompt)
+    turns = "".join(f"<|bos|>Instruction: {u}\nResponse: {a}<|eos|>" for u, a in zip(before[0::2], before[1::2]))
+    return f"{turns}<|bos|>Instruction: {last}\nResponse:"
 
 
-def chat_prompt_ids(tok, prompt: str) -> list[int]:
-    """The seed's prompt as ids, <|bos|> inserted as an id and the instruction kept as text."""
-    return [BOS_ID, *encode_text(tok, [chat_prompt(prompt).removeprefix("<|bos|>")])[0]]
+def chat_prompt_ids(tok, prompt) -> list[int]:
+    """The seed's prompt as ids, <|bos|> (and <|eos|> after earlier turns) inserted as ids and the text kept as text."""
+    *before, last = prompt_turns(prompt)
+    turns = [i for ids, _ in dialog_ids(tok, list(zip(before[0::2], before[1::2]))) for i in ids] if before else []
+    return [*turns, BOS_ID, *encode_text(tok, [chat_prompt(last).removeprefix("<|bos|>")])[0]]
 
 
 def compare_answers(before_dir, after_dir, prompts, max_new_tokens: int = 64) -> list[dict]:
@@ -2225,12 +2785,32 @@ def step_timer(loss_module, cfg, vocab_size: int, precision: str, compiled: bool
     return one_step
 
 
+T4_USABLE_GIB = 14.0  # a T4's 16 GB shows as 14.7 GiB to CUDA, less the context and kernels (~0.5 GiB)
+
+
+def t4_memory(device, cfg) -> dict:
+    """The peak GPU memory of the training step since the last reset, and whether that micro-batch
+    fits a T4: what the allocator reserved (allocated plus its cache) against T4_USABLE_GIB."""
+    if device.type != "cuda":
+        return {"peak_memory_gib": None, "peak_reserved_gib": None, "fits_t4": None,
+                "t4_memory": "not measured: no GPU here"}
+    allocated, reserved = (f(device) / 2 ** 30 for f in (torch.cuda.max_memory_allocated, torch.cuda.max_memory_reserved))
+    fits = reserved <= T4_USABLE_GIB
+    return {"peak_memory_gib": round(allocated, 2), "peak_reserved_gib": round(reserved, 2), "fits_t4": fits,
+            "t4_memory": f"batch_size={cfg.batch_size} x {cfg.n_positions} tokens: {reserved:.1f} GiB reserved at peak "
+                         f"({allocated:.1f} GiB allocated) of the {T4_USABLE_GIB:.0f} GiB a 16 GB T4 leaves: "
+                         + ("fits" if fits else f"does not fit: lower batch_size (now {cfg.batch_size}) and raise "
+                                                f"grad_accum_steps by the same factor")}
+
+
 def bench(profile: str = "t4", params: dict | None = None, reference: bool = False, steps: int = 10,
           warmup: int = 3) -> dict:
     """The `bench` command: one JSON-able dict of the training step's speed on this device.
 
     With `reference`, the two models take turns step by step and each reports its median step, so
     a noisy machine (other processes, turbo clocks) slows both alike instead of skewing the ratio.
+    Ours warms up first and alone, so the peak GPU memory it reports (and whether that micro-batch
+    fits a T4's 16 GB) is the step's own; the reference joins after it.
     """
     params = dict(params or {})
     vocab_size = int(params.pop("vocab_size", make_config(TokenizerConfig, profile, run_dir="unused").vocab_size))
@@ -2240,23 +2820,29 @@ def bench(profile: str = "t4", params: dict | None = None, reference: bool = Fal
     model = build_model(vocab_size, cfg)
     flops, peak = flops_per_token(model), peak_flops(device, precision)
     timers = {"ours": step_timer(LMLoss(model), cfg, vocab_size, precision, compiled)}
+    timers["ours"]()  # the first step compiles and allocates the optimizer's state
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for _ in range(max(1, warmup - 1)):  # ours warms up alone: its peak memory is its own, not the reference's too
+        timers["ours"]()
+    memory = t4_memory(device, cfg)
     if reference:
         torch.manual_seed(cfg.seed)
         plain = PlainGPT(vocab_size, cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.n_positions)
         timers["reference"] = step_timer(plain, cfg, vocab_size, precision, compiled)
+        for _ in range(warmup):
+            timers["reference"]()
     seconds = {k: [] for k in timers}
-    for i in range(warmup + steps):
+    for _ in range(steps):
         for name, timer in timers.items():
-            t = timer()
-            if i >= warmup:
-                seconds[name].append(t)
+            seconds[name].append(timer())
     tokens = cfg.batch_size * cfg.grad_accum_steps * cfg.n_positions
     tps = {k: tokens / float(np.median(v)) for k, v in seconds.items()}
     out = {"profile": profile, "params": count_params(model), "tokens_per_s": round(tps["ours"]),
            "mfu": round(flops * tps["ours"] / peak, 4) if peak else None, "device": device_name(device),
            "precision": precision, "compiled": compiled, "batch": [cfg.batch_size, cfg.n_positions],
            "optimizer": cfg.optimizer,
-           "grad_accum_steps": cfg.grad_accum_steps, "steps": steps, "torch": torch.__version__}
+           "grad_accum_steps": cfg.grad_accum_steps, "steps": steps, "torch": torch.__version__, **memory}
     if reference:
         out["reference"] = {"params": sum(p.numel() for p in plain.parameters()), "tokens_per_s": round(tps["reference"]),
                             "mfu": round(flops * tps["reference"] / peak, 4) if peak else None}
@@ -2270,6 +2856,7 @@ def bench(profile: str = "t4", params: dict | None = None, reference: bool = Fal
 SAMPLING = dict(do_sample=True, top_p=0.9, temperature=0.8)  # the seed's sampling
 
 
+@quiet_library_bars()
 def load_model(folder):
     """A saved model folder, with an error that names it when it is not one."""
     folder = Path(folder)
@@ -2334,7 +2921,7 @@ def eval_val_split(model, tokenizer_dir, n_windows: int, batch_size: int = 8) ->
 def eval_responses(model, tok, pairs, batch_size: int = 16) -> float:
     """Loss on response tokens of held-out dialogs (the SFT objective)."""
     _, rows, _ = encode_dialogs(tok, pairs, model.config.n_positions, "truncate")
-    return evaluate(LMLoss(model), DialogBatches(rows, batch_size, 0).eval_batches(10**9), model.device)
+    return evaluate(LMLoss(model, padded=True), DialogBatches(rows, batch_size, 0).eval_batches(10**9), model.device)
 
 
 def answer_table(model, tok, prompts, max_length: int = 384, seed: int = 1337) -> tuple[list[dict], dict]:
@@ -2356,7 +2943,8 @@ def answer_table(model, tok, prompts, max_length: int = 384, seed: int = 1337) -
 QUALITY_ROWS = 256  # held-out dialogs answered per model (all of them where there are fewer)
 
 
-def generate_many(model, prompts_ids, greedy: bool, seed: int = 1337, batch_size: int = 32) -> list[list[int]]:
+def generate_many(model, prompts_ids, greedy: bool, seed: int = 1337, batch_size: int = 32,
+                  desc: str | None = None) -> list[list[int]]:
     """New ids for many prompts at once, each cut after its <|eos|>: left-padded batches of prompts of
     similar length (GPT-2 takes its positions from the attention mask in generate()), each answer
     allowed the context that is left. Sampled as the seed samples, or greedy."""
@@ -2364,6 +2952,7 @@ def generate_many(model, prompts_ids, greedy: bool, seed: int = 1337, batch_size
     n_positions, device = model.config.n_positions, model.device
     order = sorted(range(len(prompts_ids)), key=lambda i: len(prompts_ids[i]))
     out = [[] for _ in prompts_ids]
+    bar = progress(total=len(order), desc=desc, unit="answer", disable=desc is None)
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         width = max(len(prompts_ids[i]) for i in idx)
@@ -2379,6 +2968,8 @@ def generate_many(model, prompts_ids, greedy: bool, seed: int = 1337, batch_size
         for row, i in enumerate(idx):
             new = y[row, width:].tolist()
             out[i] = new[:new.index(EOS_ID) + 1] if EOS_ID in new else new
+        bar.update(len(idx))
+    bar.close()
     return out
 
 
@@ -2470,11 +3061,17 @@ def plot_quality(quality: dict, out_png=None, show: bool = True):
 
 
 def ask(model, tok, prompt: str, max_length: int = 384, stream: bool = False, greedy: bool = False) -> str:
-    """Ask the model one instruction; with stream=True the answer prints as it is generated."""
+    """Ask the model one instruction. With stream=True the answer prints as it is generated where
+    someone watches, and whole once it is done in a headless run (a saved notebook would otherwise
+    keep each token as a line of its own)."""
     ids = chat_prompt_ids(tok, prompt)
-    streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True) if stream else None
+    live = stream and watched()
+    streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True) if live else None
     new = generate(model, tok, ids, max_length - len(ids), greedy=greedy, streamer=streamer)
-    return tok.decode(new, skip_special_tokens=True).strip()
+    answer = tok.decode(new, skip_special_tokens=True).strip()
+    if stream and not live:
+        print(answer, flush=True)
+    return answer
 
 
 def write_export_folder(model, tok, out_dir, card: str) -> None:
@@ -2683,6 +3280,10 @@ def write_gguf(hf_dir, out_path, ftype="f16"):
         # HF's GPT2Tokenizer adds no bos (our prompts carry <|bos|> in the text); llama.cpp must agree
         w.add_add_bos_token(bool(getattr(tokenizer, "add_bos_token", False)))
         w.add_add_eos_token(bool(getattr(tokenizer, "add_eos_token", False)))
+        # llama.cpp's chat (llama-cli -cnv, llama-server, create_chat_completion) renders this template
+        # and stops at <|eos|>; without it they format prompts with some default template
+        w.add_chat_template(CHAT_TEMPLATE)
+        w.add_eot_token_id(tokenizer.eos_token_id)
 
         for name, arr in gguf_tensors(model).items():
             data, raw_dtype = gguf_encode_tensor(name, arr, ftype)
@@ -2707,11 +3308,41 @@ def gguf_ftype(gguf_path):
     return {0: "f32", 1: "f16", 7: "q8_0"}[ftype]
 
 
-def load_llama(gguf_path, n_ctx, n_threads=None):
-    """Open a GGUF with llama-cpp-python, keeping the logits of every position (for comparison)."""
+# llama.cpp rounds the context up to a multiple of 256 and then warns that it exceeds the model's
+# (n_ctx_seq (256) > n_ctx_train (128)); pocketGPT never feeds it more than n_positions tokens.
+LLAMA_HARMLESS = ("possible training context overflow",)
+
+
+@contextmanager
+def native_stderr_filtered(harmless=LLAMA_HARMLESS):
+    """llama.cpp logs through llama-cpp-python's callback (to sys.stderr) and, for some messages,
+    writes to file descriptor 2 itself: capture both around a call and pass on every line but the
+    ones known to be harmless."""
+    import contextlib
+    import tempfile
+    sys.stderr.flush()
+    saved, python_side = os.dup(2), io.StringIO()
+    with tempfile.TemporaryFile() as native_side:
+        os.dup2(native_side.fileno(), 2)
+        try:
+            with contextlib.redirect_stderr(python_side):
+                yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            native_side.seek(0)
+            lines = (native_side.read().decode("utf-8", "replace") + python_side.getvalue()).splitlines()
+            kept = [line for line in lines if line.strip() and not any(h in line for h in harmless)]
+            if kept:
+                print("\n".join(kept), file=sys.stderr, flush=True)
+
+
+def load_llama(gguf_path, n_ctx, n_threads=None, logits_all=True):
+    """Open a GGUF with llama-cpp-python (by default keeping the logits of every position, to compare)."""
     from llama_cpp import Llama
-    return Llama(model_path=str(gguf_path), n_ctx=n_ctx, logits_all=True, verbose=False,
-                 n_threads=n_threads or torch.get_num_threads(), seed=0)
+    with native_stderr_filtered():
+        return Llama(model_path=str(gguf_path), n_ctx=n_ctx, logits_all=logits_all, verbose=False,
+                     n_threads=n_threads or torch.get_num_threads(), seed=0)
 
 
 def llama_logits(llm, ids):
@@ -2749,6 +3380,38 @@ def hf_logits(model, ids):
 def is_near_tie(ref_row, a, b, tol):
     """True if HF scores tokens a and b within tol: rounding of that size may pick either one."""
     return abs(float(ref_row[a]) - float(ref_row[b])) <= tol
+
+
+CHECK_CONVERSATION = [{"role": "system", "content": "Answer in one sentence."},
+                      {"role": "user", "content": "What does a tokenizer do?"},
+                      {"role": "assistant", "content": "It splits text into tokens."},
+                      {"role": "user", "content": "What is dropout?"}]
+
+
+def gguf_chat_check(llm, hf_dir, model, tokenizer, n_generate: int) -> dict:
+    """llama.cpp's own chat path on the GGUF, against the HF folder: the template llama-cpp-python
+    picks from the file's metadata renders a conversation (system text, two user turns) to the ids
+    `apply_chat_template` gives, and `create_chat_completion` (greedy) answers as HF's greedy
+    generation does and stops at <|eos|>."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    hf_tok = load_tokenizer(hf_dir)
+    want = list(hf_tok.apply_chat_template(CHECK_CONVERSATION, add_generation_prompt=True, tokenize=True,
+                                           return_dict=False, tokenizer_kwargs={"verbose": False}))  # may pass the context
+    template = llm.metadata.get("tokenizer.chat_template")
+    rendered = Jinja2ChatFormatter(template, eos_token="<|eos|>", bos_token="<|bos|>")(
+        messages=CHECK_CONVERSATION).prompt if template else ""
+    got = llm.tokenize(rendered.encode("utf-8"), add_bos=False, special=True)
+    out = {"template_used": llm.chat_format == "chat_template.default" and template == CHAT_TEMPLATE,
+           "prompt_ids_equal": got == want, "answer_equal": None}
+    n = min(n_generate, model.config.n_positions - len(want) - 1)
+    if n > 0:  # room for an answer in the context
+        ref = hf_greedy(model, want, n, tokenizer.eos_token_id, tokenizer.pad_token_id)
+        reply = llm.create_chat_completion(messages=CHECK_CONVERSATION, temperature=0.0, top_k=1,
+                                           max_tokens=n, seed=0)["choices"][0]
+        out.update(answer_equal=reply["message"]["content"].strip() == tokenizer.decode(ref, skip_special_tokens=True).strip(),
+                   finish_reason=reply["finish_reason"], hf_ended_with_eos=ref[-1:] == [tokenizer.eos_token_id])
+    return out
 
 
 def verify_gguf(gguf_path, hf_dir, prompts, tokenization_texts, n_generate=64):
@@ -2804,6 +3467,7 @@ def verify_gguf(gguf_path, hf_dir, prompts, tokenization_texts, n_generate=64):
         # tokenization: what a llama.cpp user gets from the raw text, bos handling included
         mismatches = [t for t in tokenization_texts
                       if tokenizer.encode(t, verbose=False) != llm.tokenize(t.encode("utf-8"), add_bos=True, special=True)]
+        chat = gguf_chat_check(llm, hf_dir, model, tokenizer, n_generate)
     finally:
         llm.close()
 
@@ -2813,6 +3477,8 @@ def verify_gguf(gguf_path, hf_dir, prompts, tokenization_texts, n_generate=64):
         top1_differ_beyond_ties=len(real_differ), greedy_identical=greedy_identical,
         greedy_same_tokens=greedy_same, greedy_tokens=greedy_total,
         tokenization_texts=len(tokenization_texts), tokenization_mismatches=len(mismatches),
+        chat_template=chat["template_used"], chat_prompt_ids_equal=chat["prompt_ids_equal"],
+        chat_answer_equal=chat["answer_equal"],
     )
     failures = []
     if figures["rel_diff"] > tol["rel_tol"]:
@@ -2826,6 +3492,10 @@ def verify_gguf(gguf_path, hf_dir, prompts, tokenization_texts, n_generate=64):
     if mismatches:
         failures.append(f"tokenization differs from HF on {len(mismatches)} of "
                         f"{len(tokenization_texts)} texts, e.g. {mismatches[:3]!r}")
+    if not (chat["template_used"] and chat["prompt_ids_equal"]):
+        failures.append(f"llama.cpp's chat does not render pocketGPT's prompt: {chat}")
+    if tol["greedy"] and greedy_identical and chat["answer_equal"] is False:
+        failures.append(f"create_chat_completion's greedy answer differs from HF's: {chat}")
     if failures:
         raise PocketGPTError(f"{gguf_path} does not match {hf_dir}:\n  " + "\n  ".join(failures)
                          + f"\nfigures: {figures}")
@@ -2889,14 +3559,19 @@ def fuzz_strings(docs, n: int = 200, seed: int = 0) -> list[str]:
     return texts
 
 
+LLAMA_SKIPPED = ("not run against Hugging Face: llama-cpp-python is not installed "
+                 "(pip install llama-cpp-python; it compiles llama.cpp, a few minutes)")
+
+
 def export_gguf_files(folder, out_dir, types, prompts, texts) -> list[dict]:
     """pocketGPT-{type}.gguf beside the folder; each verified against HF and timed when
     llama-cpp-python is importable (it compiles llama.cpp on install: CI has it, Kaggle need not)."""
     if not types:
         return []
     if importlib.util.find_spec("gguf") is None:
-        print("GGUF skipped: the `gguf` package is not installed (pip install gguf; on Kaggle attach its wheel).")
-        return []
+        skipped = "not written: the `gguf` package is not installed (pip install gguf; on Kaggle attach its wheel)"
+        print(f"GGUF {skipped}.")
+        return [{"type": ftype, "file": None, "skipped": skipped} for ftype in types]
     folder, out_dir = Path(folder), Path(out_dir)
     n_ctx = read_json(folder / "config.json")["n_positions"]
     n_generate = min(64, n_ctx - max(len(chat_prompt_ids(load_tokenizer(folder), p)) for p in prompts) - 1)
@@ -2910,6 +3585,8 @@ def export_gguf_files(folder, out_dir, types, prompts, texts) -> list[dict]:
             row["verify"] = verify_gguf(path, folder, chat, probes, n_generate)
             speed = generation_speed(path, folder, chat[0])
             row["tokens_per_s"], row["hf_tokens_per_s"] = speed["llama_cpp_tokens_per_s"], speed["hf_tokens_per_s"]
+        else:
+            row["skipped"] = LLAMA_SKIPPED
         rows.append(row)
     return rows
 
@@ -2999,13 +3676,13 @@ or in Python: `llama_cpp.Llama(model_path="pocketGPT-q8_0.gguf")("<|bos|>Instruc
 
 
 def report_markdown(report: dict, answers: list[dict], versions: dict) -> str:
-    rows = "\n".join(f"| {k} | {v} |" for k, v in report_rows(report))
+    rows = "\n".join(f"| {md_cell(k)} | {md_cell(v)} |" for k, v in report_rows(report))
     vers = ", ".join(f"{k} {v}" for k, v in versions.items())
-    ans = "\n".join(f"| {a['instruction']} | {a['sampled'][:200].replace('|', '/').replace(chr(10), ' ')} | "
-                    f"{a['greedy'][:200].replace('|', '/').replace(chr(10), ' ')} |" for a in answers)
+    ans = "\n".join(f"| {md_cell(a['instruction'])} | {md_cell(a['sampled'][:200])} | {md_cell(a['greedy'][:200])} |"
+                    for a in answers)
     table = quality_table(report["quality"])
     names = list(report["quality"])
-    quality = "\n".join("| " + " | ".join(str(r[c]).replace("|", "\\|") for c in ["measure", *names]) + " |" for r in table)
+    quality = "\n".join("| " + " | ".join(md_cell(r[c]) for c in ["measure", *names]) + " |" for r in table)
     return (f"# pocketGPT report card\n\n{report['device']}; {vers}\n\n| measure | value |\n|---|---|\n{rows}\n\n"
             f"![losses](losses.png)\n\n## Answer quality on {report['quality'][names[0]]['rows']} held-out instructions\n\n"
             f"| measure | {' | '.join(names)} |\n|{'---|' * (len(names) + 1)}\n{quality}\n\n![quality](quality.png)\n\n"
@@ -3036,14 +3713,58 @@ def report_rows(r: dict) -> list[tuple[str, str]]:
             ("SFT rows / tokens seen", f"{r['sft_rows']:,} / {r['sft_tokens']:,}"),
             ("response loss before / after SFT", f"{r['pretrain_response_loss']:.3f} / {r['sft_response_loss']:.3f} "
              f"(on SFT's {r['heldout_rows']:,} held-out evaluation rows)"),
-            ("answers ending with <|eos|> (sampled / greedy)", f"{r['sampled_eos_share']:.0%} / {r['greedy_eos_share']:.0%}"),
+            ("answers ending with `<|eos|>` (sampled / greedy)", f"{r['sampled_eos_share']:.0%} / {r['greedy_eos_share']:.0%}"),
             ("distinct-2 (sampled / greedy)", f"{r['sampled_distinct2']:.2f} / {r['greedy_distinct2']:.2f}")]
     for f in r.get("gguf", []):
-        rows.append((f"GGUF {f['type']}", f"{f['size_mb']:.1f} MB, {f.get('tokens_per_s', float('nan')):.0f} tok/s greedy"
-                     + (f" (HF generate: {r['hf_tokens_per_s']:.0f} tok/s)" if r.get("hf_tokens_per_s") else "")))
+        if "verify" not in f:  # never a nan: what was not checked, and the command that checks it
+            size = f"{f['size_mb']:.1f} MB, " if f.get("file") else ""
+            rows.append((f"GGUF {f['type']}", size + f.get("skipped", LLAMA_SKIPPED)))
+            continue
+        v = f["verify"]
+        rows.append((f"GGUF {f['type']}", f"{f['size_mb']:.1f} MB; against HF: top-1 agreement {v['top1_agreement']:.1%}, "
+                     f"greedy tokens the same {v['greedy_same_tokens']}/{v['greedy_tokens']}; "
+                     f"{f['tokens_per_s']:.0f} tok/s greedy (HF generate: {f['hf_tokens_per_s']:.0f} tok/s)"))
+    if not r.get("gguf"):
+        rows.append(("GGUF", "not written (gguf_types=[])"))
     return rows
 
 
+def export_checks(r: dict) -> list[dict]:
+    """What the checks of the export found, one row each, for 04 to show (a skipped check says why)."""
+    v = r["verify"]
+    yes = {True: "yes", False: "NO"}
+    rows = [("pocketGPT/ loaded by the seed's code in a fresh process: largest logit difference",
+             f"{v['max_abs_logit_diff']:.2g} ({v['dtype']})"),
+            ("its decoded answer starts with the instruction", yes[v["text_starts_with_instruction"]]),
+            ("tokenizer size equals the model's vocabulary", yes[v["tokenizer_matches_vocab"]]),
+            ("slow tokenizer (vocab.json + merges.txt) encodes as the fast one", yes[v["slow_tokenizer_matches_fast"]]),
+            ("<pad> and <|eos|> have the ids the seed uses", yes[v["special_ids"]]),
+            ("sample answer", v["sample"])]
+    rows += [(k, val) for k, val in report_rows(r) if k.startswith("GGUF")]
+    return [{"check": k, "result": val} for k, val in rows]
+
+
+def show_report(export_dir) -> None:
+    """report.md inside a notebook: its markdown, and each figure it links shown as an image (the
+    links are relative to the export folder, which the notebook's browser cannot open)."""
+    from IPython.display import Image, Markdown, display
+
+    export_dir = Path(export_dir)
+    text = (export_dir / "report.md").read_text(encoding="utf-8")
+    for i, part in enumerate(re.split(r"^!\[[^\]]*\]\(([^)]+)\)$", text, flags=re.M)):
+        if i % 2:  # a figure's file name
+            if (export_dir / part).is_file():
+                display(Image(filename=str(export_dir / part)))
+        elif part.strip():
+            display(Markdown(part))
+
+
+def md_cell(value) -> str:
+    """Text for a markdown table cell: a '|' in it (as in `<|eos|>`) would end the cell, a newline the row."""
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+@quiet_library_bars()
 def run_export_stage(cfg: ExportConfig) -> Path:
     """Stage 4, whole: evaluate both models, write and verify the export, the zip and the report card."""
     tok_dir = find_stage("tokenizer", cfg.tokenizer_dir, cfg.run_dir)
@@ -3172,6 +3893,159 @@ def plot_losses(logs: dict, out_png=None, show: bool = True):
 
 
 # -----------------------------------------------------------------------------
+# Chat: talk to an exported model (its folder or a GGUF) from a terminal, or answer one prompt
+
+class PrintStreamer(TextStreamer):
+    """transformers' streamer, handing each finished piece of text to a function (not print)."""
+
+    def __init__(self, tok, on_text):
+        super().__init__(tok, skip_prompt=True, skip_special_tokens=True)
+        self.on_text = on_text
+
+    def on_finalized_text(self, text: str, stream_end: bool = False):
+        self.on_text(text)
+
+
+class FolderChat:
+    """A conversation with an export folder (or any pocketGPT model folder) through transformers,
+    on the GPU where there is one, sampled as the seed samples unless greedy."""
+
+    def __init__(self, path):
+        folder = Path(path)
+        folder = folder / "pocketGPT" if (folder / "pocketGPT" / "config.json").is_file() else folder
+        self.model = load_model(folder).to("cuda" if torch.cuda.is_available() else "cpu")
+        self.tok = load_tokenizer(folder)
+        self.tok.chat_template = self.tok.chat_template or CHAT_TEMPLATE
+        self.n_ctx = self.model.config.n_positions
+        self.where = f"{folder} (transformers, {self.model.device.type})"
+
+    def prompt_ids(self, messages) -> list[int]:
+        return list(self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False,
+                                                 tokenizer_kwargs={"verbose": False}))  # a long one is cut after
+
+    def answer(self, messages, max_new_tokens: int, greedy: bool, seed: int, on_text) -> str:
+        new = generate(self.model, self.tok, self.prompt_ids(messages), max_new_tokens, greedy=greedy, seed=seed,
+                       streamer=PrintStreamer(self.tok, on_text))
+        return self.tok.decode(new, skip_special_tokens=True).strip()
+
+
+class GGUFChat:
+    """The same conversation through llama.cpp (llama-cpp-python), which formats it with the chat
+    template the GGUF carries and stops at <|eos|>: what llama-server and llama-cli do with it."""
+
+    def __init__(self, path):
+        if importlib.util.find_spec("llama_cpp") is None:
+            raise PocketGPTError(f"{path} is a GGUF: chatting with it needs llama-cpp-python "
+                                 f"(pip install llama-cpp-python), or chat with the export folder instead.")
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        self.llm = load_llama(path, n_ctx=0, logits_all=False)  # n_ctx=0: the model's own context
+        template = self.llm.metadata.get("tokenizer.chat_template")
+        if not template:
+            raise PocketGPTError(f"{path} carries no chat template (a GGUF from before it did): export again with 04.")
+        self.formatter = Jinja2ChatFormatter(template, eos_token="<|eos|>", bos_token="<|bos|>")
+        self.n_ctx = int(self.llm.metadata["gpt2.context_length"])
+        self.where = f"{path} (llama.cpp)"
+
+    def prompt_ids(self, messages) -> list[int]:
+        text = self.formatter(messages=messages).prompt
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+
+    def answer(self, messages, max_new_tokens: int, greedy: bool, seed: int, on_text) -> str:
+        room = self.n_ctx - len(self.prompt_ids(messages))
+        if room < 1:
+            raise PocketGPTError(f"the message is longer than the model's context ({self.n_ctx} tokens): shorten it.")
+        sampling = (dict(temperature=0.0, top_k=1) if greedy else  # the seed's sampling, as transformers does it
+                    dict(temperature=SAMPLING["temperature"], top_p=SAMPLING["top_p"], top_k=50, min_p=0.0))
+        parts = []
+        for chunk in self.llm.create_chat_completion(messages=messages, max_tokens=min(max_new_tokens, room),
+                                                     stream=True, seed=seed, **sampling):
+            text = chunk["choices"][0]["delta"].get("content")
+            if text:
+                parts.append(text)
+                on_text(text)
+        return "".join(parts).strip()
+
+    def close(self):
+        self.llm.close()
+
+
+def open_chat(path):
+    """A FolderChat for a folder, a GGUFChat for a .gguf file; an error that says which paths work."""
+    path = Path(path)
+    if path.is_file() and path.suffix == ".gguf":
+        return GGUFChat(path)
+    if path.is_dir() and ((path / "config.json").is_file() or (path / "pocketGPT" / "config.json").is_file()):
+        return FolderChat(path)
+    raise PocketGPTError(f"chat {path}: give an export folder (04's export/ or its pocketGPT/), a model folder "
+                         f"with config.json, or a .gguf file.")
+
+
+def fit_conversation(bot, messages: list[dict], room: int) -> list[dict]:
+    """Drop the oldest exchanges (a system text stays) until the prompt leaves `room` tokens of the
+    context for the answer; the newest message is always kept (generate() cuts it if it must)."""
+    messages = list(messages)
+    while len(bot.prompt_ids(messages)) > bot.n_ctx - room:
+        users = [i for i, m in enumerate(messages) if m["role"] == "user"]
+        if len(users) <= 1:
+            break
+        messages = [m for i, m in enumerate(messages) if m["role"] == "system" or i >= users[1]]
+    return messages
+
+
+def chat(path, prompt: str | None = None, system: str | None = None, greedy: bool = False,
+         max_new_tokens: int | None = None, seed: int = 1337, stdin=None, out=None) -> int:
+    """`python pocketgpt_utils.py chat PATH`: a conversation in the terminal (each answer streams;
+    earlier turns stay in the prompt while they fit the context; /reset forgets them; an empty
+    line is ignored; Ctrl-D or /quit ends), or with `prompt` one answer, printed, for scripts."""
+    stdin, out = stdin or sys.stdin, out or sys.stdout
+    bot = open_chat(path)
+    max_new = max_new_tokens or bot.n_ctx // 2
+    room = min(max_new, bot.n_ctx // 4)  # what an answer keeps at least, when old turns are dropped
+
+    def write(text):
+        out.write(text)
+        out.flush()
+
+    base = [{"role": "system", "content": system}] if system else []
+    try:
+        if prompt is not None:
+            messages = fit_conversation(bot, base + [{"role": "user", "content": prompt}], room)
+            answer = bot.answer(messages, max_new, greedy, seed, on_text=lambda t: None)
+            write(answer + "\n")
+            return 0
+        write(f"pocketGPT chat: {bot.where}, {'greedy' if greedy else 'sampled as the seed samples'}. "
+              f"/reset forgets the conversation, Ctrl-D or /quit ends.\n")
+        messages, turn = list(base), 0
+        while True:
+            write("you> ")
+            line = stdin.readline()
+            if not line or line.strip() == "/quit":
+                write("\n")
+                return 0
+            text = line.strip()
+            if not text:
+                continue
+            if text == "/reset":
+                messages = list(base)
+                continue
+            messages = fit_conversation(bot, messages + [{"role": "user", "content": text}], room)
+            write("pocketGPT>")
+            started = []  # the first piece starts after the "Response:" of the prompt: one space, not two
+
+            def show(piece):
+                write(piece if started else " " + piece.lstrip())
+                started.append(True)
+            answer = bot.answer(messages, max_new, greedy, seed + turn, on_text=show)
+            write("\n")
+            messages.append({"role": "assistant", "content": answer})
+            turn += 1
+    finally:
+        if hasattr(bot, "close"):
+            bot.close()
+
+
+# -----------------------------------------------------------------------------
 # Command line: the pipeline (papermill), demo data, the benchmark
 
 def parse_value(text: str):
@@ -3188,6 +4062,8 @@ def run_notebook(notebook: Path, out_path: Path, parameters: dict, log_output: b
 
     declared = pm.inspect_notebook(str(notebook))
     params = {k: v for k, v in parameters.items() if k in declared}
+    before = os.environ.get("POCKETGPT_PROGRESS")
+    os.environ.setdefault("POCKETGPT_PROGRESS", "lines")  # the kernel inherits it: a saved notebook gets lines, not bars
     try:
         pm.execute_notebook(str(notebook), str(out_path), parameters=params, cwd=str(notebook.parent),
                             kernel_name="python3", log_output=log_output, progress_bar=False)
@@ -3195,6 +4071,8 @@ def run_notebook(notebook: Path, out_path: Path, parameters: dict, log_output: b
         raise PocketGPTError(f"{notebook.stem} failed in cell {e.exec_count} ({e.ename}: {e.evalue}). "
                              f"The executed notebook is saved at {out_path}.") from None
     finally:
+        if before is None:
+            os.environ.pop("POCKETGPT_PROGRESS", None)
         if out_path.exists():
             render_html(out_path)
 
@@ -3278,6 +4156,13 @@ def main(argv=None) -> int:
     st.add_argument("name", choices=list(STAGES))
     st.add_argument("--profile", choices=sorted(PROFILES), help="default: t4 on a GPU, demo on a CPU")
     st.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"))
+    c = sub.add_parser("chat", help="talk to an exported model (its folder or a .gguf) in the terminal")
+    c.add_argument("path", help="04's export folder, its pocketGPT/ folder, or a pocketGPT-*.gguf")
+    c.add_argument("--prompt", help="answer this one instruction and exit (for scripts)")
+    c.add_argument("--system", help="a system text put before the first instruction")
+    c.add_argument("--greedy", action="store_true", help="always the likeliest token (default: the seed's sampling)")
+    c.add_argument("--max-new-tokens", type=int, help="longest answer (default: half the context)")
+    c.add_argument("--seed", type=int, default=1337)
     b = sub.add_parser("bench", help="time the training step (tokens/s, MFU) on this device")
     b.add_argument("--profile", default="t4", choices=sorted(PROFILES))
     b.add_argument("--reference", action="store_true", help="also time a plain PyTorch GPT of the same shape")
@@ -3302,7 +4187,14 @@ def main(argv=None) -> int:
             print(f"done: {fn(cfg)}")
         elif args.command == "bench":
             params = {k: parse_value(v) for k, v in args.param}
-            print(json.dumps(bench(args.profile, params, args.reference, args.steps, args.warmup)))
+            try:
+                print(json.dumps(bench(args.profile, params, args.reference, args.steps, args.warmup)))
+            except torch.cuda.OutOfMemoryError:
+                size = params.get("batch_size", make_config(PretrainConfig, args.profile, run_dir="unused").batch_size)
+                raise PocketGPTError(f"bench: out of GPU memory at batch_size={size}: try -p batch_size "
+                                     f"{max(1, int(size) // 2)}.") from None
+        elif args.command == "chat":
+            return chat(args.path, args.prompt, args.system, args.greedy, args.max_new_tokens, args.seed)
         elif args.command == "demo-data":
             print(json.dumps(make_demo_data(args.out, args.max_bytes, args.max_dialogs)))
     except PocketGPTError as e:

@@ -154,6 +154,11 @@ def pretrain_finished(kernel_id, out):
             return bool(json.loads(metrics.read_text()).get("finished"))
     return False
 
+def data_name(stem, path):
+    """corpus.txt, corpus.jsonl.gz, dialogs.parquet: the stem the notebooks look for, the file's extension."""
+    suffixes = [s.lower() for s in Path(path).suffixes]
+    return stem + "".join(suffixes[-2:] if suffixes[-1:] in ([".gz"], [".bz2"], [".zst"]) else suffixes[-1:])
+
 def add_wheels(folder, dry_run):
     """Kaggle's image may lack `gguf` (04's GGUF files) and `rouge-score` (04's ROUGE-L), and its kernels
     have no internet: their pure-Python wheels travel in the code dataset, and the notebooks put them on
@@ -188,17 +193,20 @@ def main(argv=None):
     args = p.parse_args(argv)
     user, slug, dry = args.username, args.data_slug, args.dry_run
 
-    data_files = {}  # named as the notebooks look for them
+    data_files = {}  # named as the notebooks look for them, with the file's own extension (they read by it)
     if args.corpus:
-        data_files["corpus" if Path(args.corpus).is_dir() else "corpus.txt"] = args.corpus
+        data_files["corpus" if Path(args.corpus).is_dir() else data_name("corpus", args.corpus)] = args.corpus
     if args.dialogs:
-        data_files["dialogs.csv"] = args.dialogs
+        data_files[data_name("dialogs", args.dialogs)] = args.dialogs
     steps = args.only or (["code"] + (["data"] if data_files else []) + ["01", "02", "03", "04"])
     if "data" in steps and not data_files:
         sys.exit("pushing the data dataset needs --corpus and/or --dialogs")
     # the inputs are found by searching /kaggle/input: mount paths have changed before
-    corpus = "/kaggle/input/**/corpus/**/*.txt" if "corpus" in data_files else "/kaggle/input/**/corpus.txt"
-    params = {"profile": "t4", "corpus_path": corpus, "dialogs_path": "/kaggle/input/**/dialogs.csv", **dict(args.param)}
+    named = {stem: next((n for n in data_files if n.startswith(stem + ".")), default)
+             for stem, default in [("corpus", "corpus.txt"), ("dialogs", "dialogs.csv")]}
+    corpus = "/kaggle/input/**/corpus/**/*.txt" if "corpus" in data_files else f"/kaggle/input/**/{named['corpus']}"
+    params = {"profile": "t4", "corpus_path": corpus, "dialogs_path": f"/kaggle/input/**/{named['dialogs']}",
+              **dict(args.param)}
 
     # write every filled folder first, so a missing file stops us before anything is pushed
     out = Path(args.out or tempfile.mkdtemp(prefix="pocketgpt-kaggle-"))

@@ -1,6 +1,7 @@
 """Stage 4: the exported folder loads with the seed's code, matches the model, and its GGUF runs in llama.cpp."""
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 import zipfile
@@ -181,3 +182,86 @@ def test_answer_quality_numbers_are_those_of_the_saved_answers(run):
     report = (run / "export" / "report.md").read_text()
     assert f"## Answer quality on {quality['SFT']['rows']} held-out instructions" in report and "nan" not in report
     assert (run / "export" / "quality.png").stat().st_size > 1000
+
+
+CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is a tensor?"},
+                {"role": "assistant", "content": "An array."}, {"role": "user", "content": "And dropout?"}]
+
+
+@needs_llama
+def test_llama_cpp_chat_formats_with_the_template_the_gguf_carries(run):
+    from llama_cpp import Llama
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    folder, tok = run / "export" / "pocketGPT", pg.load_tokenizer(run / "export" / "pocketGPT")
+    want = list(tok.apply_chat_template(CONVERSATION, add_generation_prompt=True, tokenize=True, return_dict=False))
+    for row in pg.read_json(run / "export" / "metrics.json")["gguf"]:
+        assert row["verify"]["chat_template"] and row["verify"]["chat_prompt_ids_equal"]  # 04's own check
+        with pg.native_stderr_filtered():
+            llm = Llama(model_path=str(run / "export" / row["file"]), n_ctx=0, verbose=False)  # as a user opens it
+        try:
+            assert llm.chat_format == "chat_template.default"  # not a guessed or default format
+            assert int(llm.metadata["gpt2.context_length"]) == TINY["n_positions"]
+            rendered = Jinja2ChatFormatter(llm.metadata["tokenizer.chat_template"], eos_token="<|eos|>",
+                                           bos_token="<|bos|>")(messages=CONVERSATION).prompt
+            assert llm.tokenize(rendered.encode(), add_bos=False, special=True) == want
+            reply = llm.create_chat_completion(messages=CONVERSATION[:2], temperature=0.0, top_k=1, max_tokens=20)
+            assert "<|eos|>" not in reply["choices"][0]["message"]["content"]
+        finally:
+            llm.close()
+    assert want[:1] == [pg.BOS_ID] and pg.chat_prompt_ids(tok, "What is a tensor?") == list(
+        tok.apply_chat_template(CONVERSATION[1:2], add_generation_prompt=True, tokenize=True, return_dict=False))
+
+
+@needs_llama
+def test_a_gguf_without_the_chat_template_fails_the_check(run, tmp_path, monkeypatch):
+    import gguf
+    monkeypatch.setattr(gguf.GGUFWriter, "add_chat_template", lambda self, t: None)
+    bare = pg.write_gguf(run / "export" / "pocketGPT", tmp_path / "bare.gguf", "f32")
+    with pytest.raises(pg.PocketGPTError, match="llama.cpp's chat does not render pocketGPT's prompt"):
+        pg.verify_gguf(bare, run / "export" / "pocketGPT", ["<|bos|>Instruction: hi\nResponse:"], ["hello"], 8)
+
+
+def greedy_answer(model, tok, messages, n):
+    ids = list(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+    return tok.decode(pg.generate(model, tok, ids, n, greedy=True), skip_special_tokens=True).strip()
+
+
+def test_the_chat_command_holds_a_conversation_through_stdin(run):
+    folder = run / "export" / "pocketGPT"
+    proc = subprocess.run([sys.executable, str(pg.HERE / "pocketgpt_utils.py"), "chat", str(run / "export"), "--greedy",
+                           "--max-new-tokens", "12"], input="What is a tensor?\n\nAnd dropout?\n", text=True,
+                          capture_output=True, timeout=300, env={**pg.os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr
+    answers = [part.split("\nyou>")[0].strip() for part in proc.stdout.split("pocketGPT>")[1:]]
+    model, tok = pg.load_model(folder), pg.load_tokenizer(folder)
+    first = greedy_answer(model, tok, [{"role": "user", "content": "What is a tensor?"}], 12)
+    second = greedy_answer(model, tok, [{"role": "user", "content": "What is a tensor?"},
+                                        {"role": "assistant", "content": first},
+                                        {"role": "user", "content": "And dropout?"}], 12)
+    assert answers == [first, second]  # the second turn saw the first (an empty line was skipped)
+    assert proc.stdout.rstrip().endswith("you>")  # EOF ended it
+
+
+@needs_llama
+def test_the_chat_command_answers_one_prompt_from_a_gguf_as_hugging_face_does(run):
+    proc = subprocess.run([sys.executable, str(pg.HERE / "pocketgpt_utils.py"), "chat",
+                           str(run / "export" / "pocketGPT-f16.gguf"), "--greedy", "--max-new-tokens", "12",
+                           "--prompt", "What is a tensor?"], text=True, capture_output=True, timeout=300)
+    assert proc.returncode == 0 and not proc.stderr.strip(), proc.stderr
+    folder = run / "export" / "pocketGPT"
+    expected = greedy_answer(pg.load_model(folder), pg.load_tokenizer(folder), [{"role": "user", "content": "What is a tensor?"}], 12)
+    assert proc.stdout.strip() == expected
+
+
+def test_a_report_card_without_llama_cpp_says_what_was_skipped_never_nan(run, tmp_path, monkeypatch):
+    import importlib.util
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llama_cpp" else find_spec(name, *a))
+    report = pg.read_json(run / "export" / "metrics.json")
+    report["gguf"] = pg.export_gguf_files(run / "export" / "pocketGPT", tmp_path, ["q8_0"], pg.DEFAULT_PROMPTS, ["hi"])
+    text = pg.report_markdown(report, pg.read_json(run / "export" / "answers.json"), pg.library_versions())
+    checks = json.dumps(pg.export_checks(report))
+    for shown in (text, checks):
+        assert not re.search(r"\bnan\b", shown, re.I)
+        assert "not run against Hugging Face: llama-cpp-python is not installed (pip install llama-cpp-python" in shown

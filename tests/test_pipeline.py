@@ -1,6 +1,7 @@
 """The suite end to end: every notebook under papermill, chained by the pipeline command."""
 import ast
 import json
+import re
 
 import nbformat
 import papermill as pm
@@ -23,7 +24,48 @@ def test_notebooks_are_clean_and_every_parameter_parses(path):
     assert not any(c.get("outputs") or c.get("execution_count") for c in nb.cells if c.cell_type == "code")
 
 
-def test_pipeline_runs_all_four_notebooks(demo_data, tmp_path):
+def rendered_text_lines(html: str) -> list[str]:
+    """The text a browser shows for an HTML page (scripts and styles left out), line by line."""
+    from html.parser import HTMLParser
+
+    class Text(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.parts, self.skip = [], 0
+
+        def handle_starttag(self, tag, attrs):
+            self.skip += tag in ("script", "style")
+
+        def handle_endtag(self, tag):
+            self.skip -= tag in ("script", "style")
+
+        def handle_data(self, data):
+            if not self.skip:
+                self.parts.append(data)
+
+    parser = Text()
+    parser.feed(html)
+    return "".join(parser.parts).splitlines()
+
+
+def check_readable(nb_path):
+    """What a reader of the saved notebook and its HTML sees: a few lines of progress, nothing on
+    stderr, markdown rendered (no raw table pipes), and every image carrying its data."""
+    executed = nbformat.read(str(nb_path), as_version=4)
+    streams = [o for c in executed.cells for o in c.get("outputs", []) if o.output_type == "stream"]
+    lines = sum(o.text.count("\n") + o.text.count("\r") for o in streams)
+    assert lines <= 100, f"{nb_path.name}: {lines} lines of stream output"
+    stderr = [o.text for o in streams if o.name == "stderr"]
+    assert not stderr, f"{nb_path.name} wrote to stderr: {stderr[:3]}"
+    html = nb_path.with_suffix(".html").read_text()
+    raw = [line for line in rendered_text_lines(html) if re.match(r"\s*\|.*\|\s*$", line) or "|---" in line]
+    assert not raw, f"{nb_path.name}: raw markdown table in the rendered page: {raw[:3]}"
+    sources = re.findall(r"<img[^>]*\ssrc=\"([^\"]*)\"", html)
+    assert all(src.startswith("data:image/") for src in sources), [s[:60] for s in sources if not s.startswith("data:")]
+
+
+def test_pipeline_runs_all_four_notebooks(demo_data, tmp_path, monkeypatch):
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)  # the notebooks show their progress, as for a user
     params = {**TINY, "max_steps": 40, "epochs": 1, "prompts": ["What is a tensor?"], "preference": "self"}
     run = pg.run_pipeline("demo", tmp_path / "run", demo_data / "corpus.txt", demo_data / "dialogs.csv", params,
                           log_output=False)
@@ -37,12 +79,16 @@ def test_pipeline_runs_all_four_notebooks(demo_data, tmp_path):
         assert not errors
         html = nb.with_suffix(".html").read_text()
         assert "data:image/png;base64" in html  # plots are embedded: the run reads in a browser
+        check_readable(nb)
     assert pg.read_json(run / "pretrain" / "metrics.json")["steps"] == 40
     assert pg.read_json(run / "pretrain" / "manifest.json")["params"]["n_embd"] == TINY["n_embd"]
     assert (run / "export" / "pocketGPT.zip").stat().st_size > 0
     assert "What is a tensor?" in json.dumps(pg.read_json(run / "export" / "answers.json"))
     # 03 ran its preference phase (DPO on self pairs), and 04 compared and exported the tuned model
     assert pg.read_json(run / "sft" / "metrics.json")["preference"]["finished"]
+    # the report card in 04 renders: its tables and both figures (not links relative to the export folder)
+    html = (run / "notebooks" / "04_eval_export.html").read_text()
+    assert html.count("data:image/png;base64") >= 4 and "answers ending with" in html
     export = pg.read_json(run / "export" / "metrics.json")
     assert export["exported_model"] == "SFT + DPO" and set(export["quality"]) == {"pretrained", "SFT", "SFT + DPO"}
 

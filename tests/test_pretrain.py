@@ -372,3 +372,26 @@ def test_resuming_with_another_optimizer_names_the_parameter(tokenizer_stage, tm
     with pytest.raises(pg.PocketGPTError, match="that run trained with adamw \\+ muon.*set optimizer='muon'"):
         pg.run_pretrain_stage(pretrain_cfg(tokenizer_stage, tmp_path, max_steps=12, optimizer="adamw",
                                            resume_from=str(part)))
+
+
+def test_every_log_row_reaches_tensorboard_through_accelerate(tokenizer_stage, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = pg.run_pretrain_stage(pretrain_cfg(tokenizer_stage, tmp_path, max_steps=20, log_with="tensorboard"))
+    rows = pg.read_log(out / "log.csv")
+    runs = list((out / "trackers").glob("pretrain*"))
+    assert len(runs) == 1
+    events = EventAccumulator(str(runs[0])).Reload()
+    train = [(e.step, e.value) for e in events.Scalars("train_loss")]
+    assert train == [(int(r["step"]), pytest.approx(r["train_loss"], rel=1e-6)) for r in rows if r["train_loss"] is not None]
+    assert [e.step for e in events.Scalars("val_loss")] == [int(r["step"]) for r in rows if r["val_loss"] is not None]
+    assert {"lr", "tokens_per_s", "tokens"} <= set(events.Tags()["scalars"])
+
+
+def test_a_tracker_that_is_not_installed_or_unknown_is_named(tokenizer_stage, tmp_path, monkeypatch):
+    with pytest.raises(pg.PocketGPTError, match=r"log_with='tensorbored': 'tensorbored' is not one of accelerate's trackers"):
+        pretrain_cfg(tokenizer_stage, tmp_path, log_with="tensorbored")
+    import accelerate.utils
+    monkeypatch.setattr(accelerate.utils, "is_wandb_available", lambda: False)
+    with pytest.raises(pg.PocketGPTError, match=r"the wandb package is not installed \(pip install wandb\)"):
+        pretrain_cfg(tokenizer_stage, tmp_path, log_with=["tensorboard", "wandb"])

@@ -1,5 +1,6 @@
 """Stage 3: dialogs are read, cleaned and formatted as the seed does; only the response is learned."""
 import csv
+import json
 
 import numpy as np
 import pytest
@@ -90,10 +91,10 @@ def test_cleaning_counts_empty_duplicate_and_long_rows(tmp_path, tok):
     assert pairs[0] == ("What is a tensor?", "An array.")
     assert (report["rows_read"], report["dropped_empty"], report["dropped_duplicates"]) == (6, 3, 1)
     kept, rows, counts = pg.encode_dialogs(tok, pairs, 64, "truncate")
-    assert counts == {"truncated": 1, "dropped_too_long": 0}
+    assert counts == {"truncated": 1, "dropped_too_long": 0, "history_cut": 0}
     long_ids, long_labels = rows[1]
     assert len(long_ids) == 65 and long_ids[-1] == pg.EOS_ID and long_labels[-1] == pg.EOS_ID
-    assert pg.encode_dialogs(tok, pairs, 64, "drop")[2] == {"truncated": 0, "dropped_too_long": 1}
+    assert pg.encode_dialogs(tok, pairs, 64, "drop")[2] == {"truncated": 0, "dropped_too_long": 1, "history_cut": 0}
 
 
 def test_length_grouped_batches_are_mostly_real_tokens(tmp_path, tok, demo_data):
@@ -123,6 +124,29 @@ def test_sft_learns_and_writes_a_chat_ready_folder(pretrain_stage, tmp_path, dem
     assert (out / "loss.png").exists() and pg.read_json(out / "manifest.json")["stage"] == "sft"
 
 
+def test_sft_trains_on_multi_turn_chats_from_jsonl(pretrain_stage, tmp_path, demo_data, tok):
+    """Chat rows (messages, three turns, a system text in some) train like CSV rows; every assistant turn is an
+    example whose prompt is the conversation before it, cut from the left to the context (64 tokens here)."""
+    pairs, _ = pg.read_dialogs([demo_data / "dialogs.csv"])
+    pairs = pairs[:120] + [(f"Q{i}?", f"A{i}.") for i in range(180)]  # long turns, then short ones
+    chats = []
+    for i in range(0, 300, 3):
+        messages = [{"role": "system", "content": "Answer from the documentation."}] if i % 2 else []
+        for p, r in pairs[i:i + 3]:
+            messages += [{"role": "user", "content": p}, {"role": "assistant", "content": r}]
+        chats.append({"messages": messages})
+    path = tmp_path / "chats.jsonl"
+    path.write_text("".join(json.dumps(c) + "\n" for c in chats))
+    out = pg.run_sft_stage(sft_cfg(pretrain_stage, tmp_path, path, max_steps=4, log_interval=2, eval_interval=4))
+    report = pg.read_json(out / "data_report.json")
+    assert report["rows_by_layout"] == {"messages": 100} and report["examples"] == 300
+    assert report["history_cut"] > 0 and pg.read_json(out / "metrics.json")["finished"]
+    heldout = pg.read_json(out / "heldout.json")
+    assert any(isinstance(r["prompt"], list) for r in heldout)  # later turns keep their conversation
+    assert pg.eval_responses(pg.load_model(out / "model"), tok, [(r["prompt"], r["response"]) for r in heldout]) > 0
+    assert "rows in the messages layout" in {row[""] for row in pg.data_report_rows(out)}
+
+
 def test_sft_resume_continues_the_same_run(pretrain_stage, tmp_path, demo_data):
     kw = dict(max_steps=12, log_interval=2, eval_interval=4)
     full = pg.run_sft_stage(sft_cfg(pretrain_stage, tmp_path / "a", demo_data / "dialogs.csv", **kw))
@@ -137,7 +161,7 @@ def test_sft_resume_continues_the_same_run(pretrain_stage, tmp_path, demo_data):
 # --- bad input ------------------------------------------------------------------------------------
 
 def test_missing_dialogs_file_is_named(pretrain_stage, tmp_path):
-    with pytest.raises(pg.PocketGPTError, match="dialogs_path=.*missing.csv: no such CSV"):
+    with pytest.raises(pg.PocketGPTError, match="dialogs_path=.*missing.csv: no such file, folder or glob match"):
         pg.run_sft_stage(sft_cfg(pretrain_stage, tmp_path, tmp_path / "missing.csv"))
 
 
@@ -256,6 +280,14 @@ def test_a_preference_file_with_a_missing_column_or_an_empty_cell_is_named(tmp_p
         pg.make_config(pg.SFTConfig, "demo", run_dir=str(tmp_path), preference="nope.csv")
 
 
+def test_a_bad_preference_file_stops_the_stage_before_sft_trains(pretrain_stage, tmp_path, demo_data):
+    bad = tmp_path / "pairs.jsonl"
+    bad.write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n{"prompt": "q2", "chosen": [{"role": "assistant"')
+    with pytest.raises(pg.PocketGPTError, match=r"pairs.jsonl, line 2: not a JSON object"):
+        pg.run_sft_stage(sft_cfg(pretrain_stage, tmp_path, demo_data / "dialogs.csv", preference=str(bad)))
+    assert not (tmp_path / "sft").exists() and not (tmp_path / "sft.partial").exists()
+
+
 def test_dpo_phase_resumed_mid_phase_matches_an_uninterrupted_one(pretrain_stage, tmp_path, demo_data):
     kw = dict(max_steps=6, preference="self", preference_rows=96, preference_epochs=2, batch_size=8, log_interval=2,
               eval_interval=4, preference_learning_rate=1e-3, dropout=0.1)  # dropout: the RNG must resume too
@@ -275,3 +307,16 @@ def test_dpo_phase_resumed_mid_phase_matches_an_uninterrupted_one(pretrain_stage
     assert (resumed / "model_sft" / "config.json").is_file() and (resumed / "model" / "config.json").is_file()
     assert not torch.equal(pg.load_model(resumed / "model").transformer.wte.weight,
                            pg.load_model(resumed / "model_sft").transformer.wte.weight)  # DPO moved the weights
+
+
+def test_a_preference_pair_too_long_for_the_context_is_left_out_and_the_rest_stay_in_step(tok):
+    long_prompt = "word " * 400  # far past a 64-token context: SFT drops such a row, so must DPO
+    pairs = [{"prompt": "What is a tensor?", "chosen": "An array.", "rejected": "A tensor tensor."},
+             {"prompt": long_prompt, "chosen": "Yes.", "rejected": "No."},
+             {"prompt": "What is dropout?", "chosen": "Zeroing units.", "rejected": "Dropout dropout."}]
+    rows = pg.encode_preference_pairs(tok, pairs, 64)
+    assert rows[1] is None and len(rows) == 3
+    for pair, row in zip([pairs[0], pairs[2]], [rows[0], rows[2]]):
+        (c, c_labels), (r, r_labels) = row
+        assert tok.decode([t for t, lab in zip(c, c_labels) if lab != -100], skip_special_tokens=True).strip() == pair["chosen"]
+        assert tok.decode([t for t, lab in zip(r, r_labels) if lab != -100], skip_special_tokens=True).strip() == pair["rejected"]
