@@ -2345,7 +2345,7 @@ def encode_dialogs(tok, pairs, context: int, too_long: str, chunk: int = 2000,
     ending in <|eos|>) or is dropped, by `too_long`. Returns the kept pairs (prompts as cut), their
     rows and the counts (and, into `kept_index` when given, the index of each kept pair)."""
     kept, rows, truncated, dropped, history_cut = [], [], 0, 0, 0
-    with progress(total=len(pairs), desc="encode dialogs", unit="row") as bar:
+    with progress(total=len(pairs), desc="encode dialogs", unit="row", disable=len(pairs) < 5000) as bar:  # seconds
         for start in range(0, len(pairs), chunk):
             part = pairs[start:start + chunk]
             for j, ((prompt, response), (ids, labels)) in enumerate(zip(part, dialog_ids(tok, part))):
@@ -3713,7 +3713,7 @@ def report_rows(r: dict) -> list[tuple[str, str]]:
             ("SFT rows / tokens seen", f"{r['sft_rows']:,} / {r['sft_tokens']:,}"),
             ("response loss before / after SFT", f"{r['pretrain_response_loss']:.3f} / {r['sft_response_loss']:.3f} "
              f"(on SFT's {r['heldout_rows']:,} held-out evaluation rows)"),
-            ("answers ending with `<|eos|>` (sampled / greedy)", f"{r['sampled_eos_share']:.0%} / {r['greedy_eos_share']:.0%}"),
+            ("answers ending with <|eos|> (sampled / greedy)", f"{r['sampled_eos_share']:.0%} / {r['greedy_eos_share']:.0%}"),
             ("distinct-2 (sampled / greedy)", f"{r['sampled_distinct2']:.2f} / {r['greedy_distinct2']:.2f}")]
     for f in r.get("gguf", []):
         if "verify" not in f:  # never a nan: what was not checked, and the command that checks it
@@ -4177,7 +4177,11 @@ def main(argv=None) -> int:
             logging.basicConfig(level=logging.INFO, format="%(message)s")
             noise = ("Executing Cell", "Ending Cell", "Input Notebook", "Output Notebook", "Working directory",
                      "Executing notebook")
-            logging.getLogger().handlers[0].addFilter(lambda r: not r.getMessage().startswith(noise))
+            def keep(record) -> bool:  # a cell's output ends with its own newline: no blank line after each
+                record.msg, record.args = record.getMessage().rstrip("\n"), ()
+                return not record.msg.startswith(noise) and bool(record.msg.strip())
+
+            logging.getLogger().handlers[0].addFilter(keep)
             params = {k: parse_value(v) for k, v in args.param}
             run_dir = run_pipeline(args.profile, args.run_dir, args.corpus, args.dialogs, params, args.stages)
             print(f"done: {run_dir}")
