@@ -720,6 +720,20 @@ def table_error(file, fmt: str, e: Exception) -> PocketGPTError:
                           f"extension says its format (.jsonl, .json, .parquet, .csv, .arrow; .gz, .bz2, .zst compressed).")
 
 
+@contextmanager
+def datasets_errors_ours():
+    """`datasets` logs a parse error itself ("Failed to load JSON ... in row 1", a row counted within a
+    chunk) before raising it; the error it raises becomes our message, which names the file's line."""
+    import logging
+    log = logging.getLogger("datasets")
+    level = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
 def open_table(file, fmt: str):
     """A table as `datasets` streams (a save_to_disk folder: memory-mapped, a DatasetDict's splits in turn)
     and its column names ([] when it holds no rows). A CSV is read as written, every cell a string:
@@ -740,7 +754,8 @@ def open_table(file, fmt: str):
             options = dict(features=datasets.Features({c: datasets.Value("string") for c in header}),
                            keep_default_na=False)
         ds = datasets.load_dataset(fmt, data_files=[str(file)], split="train", streaming=True, **options)
-        return [ds], ds.column_names or list(next(iter(ds), {}))
+        with datasets_errors_ours():
+            return [ds], ds.column_names or list(next(iter(ds), {}))
     except StopIteration:  # datasets found no row to learn the columns from
         return [], []
     except Exception as e:
@@ -755,16 +770,17 @@ def iter_table(parts, file, fmt: str, columns, progress=None, batch_rows: int = 
     n_rows = sum(len(p) for p in parts) if fmt == "saved" else None
     before = bytes_read()
     try:
-        for part in parts:
-            for batch in part.select_columns(columns).iter(batch_size=batch_rows):
-                yield start, batch
-                start += len(batch[columns[0]])
-                if progress is not None:
-                    now = size * start // max(n_rows, 1) if n_rows is not None else (bytes_read() or 0) - (before or 0)
-                    step = min(now, size) - done
-                    if step > 0:
-                        progress.update(step)
-                        done += step
+        with datasets_errors_ours():
+            for part in parts:
+                for batch in part.select_columns(columns).iter(batch_size=batch_rows):
+                    yield start, batch
+                    start += len(batch[columns[0]])
+                    if progress is not None:
+                        now = size * start // max(n_rows, 1) if n_rows is not None else (bytes_read() or 0) - (before or 0)
+                        step = min(now, size) - done
+                        if step > 0:
+                            progress.update(step)
+                            done += step
     except Exception as e:
         raise table_error(file, fmt, e) from None
     if progress is not None:

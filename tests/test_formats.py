@@ -159,11 +159,12 @@ def tokenizer_fails(tmp_path, corpus, match, **kw):
     assert not (tmp_path / "tokenizer").exists() and not (tmp_path / "tokenizer.partial").exists()
 
 
-def test_a_jsonl_line_that_is_not_json_is_named_with_its_line(tmp_path):
+def test_a_jsonl_line_that_is_not_json_is_named_with_its_line(tmp_path, caplog):
     lines = [json.dumps({"text": f"document {i}"}) for i in range(5)]
     lines[3] = '{"text": "unterminated'
     (tmp_path / "c.jsonl").write_text("\n".join(lines) + "\n")
     tokenizer_fails(tmp_path, tmp_path / "c.jsonl", r"c.jsonl, line 4: not a JSON object .*fix or remove that line")
+    assert not [r.getMessage() for r in caplog.records if r.name.startswith("datasets")]  # its own "in row 1" line
     compress(tmp_path / "c.jsonl", ".gz")
     tokenizer_fails(tmp_path, tmp_path / "c.jsonl.gz", r"c.jsonl.gz, line 4: not a JSON object")
     (tmp_path / "d.jsonl").write_text('{"text": "a"}\n[1, 2]\n')
