@@ -159,6 +159,13 @@ def data_name(stem, path):
     suffixes = [s.lower() for s in Path(path).suffixes]
     return stem + "".join(suffixes[-2:] if suffixes[-1:] in ([".gz"], [".bz2"], [".zst"]) else suffixes[-1:])
 
+def folder_extension(folder):
+    """The extension of a corpus folder's files (.txt, .jsonl.gz, .parquet, ...): its glob on Kaggle
+    reads those and not, say, a README beside them. The most common one, when there are several."""
+    names = [data_name("", f) for f in Path(folder).rglob("*") if f.is_file() and not f.name.startswith(".")]
+    names = [n for n in names if n.split(".")[1] in ("txt", "jsonl", "json", "parquet", "csv", "arrow")]
+    return max(sorted(set(names)), key=names.count) if names else ".txt"
+
 def add_wheels(folder, dry_run):
     """Kaggle's image may lack `gguf` (04's GGUF files) and `rouge-score` (04's ROUGE-L), and its kernels
     have no internet: their pure-Python wheels travel in the code dataset, and the notebooks put them on
@@ -204,7 +211,8 @@ def main(argv=None):
     # the inputs are found by searching /kaggle/input: mount paths have changed before
     named = {stem: next((n for n in data_files if n.startswith(stem + ".")), default)
              for stem, default in [("corpus", "corpus.txt"), ("dialogs", "dialogs.csv")]}
-    corpus = "/kaggle/input/**/corpus/**/*.txt" if "corpus" in data_files else f"/kaggle/input/**/{named['corpus']}"
+    corpus = (f"/kaggle/input/**/corpus/**/*{folder_extension(args.corpus)}" if "corpus" in data_files
+              else f"/kaggle/input/**/{named['corpus']}")
     params = {"profile": "t4", "corpus_path": corpus, "dialogs_path": f"/kaggle/input/**/{named['dialogs']}",
               **dict(args.param)}
 

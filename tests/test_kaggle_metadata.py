@@ -210,6 +210,20 @@ def test_dry_run_writes_filled_folders_with_no_placeholder_left(dry_run):
     assert stdout.index("datasets create") < stdout.index("kernels push")
     assert re.search(r"datasets create -p \S+/data -r zip", stdout)
 
+def test_a_corpus_in_another_format_keeps_its_extension_on_kaggle(dry_run):
+    """The notebooks read a file by its extension: a .jsonl.gz pushed as corpus.txt would be read as text."""
+    (dry_run.tmp / "c.jsonl.gz").write_bytes(b"")
+    shards = dry_run.tmp / "shards"
+    shards.mkdir()
+    for name in ["a.parquet", "b.parquet", "README.md"]:
+        (shards / name).write_bytes(b"")
+    out, _ = dry_run("--corpus", str(dry_run.tmp / "c.jsonl.gz"), "--dialogs", str(dry_run.tmp / "d.csv"))
+    assert "corpus.jsonl.gz" in [p.name for p in (out / "data").iterdir()]
+    assert 'corpus_path = "/kaggle/input/**/corpus.jsonl.gz"' in params(json.loads((out / "01_tokenizer" / "01_tokenizer.ipynb").read_text()))
+    out, _ = dry_run("--corpus", str(shards), "--dialogs", str(dry_run.tmp / "d.csv"))
+    assert 'corpus_path = "/kaggle/input/**/corpus/**/*.parquet"' in params(json.loads((out / "01_tokenizer" / "01_tokenizer.ipynb").read_text()))
+
+
 def test_dry_run_resume_attaches_02s_own_output(dry_run):
     out, stdout = dry_run("--only", "02", "--resume")
     meta = json.loads((out / "02_pretrain" / "kernel-metadata.json").read_text())
