@@ -4192,7 +4192,7 @@ def main(argv=None) -> int:
 
             logging.basicConfig(level=logging.INFO, format="%(message)s")
             noise = ("Executing Cell", "Ending Cell", "Input Notebook", "Output Notebook", "Working directory",
-                     "Executing notebook")
+                     "Executing notebook", "<IPython.core.display.")  # a figure's text stand-in
             def keep(record) -> bool:  # a cell's output ends with its own newline: no blank line after each
                 record.msg, record.args = record.getMessage().rstrip("\n"), ()
                 return not record.msg.startswith(noise) and bool(record.msg.strip())
