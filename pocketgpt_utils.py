@@ -1706,6 +1706,13 @@ def agree(acc, *flags: bool) -> list[bool]:
     return [bool(v > 0) for v in votes.tolist()]
 
 
+def out_of_memory(stage: str, cfg) -> PocketGPTError:
+    """What to lower when a batch does not fit the GPU: the same tokens per step in smaller pieces."""
+    return PocketGPTError(
+        f"{stage}: out of GPU memory with batch_size={cfg.batch_size}. Try batch_size={max(1, cfg.batch_size // 2)} "
+        f"with grad_accum_steps={cfg.grad_accum_steps * 2} (the same tokens per step).")
+
+
 def train(model, train_data, val_batches, cfg, work: Path, resume: dict | None = None,
           deadline: float | None = None, stop_at_step: int | None = None, stage: str = "pretrain",
           loss_module: nn.Module | None = None) -> dict:
@@ -1952,9 +1959,7 @@ def train(model, train_data, val_batches, cfg, work: Path, resume: dict | None =
                 bar.set_postfix(loss=row["train_loss"], tok_s=f"{row['tokens_per_s']:,}")
                 log_line(row)
     except torch.cuda.OutOfMemoryError:
-        raise PocketGPTError(
-            f"{stage}: out of GPU memory with batch_size={cfg.batch_size}. Try batch_size={max(1, cfg.batch_size // 2)} "
-            f"with grad_accum_steps={cfg.grad_accum_steps * 2} (the same tokens per step).") from None
+        raise out_of_memory(stage, cfg) from None
     finally:
         bar.close()
     # final evaluation and checkpoint, whatever stopped the loop
@@ -1965,7 +1970,10 @@ def train(model, train_data, val_batches, cfg, work: Path, resume: dict | None =
             # so a resumed run logs the same rows as one that was never interrupted
             row = {"step": step, "tokens": tokens + int(window_sums()[-1]), "lr": f"{lr:.3e}",
                    "elapsed_s": round(hours() * 3600, 1)}
-        val_loss = evaluate(loss_fn, val_batches, acc.device, precision, loss_module.units)
+        try:
+            val_loss = evaluate(loss_fn, val_batches, acc.device, precision, loss_module.units)
+        except torch.cuda.OutOfMemoryError:
+            raise out_of_memory(stage, cfg) from None
         row["val_loss"] = round(val_loss, 4)
         log_rows.append(row)
         write_log(log_path, log_rows)
@@ -3829,7 +3837,9 @@ def run_export_stage(cfg: ExportConfig) -> Path:
         write_export_folder(sft_model, tok, folder, model_card(report, answers))
         report["verify"] = verify_export(folder, sft_model)
         val_docs = decode_documents(np.asarray(read_bin(tok_dir / "val.bin"))[:200_000], tok)[:200]
-        gguf_prompts = DEFAULT_PROMPTS + [p for p, _ in heldout[:15]]  # more positions to compare logits at
+        # more positions to compare logits at: held-out prompts that leave half the context for the greedy text
+        gguf_prompts = DEFAULT_PROMPTS + [p for p, _ in heldout
+                                          if len(chat_prompt_ids(tok, p)) <= sft_model.config.n_positions // 2][:15]
         report["gguf"] = export_gguf_files(folder, work, cfg.gguf_types, gguf_prompts, val_docs)
         report["hf_tokens_per_s"] = next((g["hf_tokens_per_s"] for g in report["gguf"] if "hf_tokens_per_s" in g), None)
         shutil.make_archive(str(work / "pocketGPT"), "zip", root_dir=work, base_dir="pocketGPT")
