@@ -3656,7 +3656,7 @@ def stage_hours(folder) -> float:
 def model_card(report: dict, answers: list[dict]) -> str:
     """README.md of the exported folder: what it is, how it was made, its numbers, how to use it."""
     r = report
-    sample = "\n".join(f"| {a['instruction']} | {a['greedy'][:160].replace('|', '/').replace(chr(10), ' ')} |" for a in answers[:3])
+    sample = "\n".join(f"| {md_cell(a['instruction'])} | {md_cell(a['greedy'][:160])} |" for a in answers[:3])
     return f"""# pocketGPT
 
 A small GPT-2 ({r['parameters'] / 1e6:.1f}M parameters, {r['n_layer']} layers, {r['n_embd']} wide, context
@@ -3685,11 +3685,13 @@ add_generation_prompt=True)`).
 
 ## Use it with llama.cpp
 
-`pocketGPT-f16.gguf` and `pocketGPT-q8_0.gguf` sit beside this folder (when exported):
+`pocketGPT-f16.gguf` and `pocketGPT-q8_0.gguf` sit beside this folder (when exported). They carry this
+chat template, the context length and `<|eos|>` as the end of a turn, so llama.cpp's own chat works as is:
 ```
-llama-cli -m pocketGPT-q8_0.gguf -p "<|bos|>Instruction: What does a tokenizer do?\\nResponse:" -n 128 --temp 0.8 --top-p 0.9
+llama-server -m pocketGPT-q8_0.gguf --port 8080      # /v1/chat/completions
+llama-cli -m pocketGPT-q8_0.gguf -cnv
 ```
-or in Python: `llama_cpp.Llama(model_path="pocketGPT-q8_0.gguf")("<|bos|>Instruction: ...\\nResponse:", max_tokens=128)`.
+or in Python: `llama_cpp.Llama(model_path="pocketGPT-q8_0.gguf", n_ctx=0).create_chat_completion(messages=[{{"role": "user", "content": "What does a tokenizer do?"}}])`.
 
 ## Sample answers (greedy)
 
