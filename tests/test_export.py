@@ -265,3 +265,16 @@ def test_a_report_card_without_llama_cpp_says_what_was_skipped_never_nan(run, tm
     for shown in (text, checks):
         assert not re.search(r"\bnan\b", shown, re.I)
         assert "not run against Hugging Face: llama-cpp-python is not installed (pip install llama-cpp-python" in shown
+
+
+def test_a_long_chat_drops_its_oldest_turns_and_keeps_the_system_text(run):
+    bot = pg.open_chat(run / "export")
+    messages = [{"role": "system", "content": "Be brief."}]
+    for i in range(12):  # far more than a 64-token context holds
+        messages += [{"role": "user", "content": f"Question number {i}?"}, {"role": "assistant", "content": f"Answer {i}."}]
+    messages.append({"role": "user", "content": "And the last one?"})
+    fitted = pg.fit_conversation(bot, messages, room=16)
+    assert len(bot.prompt_ids(fitted)) <= bot.n_ctx - 16
+    assert fitted[0] == messages[0] and fitted[-1] == messages[-1]  # the system text and the newest question stay
+    assert fitted[1:] == messages[len(messages) - len(fitted) + 1:]  # what stays is the newest turns, whole
+    assert fitted[1]["role"] == "user"
