@@ -19,6 +19,7 @@ import copy
 import csv
 import dataclasses
 import difflib
+import functools
 import glob
 import hashlib
 import importlib.metadata
@@ -1746,10 +1747,11 @@ def train(model, train_data, val_batches, cfg, work: Path, resume: dict | None =
     if resume:
         model.load_state_dict(resume["model"])
         saved = resume["optimizer"] if isinstance(resume["optimizer"], list) else [resume["optimizer"]]
-        if resume.get("optimizers", ["adamw"]) != kinds:
-            raise PocketGPTError(f"resume_from: that run trained with {' + '.join(resume.get('optimizers', ['adamw']))}, "
+        saved_kinds = resume.get("optimizers", ["adamw"])  # checkpoints from before Muon hold one AdamW
+        if saved_kinds != kinds:
+            raise PocketGPTError(f"resume_from: that run trained with {' + '.join(saved_kinds)}, "
                                  f"this one would use {' + '.join(kinds)}: set optimizer="
-                                 f"{'muon' if 'muon' in resume.get('optimizers', []) else 'adamw'!r} to resume it.")
+                                 f"{'muon' if 'muon' in saved_kinds else 'adamw'!r} to resume it.")
         for opt, state in zip(optimizers, saved):
             opt.load_state_dict(state)
         if cfg.max_steps == "auto" and isinstance(resume["config"].get("max_steps"), int):
@@ -1873,8 +1875,7 @@ def train(model, train_data, val_batches, cfg, work: Path, resume: dict | None =
     def track(row: dict) -> None:
         """The row's numbers to accelerate's trackers (rank 0 only, as accelerate does)."""
         if cfg.log_with:
-            acc.log({k: float(v) for k, v in row.items() if k != "step" and isinstance(v, (int, float, str))
-                     and v not in ("", None) and is_number(v)}, step=int(row["step"]))
+            acc.log({k: float(v) for k, v in row.items() if k != "step" and is_number(v)}, step=int(row["step"]))
 
     def log_line(row: dict) -> None:
         left = max(0.0, deadline - time.time())
@@ -2246,6 +2247,14 @@ def cell_text(value, where: str, column: str) -> str:
     return str(value).strip()
 
 
+def message_parts(m) -> tuple:
+    """A chat message's role and text: role/content (chat) or from/value (ShareGPT); (None, None) for
+    something that is not a message."""
+    if not isinstance(m, dict):
+        return None, None
+    return m.get("role") or m.get("from"), m["content"] if m.get("content") is not None else m.get("value")
+
+
 def conversation_texts(messages, where: str, column: str) -> list[str]:
     """A chat cell as its texts, user and assistant in turn: [u1, a1, u2, a2, ...].
 
@@ -2262,13 +2271,13 @@ def conversation_texts(messages, where: str, column: str) -> list[str]:
                              f"(records with role and content, or from and value).")
     texts, system = [], []
     for k, m in enumerate(messages, 1):
-        role = (m.get("role") or m.get("from")) if isinstance(m, dict) else None
+        role, content = message_parts(m)
         kind = CHAT_ROLES.get(str(role).strip().lower())
         if kind is None:
             raise PocketGPTError(f"{where}: message {k} of the {column!r} cell has the role {role!r}. pocketGPT learns "
                                  f"from system, user and assistant turns (ShareGPT: system, human, gpt): map or "
                                  f"remove the others.")
-        text = cell_text(m["content"] if m.get("content") is not None else m.get("value"), where, column)
+        text = cell_text(content, where, column)
         if kind == "system":
             system.append(text)
             continue
@@ -2536,10 +2545,9 @@ def preference_answer(value, where: str, column: str) -> tuple[list[str] | None,
     conversation before the answer (None when the cell holds the answer alone) and the answer."""
     if not isinstance(value, (list, tuple)):
         return None, cell_text(value, where, column)
-    if all(isinstance(m, dict) and CHAT_ROLES.get(str(m.get("role") or m.get("from")).lower()) == "assistant"
-           for m in value):  # the answer alone, as a message
-        m = value[-1]
-        return None, cell_text(m["content"] if m.get("content") is not None else m.get("value"), where, column)
+    parts = [message_parts(m) for m in value]
+    if all(role is not None and CHAT_ROLES.get(str(role).strip().lower()) == "assistant" for role, _ in parts):
+        return None, cell_text(parts[-1][1], where, column)  # the answer alone, as a message
     texts = conversation_texts(value, where, column)
     if len(texts) % 2:
         raise PocketGPTError(f"{where}: the {column!r} conversation does not end with an assistant message (the answer).")
@@ -3077,11 +3085,7 @@ def plot_quality(quality: dict, out_png=None, show: bool = True):
     ax.grid(alpha=0.3, axis="y")
     ax.legend()
     fig.tight_layout()
-    if out_png:
-        save_figure(fig, out_png)
-    if not show:
-        plt.close(fig)
-    return fig
+    return finish_figure(fig, out_png, show)
 
 
 def ask(model, tok, prompt: str, max_length: int = 384, stream: bool = False, greedy: bool = False) -> str:
@@ -3412,22 +3416,35 @@ CHECK_CONVERSATION = [{"role": "system", "content": "Answer in one sentence."},
                       {"role": "user", "content": "What is dropout?"}]
 
 
+@functools.lru_cache(maxsize=4)
+def llama_chat_formatter(template: str):
+    """llama-cpp-python's renderer for a GGUF's chat template, as its Llama builds it (compiled once)."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    return Jinja2ChatFormatter(template, eos_token="<|eos|>", bos_token="<|bos|>")
+
+
+def llama_chat_ids(llm, messages) -> list[int] | None:
+    """The ids llama.cpp's chat feeds the model for a conversation: the GGUF's own template rendered
+    (up to the answer's "Response:"), special tokens parsed; None when the GGUF carries no template."""
+    template = llm.metadata.get("tokenizer.chat_template")
+    if not template:
+        return None
+    text = llama_chat_formatter(template)(messages=messages).prompt
+    return llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+
+
 def gguf_chat_check(llm, hf_dir, model, tokenizer, n_generate: int) -> dict:
     """llama.cpp's own chat path on the GGUF, against the HF folder: the template llama-cpp-python
     picks from the file's metadata renders a conversation (system text, two user turns) to the ids
     `apply_chat_template` gives, and `create_chat_completion` (greedy) answers as HF's greedy
     generation does and stops at <|eos|>."""
-    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
     hf_tok = load_tokenizer(hf_dir)
     want = list(hf_tok.apply_chat_template(CHECK_CONVERSATION, add_generation_prompt=True, tokenize=True,
                                            return_dict=False, tokenizer_kwargs={"verbose": False}))  # may pass the context
     template = llm.metadata.get("tokenizer.chat_template")
-    rendered = Jinja2ChatFormatter(template, eos_token="<|eos|>", bos_token="<|bos|>")(
-        messages=CHECK_CONVERSATION).prompt if template else ""
-    got = llm.tokenize(rendered.encode("utf-8"), add_bos=False, special=True)
     out = {"template_used": llm.chat_format == "chat_template.default" and template == CHAT_TEMPLATE,
-           "prompt_ids_equal": got == want, "answer_equal": None}
+           "prompt_ids_equal": llama_chat_ids(llm, CHECK_CONVERSATION) == want, "answer_equal": None}
     n = min(n_generate, model.config.n_positions - len(want) - 1)
     if n > 0:  # room for an answer in the context
         ref = hf_greedy(model, want, n, tokenizer.eos_token_id, tokenizer.pad_token_id)
@@ -3843,7 +3860,6 @@ def run_export_stage(cfg: ExportConfig) -> Path:
         gguf_prompts = DEFAULT_PROMPTS + [p for p, _ in heldout
                                           if len(chat_prompt_ids(tok, p)) <= sft_model.config.n_positions // 2][:15]
         report["gguf"] = export_gguf_files(folder, work, cfg.gguf_types, gguf_prompts, val_docs)
-        report["hf_tokens_per_s"] = next((g["hf_tokens_per_s"] for g in report["gguf"] if "hf_tokens_per_s" in g), None)
         shutil.make_archive(str(work / "pocketGPT"), "zip", root_dir=work, base_dir="pocketGPT")
         plot_losses({"pretrain": pre / "log.csv", "sft": sft / "log.csv"}, work / "losses.png", show=False)
         plot_quality(quality, work / "quality.png", show=False)
@@ -3872,8 +3888,7 @@ def plot_length_distributions(stage_dir):
         ax.set_ylabel("documents")
         ax.set_title(f"median {np.median(values):,.0f} {unit}, max {values.max():,} {unit}")
     fig.tight_layout()
-    save_figure(fig, Path(stage_dir) / "lengths.png")
-    return fig
+    return finish_figure(fig, Path(stage_dir) / "lengths.png")
 
 
 def read_log(path) -> list[dict]:
@@ -3884,6 +3899,18 @@ def read_log(path) -> list[dict]:
 
 def save_figure(fig, path) -> None:
     write_file(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+
+
+def finish_figure(fig, out_png=None, show: bool = True):
+    """Saved as PNG when asked; show=False closes it, so a stage that only saves a figure does not
+    draw it in the notebook."""
+    import matplotlib.pyplot as plt
+
+    if out_png:
+        save_figure(fig, out_png)
+    if not show:
+        plt.close(fig)
+    return fig
 
 
 def plot_losses(logs: dict, out_png=None, show: bool = True):
@@ -3913,11 +3940,7 @@ def plot_losses(logs: dict, out_png=None, show: bool = True):
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    if out_png:
-        save_figure(fig, out_png)
-    if not show:
-        plt.close(fig)
-    return fig
+    return finish_figure(fig, out_png, show)
 
 
 # -----------------------------------------------------------------------------
@@ -3965,19 +3988,14 @@ class GGUFChat:
         if importlib.util.find_spec("llama_cpp") is None:
             raise PocketGPTError(f"{path} is a GGUF: chatting with it needs llama-cpp-python "
                                  f"(pip install llama-cpp-python), or chat with the export folder instead.")
-        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
         self.llm = load_llama(path, n_ctx=0, logits_all=False)  # n_ctx=0: the model's own context
-        template = self.llm.metadata.get("tokenizer.chat_template")
-        if not template:
+        if not self.llm.metadata.get("tokenizer.chat_template"):
             raise PocketGPTError(f"{path} carries no chat template (a GGUF from before it did): export again with 04.")
-        self.formatter = Jinja2ChatFormatter(template, eos_token="<|eos|>", bos_token="<|bos|>")
         self.n_ctx = int(self.llm.metadata["gpt2.context_length"])
         self.where = f"{path} (llama.cpp)"
 
     def prompt_ids(self, messages) -> list[int]:
-        text = self.formatter(messages=messages).prompt
-        return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+        return llama_chat_ids(self.llm, messages)
 
     def answer(self, messages, max_new_tokens: int, greedy: bool, seed: int, on_text) -> str:
         room = self.n_ctx - len(self.prompt_ids(messages))
