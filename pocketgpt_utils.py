@@ -1657,9 +1657,11 @@ def restore_rng(states: list, acc) -> str | None:
     CPU (or the reverse). The data position does not depend on this and carries over exactly."""
     rank, note = acc.process_index, None
     if len(states) != acc.num_processes:
+        fate = (f"those of processes beyond {len(states)} start from the seed" if acc.num_processes > len(states)
+                else f"the other {len(states) - acc.num_processes} are not used")
         note = (f"the checkpoint was written by {len(states)} process(es) and this run has {acc.num_processes}: "
-                f"the data position carries over, the random streams (dropout) of processes beyond "
-                f"{len(states)} start from the seed")
+                f"the data position carries over; the first {min(len(states), acc.num_processes)} process(es) keep "
+                f"their random streams (dropout), {fate}")
     if rank < len(states):
         s = states[rank]
         random.setstate(s["python"])

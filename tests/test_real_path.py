@@ -90,7 +90,8 @@ def test_two_processes_stop_on_the_clock_and_resume_on_two_and_then_on_one(token
         # the data position is exact whatever the process count: every window trained once, in order
         assert windows_consumed(ckpt, n_windows) * TINY["n_positions"] == ckpt["tokens"] + ckpt["window"]["tokens"]
         assert len(ckpt["rng"]) == nproc  # each process's random stream is kept
-    assert "the checkpoint was written by 2 process(es) and this run has 1" in proc.stdout
+    assert ("the checkpoint was written by 2 process(es) and this run has 1: the data position carries over; the "
+            "first 1 process(es) keep their random streams (dropout), the other 1 are not used") in proc.stdout
     rows = pg.read_log(tmp_path / "pretrain" / "log.csv")  # one header, each step once: only rank 0 writes
     assert [r["step"] for r in rows] == sorted({r["step"] for r in rows})
     assert (tmp_path / "pretrain" / "log.csv").read_text().count("step,tokens") == 1
