@@ -19,6 +19,7 @@ import copy
 import csv
 import dataclasses
 import difflib
+import errno
 import functools
 import glob
 import hashlib
@@ -216,29 +217,137 @@ def is_number(value) -> bool:
         return False
 
 
-def write_file(path, content) -> None:
+class DiskFullError(PocketGPTError):
+    """A write that found the disk full; the message says where, what is free and about what was needed."""
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """ENOSPC (or a quota) anywhere in the error's chain: torch.save wraps it in a RuntimeError ("unexpected
+    pos ...") whose context is the OSError, safetensors says "os error 28" in its own words."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(e) or "(os error 28)" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def size_of(path) -> int:
+    """Bytes of a file, or of every file under a folder; 0 when it is not there."""
+    p = Path(path)
+    if p.is_file():
+        return p.stat().st_size
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else 0
+
+
+def free_bytes(path) -> int:
+    """Free bytes on the filesystem that holds `path` (or the nearest folder above it that exists)."""
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return shutil.disk_usage(p).free
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1000
+
+
+def disk_full_error(what: str, where, needed: int, kept: str = "Nothing half-written is left under its name.",
+                    next_step: str = "run again") -> DiskFullError:
+    """The one message of a full disk: what was written where, what is free there and about what was
+    needed, what is intact, and what to do."""
+    e = DiskFullError(f"The disk is full: writing {what} into {where} needs about {human_bytes(needed)} and "
+                      f"{human_bytes(free_bytes(where))} is free there. {kept} Free some space (on Kaggle, "
+                      f"/kaggle/working holds 20 GB in all: delete outputs you no longer need), then {next_step}.")
+    e.what, e.where, e.needed = what, Path(where), needed
+    return e
+
+
+@contextmanager
+def space_for(path, tmp=None, needed: int = 0):
+    """A write that fills the disk ends in one message (disk_full_error) instead of the writer's own
+    (torch: "basic_ios::clear: iostream error"). `tmp`: what had been written when it failed, a lower
+    bound of what was needed; `needed`: the caller's estimate."""
+    try:
+        yield
+    except Exception as e:
+        if isinstance(e, PocketGPTError) or not is_disk_full(e):
+            raise
+        path = Path(path)
+        raise disk_full_error(path.name, path.parent, max(needed, size_of(tmp) if tmp else 0, size_of(path))) from None
+
+
+def tensor_bytes(obj) -> int:
+    """Bytes of the tensors in a (nested) state dict: about what torch.save writes of it."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
+def write_file(path, content, needed: int = 0) -> None:
     """The one door through which the stages write a file: rank 0 only, and atomically.
 
     `content` is text, bytes, or a function that writes the file at the path it is given. It
     goes to a temporary name of this process and is renamed into place, so a crash (or Kaggle's
     12-hour kill) never leaves half a file, and in a multi-GPU run the other processes, which
-    hold the same numbers, write nothing (two writers once doubled log.csv's rows).
+    hold the same numbers, write nothing (two writers once doubled log.csv's rows). A full disk
+    ends in one message saying so (space_for); the file under its name is still the old one.
     """
     if not is_main_process():
         return
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        if callable(content):
-            content(tmp)
-        elif isinstance(content, bytes):
-            tmp.write_bytes(content)
-        else:
-            with open(tmp, "w", encoding="utf-8", newline="") as f:
-                f.write(content)
+        with space_for(path, tmp, max(needed, len(content) if isinstance(content, (str, bytes)) else 0)):
+            if callable(content):
+                content(tmp)
+            elif isinstance(content, bytes):
+                tmp.write_bytes(content)
+            else:
+                with open(tmp, "w", encoding="utf-8", newline="") as f:
+                    f.write(content)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_folder(path, fill, needed: int = 0) -> None:
+    """write_file for a folder: `fill(tmp)` writes it whole under a temporary name, then it replaces
+    the old one. A model folder is either the old one or the new one, never half of each."""
+    if not is_main_process():
+        return
+    path = Path(path)
+    tmp, old = (path.with_name(f".{path.name}.{os.getpid()}.{kind}") for kind in ("tmp", "old"))
+    try:
+        with space_for(path, tmp, needed):
+            tmp.mkdir(parents=True)
+            fill(tmp)
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+    finally:
+        for leftover in (tmp, old):
+            if leftover.exists():
+                shutil.rmtree(leftover)
+
+
+def torch_file(obj):
+    """write_file content that torch.saves `obj` through a file object: then a full disk's OSError stays
+    in the error's chain (saved by name, torch says only "basic_ios::clear: iostream error")."""
+    def save(tmp):
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+    return save
 
 
 def write_json(path, obj) -> None:
@@ -345,24 +454,35 @@ def stage_output(out_dir, stage: str, params: dict, inputs: dict | None = None, 
         yield work
         return
     check_writable(out_dir)
+    if (work / "manifest.json").is_file() and not out_dir.exists():  # killed between the renames below: finish them
+        os.replace(work, out_dir)
+    for stale in out_dir.parent.glob(f"{out_dir.name}.old-*"):
+        shutil.rmtree(stale, ignore_errors=True)
     if work.exists() and (resuming is None or Path(resuming).resolve() != work.resolve()):
         if (work / "ckpt.pt").exists():
             print(f"removing {work}, an unfinished earlier run (resume_from='auto' would have continued it)")
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
     started = now_iso()
-    yield work
-    manifest = {
-        "stage": stage,
-        "notebook": f"notebooks/{STAGES[stage]}.ipynb",
-        "params": params,
-        "versions": library_versions(),
-        "started_at": started,
-        "finished_at": now_iso(),
-        "inputs": {k: {"path": str(v), "fingerprint": fingerprint(v)} for k, v in (inputs or {}).items()},
-        "files": sorted(str(p.relative_to(work)) for p in work.rglob("*") if p.is_file()),
-    }
-    write_json(work / "manifest.json", manifest)
+    # the inputs as they are now: a checkpoint resumed from is replaced as the run goes on
+    fingerprints = {k: {"path": str(v), "fingerprint": fingerprint(v)} for k, v in (inputs or {}).items()}
+    try:
+        yield work
+        manifest = {
+            "stage": stage,
+            "notebook": f"notebooks/{STAGES[stage]}.ipynb",
+            "params": params,
+            "versions": library_versions(),
+            "started_at": started,
+            "finished_at": now_iso(),
+            "inputs": fingerprints,
+            "files": sorted(str(p.relative_to(work)) for p in work.rglob("*") if p.is_file()),
+        }
+        write_json(work / "manifest.json", manifest)
+    except Exception as e:
+        if isinstance(e, DiskFullError) or is_disk_full(e):
+            raise stage_disk_full(e, stage, work, resuming) from None
+        raise
     if out_dir.exists():
         old = out_dir.with_name(out_dir.name + f".old-{os.getpid()}")
         os.replace(out_dir, old)
@@ -370,6 +490,28 @@ def stage_output(out_dir, stage: str, params: dict, inputs: dict | None = None, 
         shutil.rmtree(old)
     else:
         os.replace(work, out_dir)
+
+
+def stage_disk_full(e: Exception, stage: str, work: Path, resuming) -> DiskFullError:
+    """A full disk inside a stage, said with what survived it: the last checkpoint (written atomically,
+    so whole) and how to continue from it, or that nothing finished was touched."""
+    if isinstance(e, DiskFullError):
+        what, where, needed = e.what, e.where, e.needed
+    else:  # a library's own write (a tokenizer's files, ...) into the stage folder
+        what, where, needed = f"{STAGES[stage]}'s files", work, size_of(work)
+    folder = newest_checkpoint([f for f in [work, resuming] if f])
+    out_dir = work.with_name(work.name.removesuffix(".partial"))
+    if stage in ("pretrain", "sft") and folder:
+        last = newest_ckpt_file(folder)
+        when = datetime.fromtimestamp(last.stat().st_mtime).strftime("%H:%M:%S")
+        kept = f"The last checkpoint, {last} (written at {when}), is intact: writes replace a file only once it is whole."
+        next_step = "run this stage again with resume_from='auto': it continues from that checkpoint"
+    elif stage in ("pretrain", "sft"):
+        kept, next_step = "No checkpoint had been written yet.", "run this stage again"
+    else:
+        kept = f"Nothing finished was touched ({out_dir} is as it was)."
+        next_step = "run this stage again"
+    return disk_full_error(what, where, needed, kept, next_step)
 
 
 # -----------------------------------------------------------------------------
@@ -1000,8 +1142,9 @@ def encode_corpus(files, tok, out_dir, seed: int, val_fraction: float, total_byt
             st["words"] += len(doc.split()); st["chars"] += len(doc)
             lengths["split"].append(s == "val"); lengths["bytes"].append(nb); lengths["tokens"].append(len(ids))
 
-    try:
-        with progress(total=total_bytes, unit="B", unit_scale=True, desc="encode") as bar:
+    try:  # ids are 2 bytes and a token is about 4 bytes of text: about half the corpus's size on disk
+        with space_for(out_dir / "train.bin", needed=total_bytes // 2), \
+                progress(total=total_bytes, unit="B", unit_scale=True, desc="encode") as bar:
             batch = []
             for doc in iter_documents(files, progress=bar, text_column=text_column):
                 batch.append(doc)
@@ -1866,10 +2009,10 @@ def train(model, train_data, val_batches, cfg, work: Path, resume: dict | None =
                      "scaler": scaler.state_dict() if scaler.is_enabled() else None, "step": step,
                      "data": train_data.state(), "rng": rngs, "config": dataclasses.asdict(cfg),
                      "model_config": model.config.to_dict(), "log": log_rows, "stage": stage, "tokens": tokens,
-                     "hours": hours(), "skipped_steps": skipped_total,
+                     "hours": hours(), "skipped_steps": skipped_total, "val_loss": val_loss,
                      "window": {"sums": sums[:-1], "tokens": sums[-1], "steps": window_steps,
                                 "skipped": window_skipped, "seconds": time.time() - window_started}}
-            write_file(ckpt_path, lambda tmp: torch.save(state, tmp))
+            write_file(ckpt_path, torch_file(state), needed=tensor_bytes(state))
         acc.wait_for_everyone()
         timing["ckpt"], timing["last_ckpt"] = time.time() - started, time.time()
         window_started += timing["ckpt"]  # tokens/s measures training, not writing
@@ -1979,8 +2122,10 @@ def train(model, train_data, val_batches, cfg, work: Path, resume: dict | None =
             raise out_of_memory(stage, cfg) from None
         row["val_loss"] = round(val_loss, 4)
         log_rows.append(row)
-        write_log(log_path, log_rows)
         track(row)
+    elif val_loss is None:  # a finished run resumed again: nothing left to train, its numbers are the checkpoint's
+        val_loss = resume.get("val_loss", log_rows[-1]["val_loss"])
+    write_log(log_path, log_rows)  # also where a finished run is resumed into a new folder
     save_ckpt()
     if cfg.log_with:
         acc.end_training()
@@ -2006,8 +2151,11 @@ def save_hf_folder(model, tokenizer, out_dir) -> None:
     model.generation_config.bos_token_id, model.generation_config.eos_token_id = BOS_ID, EOS_ID
     model.generation_config.pad_token_id = PAD_ID
     model.config.use_cache = model.generation_config.use_cache = True  # users generate: keep the KV cache on
-    model.save_pretrained(out_dir)
-    save_tokenizer(tokenizer, out_dir)
+
+    def fill(tmp):
+        model.save_pretrained(tmp)
+        save_tokenizer(tokenizer, tmp)
+    write_folder(out_dir, fill, needed=tensor_bytes(model.state_dict()))
 
 
 # -----------------------------------------------------------------------------
@@ -2023,8 +2171,13 @@ def newest_checkpoint(folders) -> Path | None:
     """Of these folders with a ckpt.pt, the one whose checkpoint was written last (03's preference
     phase keeps its own in preference/), or None."""
     found = [Path(f) for f in folders if (Path(f) / "ckpt.pt").is_file()]
-    written = lambda f: max(c.stat().st_mtime for c in [f / "ckpt.pt", f / "preference" / "ckpt.pt"] if c.is_file())  # noqa: E731
-    return max(found, key=written) if found else None
+    return max(found, key=lambda f: newest_ckpt_file(f).stat().st_mtime) if found else None
+
+
+def newest_ckpt_file(folder) -> Path:
+    """The checkpoint a resume starts from: ckpt.pt, or preference/ckpt.pt when that is newer."""
+    found = [c for c in [Path(folder) / "ckpt.pt", Path(folder) / "preference" / "ckpt.pt"] if c.is_file()]
+    return max(found, key=lambda c: c.stat().st_mtime)
 
 
 def resolve_resume(resume_from, stage: str, out_dir) -> Path | None:
@@ -2710,39 +2863,44 @@ def run_sft_stage(cfg: SFTConfig, stop_at_step: int | None = None) -> Path:
         print(f"resuming {resume_dir} " + ("in its preference phase" if in_phase_two else
               f"at step {resume['step']} of {cfg.max_steps}") + f" (this session's budget: {duration(cfg.max_hours * 3600)})")
     inputs = {"pretrain": pre, **{f"dialogs:{Path(f).name}": Path(f) for f in data["report"]["files"]},
-              **({"resumed_from": resume_dir} if resume_dir else {}),
+              **({"resumed_from": newest_ckpt_file(resume_dir)} if resume_dir else {}),
               **({"preference": Path(cfg.preference)} if cfg.preference not in (None, "self") else {})}
-    sft_folder = "model_sft" if cfg.preference else "model"
     with stage_output(cfg.out_dir, "sft", dataclasses.asdict(cfg), inputs, resume_dir) as work:
         write_json(work / "data_report.json", report)
         write_json(work / "heldout.json", [{"prompt": p, "response": r} for p, r in data["pairs"]["eval"]])
         if in_phase_two:  # the SFT phase ended in an earlier session: its model, log and numbers are there
-            model, result = load_model(resume_dir / sft_folder), read_json(resume_dir / "sft_phase.json")
+            model, result = load_model(resume_dir / "model_sft"), read_json(resume_dir / "sft_phase.json")
             if is_main_process() and resume_dir.resolve() != work.resolve():
-                for name in [sft_folder, "log.csv", "sft_phase.json", "ckpt.pt"]:
-                    (shutil.copytree if (resume_dir / name).is_dir() else shutil.copy)(resume_dir / name, work / name)
+                for name in ["model_sft", "log.csv", "sft_phase.json", "ckpt.pt"]:
+                    if (resume_dir / name).is_dir():
+                        write_folder(work / name, lambda tmp, src=resume_dir / name: shutil.copytree(src, tmp, dirs_exist_ok=True))
+                    else:
+                        write_file(work / name, lambda tmp, src=resume_dir / name: shutil.copyfile(src, tmp))
         else:
             result = train(model, train_data, val_data.eval_batches(len(val_data.rows)), cfg, work, resume, deadline,
                            None if cfg.preference else stop_at_step, stage="sft", loss_module=LMLoss(model, padded=True))
             model, _ = result.pop("model"), result.pop("is_main_process")
-            if is_main_process():
-                save_hf_folder(model, tok, work / sft_folder)
-                write_json(work / "sft_phase.json", result)
+            if is_main_process():  # model/ is what 04 exports: the SFT model, until a preference phase finishes
+                save_hf_folder(model, tok, work / "model")
+                if cfg.preference and result["finished"]:  # the preference phase's reference, and 04's "SFT" row
+                    save_hf_folder(model, tok, work / "model_sft")
+                    write_json(work / "sft_phase.json", result)  # the mark of a finished SFT phase
         logs = {"sft": work / "log.csv"}
         if cfg.preference and result["finished"]:
             result["preference"] = run_preference_phase(cfg, model, tok, data["pairs"]["train"], work,
                                                         resume_dir if in_phase_two else None, deadline, stop_at_step)
             tuned, _ = result["preference"].pop("model"), result["preference"].pop("is_main_process")
             result["finished"] = result["preference"]["finished"]
-            if is_main_process():
-                save_hf_folder(tuned, tok, work / "model")
+            if is_main_process():  # a phase stopped by its budget leaves the SFT model as the one to use
+                save_hf_folder(tuned if result["finished"] else model, tok, work / "model")
             logs["preference"] = work / "preference" / "log.csv"
         if not is_main_process():
             return Path(cfg.out_dir)
         pre_metrics = read_json(pre / "metrics.json")
         write_json(work / "metrics.json", {**result, **{f"data_{k}": v for k, v in report.items() if k != "columns"},
                                            "pretrain_val_loss": pre_metrics.get("final_val_loss"),
-                                           "exported_model": "SFT + DPO" if cfg.preference else "SFT"})
+                                           "exported_model": "SFT + DPO" if cfg.preference and result["finished"]
+                                           else "SFT"})
         plot_losses(logs, work / "loss.png", show=False)
     return Path(cfg.out_dir)
 
@@ -3111,7 +3269,7 @@ def write_export_folder(model, tok, out_dir, card: str) -> None:
     for key, value in SAMPLING.items():  # the seed's sampling as generate()'s default
         setattr(model.generation_config, key, value)
     save_hf_folder(model, tok, out_dir)
-    write_file(out_dir / "pytorch_model.bin", lambda tmp: torch.save(model.state_dict(), tmp))
+    write_file(out_dir / "pytorch_model.bin", torch_file(model.state_dict()), needed=tensor_bytes(model.state_dict()))
     write_json(out_dir / "special_tokens_map.json", {"bos_token": "<|bos|>", "eos_token": "<|eos|>",
                                                      "unk_token": "<unk>", "pad_token": "<pad>"})
     write_file(out_dir / "README.md", card)
@@ -3265,8 +3423,8 @@ def gguf_vocab(hf_dir, n_vocab):
 def write_gguf(hf_dir, out_path, ftype="f16"):
     """Write the HF model folder hf_dir as a llama.cpp GGUF file (arch "gpt2") and return its path.
 
-    The file is written next to out_path under a temporary name and renamed at the end, so an
-    interrupted export never leaves a file that looks finished.
+    The file is written through write_file (a temporary name, renamed once whole), so an interrupted
+    export never leaves a file that looks finished, and a full disk says so.
     """
     import gguf
 
@@ -3281,53 +3439,52 @@ def write_gguf(hf_dir, out_path, ftype="f16"):
     if cfg.scale_attn_by_inverse_layer_idx or cfg.reorder_and_upcast_attn or not cfg.scale_attn_weights:
         raise PocketGPTError("llama.cpp gpt2 supports only the standard 1/sqrt(head_dim) attention scaling")
 
-    tmp_path = f"{out_path}.tmp"
-    w = gguf.GGUFWriter(tmp_path, "gpt2")
-    try:
-        # hyperparameters llama.cpp reads for arch gpt2
-        w.add_name(os.path.basename(os.path.normpath(hf_dir)))
-        w.add_context_length(cfg.n_positions)
-        w.add_embedding_length(cfg.n_embd)
-        w.add_block_count(cfg.n_layer)
-        w.add_head_count(cfg.n_head)
-        w.add_feed_forward_length(cfg.n_inner or 4 * cfg.n_embd)  # HF: n_inner=None means 4*n_embd
-        w.add_layer_norm_eps(cfg.layer_norm_epsilon)
-        w.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                         "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[ftype])
-        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    def write(tmp):  # through the one door: a temporary name, renamed once whole
+        w = gguf.GGUFWriter(str(tmp), "gpt2")
+        try:
+            # hyperparameters llama.cpp reads for arch gpt2
+            w.add_name(os.path.basename(os.path.normpath(hf_dir)))
+            w.add_context_length(cfg.n_positions)
+            w.add_embedding_length(cfg.n_embd)
+            w.add_block_count(cfg.n_layer)
+            w.add_head_count(cfg.n_head)
+            w.add_feed_forward_length(cfg.n_inner or 4 * cfg.n_embd)  # HF: n_inner=None means 4*n_embd
+            w.add_layer_norm_eps(cfg.layer_norm_epsilon)
+            w.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                             "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[ftype])
+            w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
-        # tokenizer: byte-level BPE with the GPT-2 pre-tokenizer regex, exactly as HF runs it
-        tokens, token_types, merges = gguf_vocab(hf_dir, cfg.vocab_size)
-        w.add_tokenizer_model("gpt2")
-        w.add_tokenizer_pre("gpt-2")  # without it llama.cpp splits words differently from HF
-        w.add_token_list(tokens)
-        w.add_token_types(token_types)
-        w.add_token_merges(merges)
-        w.add_bos_token_id(tokenizer.bos_token_id)
-        w.add_eos_token_id(tokenizer.eos_token_id)
-        w.add_unk_token_id(tokenizer.unk_token_id)
-        w.add_pad_token_id(tokenizer.pad_token_id)
-        # HF's GPT2Tokenizer adds no bos (our prompts carry <|bos|> in the text); llama.cpp must agree
-        w.add_add_bos_token(bool(getattr(tokenizer, "add_bos_token", False)))
-        w.add_add_eos_token(bool(getattr(tokenizer, "add_eos_token", False)))
-        # llama.cpp's chat (llama-cli -cnv, llama-server, create_chat_completion) renders this template
-        # and stops at <|eos|>; without it they format prompts with some default template
-        w.add_chat_template(CHAT_TEMPLATE)
-        w.add_eot_token_id(tokenizer.eos_token_id)
+            # tokenizer: byte-level BPE with the GPT-2 pre-tokenizer regex, exactly as HF runs it
+            tokens, token_types, merges = gguf_vocab(hf_dir, cfg.vocab_size)
+            w.add_tokenizer_model("gpt2")
+            w.add_tokenizer_pre("gpt-2")  # without it llama.cpp splits words differently from HF
+            w.add_token_list(tokens)
+            w.add_token_types(token_types)
+            w.add_token_merges(merges)
+            w.add_bos_token_id(tokenizer.bos_token_id)
+            w.add_eos_token_id(tokenizer.eos_token_id)
+            w.add_unk_token_id(tokenizer.unk_token_id)
+            w.add_pad_token_id(tokenizer.pad_token_id)
+            # HF's GPT2Tokenizer adds no bos (our prompts carry <|bos|> in the text); llama.cpp must agree
+            w.add_add_bos_token(bool(getattr(tokenizer, "add_bos_token", False)))
+            w.add_add_eos_token(bool(getattr(tokenizer, "add_eos_token", False)))
+            # llama.cpp's chat (llama-cli -cnv, llama-server, create_chat_completion) renders this template
+            # and stops at <|eos|>; without it they format prompts with some default template
+            w.add_chat_template(CHAT_TEMPLATE)
+            w.add_eot_token_id(tokenizer.eos_token_id)
 
-        for name, arr in gguf_tensors(model).items():
-            data, raw_dtype = gguf_encode_tensor(name, arr, ftype)
-            w.add_tensor(name, data, raw_dtype=raw_dtype)
+            for name, arr in tensors.items():
+                data, raw_dtype = gguf_encode_tensor(name, arr, ftype)
+                w.add_tensor(name, data, raw_dtype=raw_dtype)
 
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
-        os.replace(tmp_path, out_path)
-    finally:
-        w.close()
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
+            w.write_header_to_file()
+            w.write_kv_data_to_file()
+            w.write_tensors_to_file()
+        finally:
+            w.close()
+    tensors = gguf_tensors(model)
+    bytes_per_value = {"f32": 4, "f16": 2, "q8_0": 34 / 32}[ftype]  # q8_0: 32 int8 and one fp16 scale per block
+    write_file(out_path, write, needed=int(bytes_per_value * sum(a.size for a in tensors.values())))
     return Path(out_path)
 
 
@@ -3816,7 +3973,7 @@ def run_export_stage(cfg: ExportConfig) -> Path:
     pre = find_stage("pretrain", cfg.pretrain_dir, cfg.run_dir)
     sft = find_stage("sft", cfg.sft_dir, cfg.run_dir)
     pre_model, sft_model = load_model(pre / "model"), load_model(sft / "model")  # model/: what 03 exports
-    tuned = (sft / "model_sft").is_dir()  # 03 ran its preference phase: model_sft/ is the SFT model before it
+    tuned = read_json(sft / "metrics.json")["exported_model"] == "SFT + DPO"  # model_sft/ is the SFT model before it
     sft_phase_model = load_model(sft / "model_sft") if tuned else sft_model
     tok = load_tokenizer(sft / "model")
     heldout = [(r["prompt"], r["response"]) for r in read_json(sft / "heldout.json")]
@@ -3862,7 +4019,8 @@ def run_export_stage(cfg: ExportConfig) -> Path:
         gguf_prompts = DEFAULT_PROMPTS + [p for p, _ in heldout
                                           if len(chat_prompt_ids(tok, p)) <= sft_model.config.n_positions // 2][:15]
         report["gguf"] = export_gguf_files(folder, work, cfg.gguf_types, gguf_prompts, val_docs)
-        shutil.make_archive(str(work / "pocketGPT"), "zip", root_dir=work, base_dir="pocketGPT")
+        write_file(work / "pocketGPT.zip", lambda tmp: os.replace(shutil.make_archive(  # make_archive adds ".zip"
+            str(tmp), "zip", root_dir=work, base_dir="pocketGPT"), tmp), needed=size_of(folder))
         plot_losses({"pretrain": pre / "log.csv", "sft": sft / "log.csv"}, work / "losses.png", show=False)
         plot_quality(quality, work / "quality.png", show=False)
         write_json(work / "answers.json", answers)

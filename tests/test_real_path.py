@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -181,3 +182,130 @@ def test_sft_on_two_processes_trains_every_epoch_on_full_global_batches(tokenize
     assert report["real_token_fraction"] == pytest.approx(batches.real_token_fraction())
     assert len(pg.read_json(out / "heldout.json")) == report["eval_rows"]  # written whole, once
     assert [r["step"] for r in pg.read_log(out / "log.csv")] == sorted({r["step"] for r in pg.read_log(out / "log.csv")})
+
+
+# --- every stage, every fault: kill -9 of the process group, a finished run resumed, a budget in a phase ---------
+
+def start_stage(stage: str, params: dict, nproc: int = 1) -> subprocess.Popen:
+    """The stage in a process group of its own, as a terminal or a notebook's launcher starts it."""
+    return subprocess.Popen(stage_cmd(stage, nproc, params), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=ENV, start_new_session=True)
+
+
+def kill_group(proc: subprocess.Popen) -> str:
+    """kill -9 of the whole process group (what a dying session does to it); returns what it printed."""
+    assert proc.poll() is None, f"the stage ended before the kill: make it longer\n{proc.communicate()[0][-2000:]}"
+    os.killpg(proc.pid, signal.SIGKILL)
+    return proc.communicate()[0]
+
+
+def last_elapsed(log) -> float:
+    """Seconds the training loop of a finished run took, from its log."""
+    return pg.read_log(log)[-1]["elapsed_s"]
+
+
+@pytest.fixture(scope="module")
+def pretrained(tokenizer_stage, tmp_path_factory):
+    run = tmp_path_factory.mktemp("pretrained")
+    run_stage("pretrain", 1, pretrain_params(tokenizer_stage, run, max_steps=30))
+    return run / "pretrain"
+
+
+def sft_params(pretrained, run, demo_data, **kw) -> dict:
+    """03 with its preference phase, long enough (about 10 s of training) to be killed in either phase."""
+    return {**dict(pretrain_dir=pretrained, run_dir=run, dialogs_path=demo_data / "dialogs.csv", precision="fp32",
+                   batch_size=8, epochs=8, log_interval=20, eval_interval=1000, checkpoint_minutes=0.01,
+                   preference="self", preference_rows=96, preference_epochs=24, preference_learning_rate=1e-3,
+                   dropout=0.1), **kw}
+
+
+def test_sft_killed_in_each_phase_resumes_auto_and_ends_as_an_uninterrupted_run(pretrained, demo_data, tmp_path):
+    """03 with preference on dies twice (kill -9 of its process group): once in the SFT phase, once in the
+    preference phase, each at a random moment after a checkpoint. Each rerun with resume_from='auto'
+    continues from the .partial; the last one finishes with the uninterrupted run's numbers."""
+    run_stage("sft", 1, sft_params(pretrained, tmp_path / "ref", demo_data))
+    ref_dir = tmp_path / "ref" / "sft"
+    reference = pg.read_json(ref_dir / "metrics.json")
+    sft_s, dpo_s = last_elapsed(ref_dir / "log.csv"), last_elapsed(ref_dir / "preference" / "log.csv")
+    rng, run = random.Random(), tmp_path / "run"
+    partial, params = run / "sft.partial", sft_params(pretrained, run, demo_data, resume_from="auto")
+
+    proc = start_stage("sft", params)  # 1: killed in the SFT phase
+    wait_for(lambda: (partial / "ckpt.pt").exists(), 120, proc)
+    time.sleep(rng.uniform(0.0, 0.4 * sft_s))
+    kill_group(proc)
+    assert not (partial / "sft_phase.json").exists() and not (run / "sft").exists()
+
+    proc = start_stage("sft", params)  # 2: resumes the SFT phase, killed in the preference phase
+    wait_for(lambda: (partial / "preference" / "ckpt.pt").exists(), 120, proc)
+    time.sleep(rng.uniform(0.0, 0.4 * dpo_s))
+    out = kill_group(proc)
+    assert f"resuming {partial} at step " in out and not (run / "sft").exists()
+
+    proc = run_stage("sft", 1, params)  # 3: resumes the preference phase and finishes
+    assert f"resuming {partial} in its preference phase" in proc.stdout
+    final = pg.read_json(run / "sft" / "metrics.json")
+    assert final["finished"] and final["exported_model"] == "SFT + DPO" and final["preference"]["finished"]
+    assert final["final_val_loss"] == pytest.approx(reference["final_val_loss"], abs=2e-3)
+    assert final["preference"]["final_val_loss"] == pytest.approx(reference["preference"]["final_val_loss"], abs=2e-3)
+    assert not partial.exists() and pg.read_json(run / "sft" / "manifest.json")["inputs"]["resumed_from"]
+    pg.load_model(run / "sft" / "model")
+
+
+def test_the_tokenizer_killed_at_a_random_moment_is_rebuilt_whole_by_a_rerun(demo_data, tmp_path):
+    """01 has no checkpoint to resume: a rerun after a kill -9 starts over and writes what an uninterrupted
+    run writes, byte for byte, and no .partial is left."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text((demo_data / "corpus.txt").read_text() * 12)  # 3 MB: a few seconds of work
+    params = dict(corpus_path=corpus, vocab_size=2048, val_fraction=0.05)
+    run_stage("tokenizer", 1, {**params, "run_dir": tmp_path / "ref"})
+    ref = pg.read_json(tmp_path / "ref" / "tokenizer" / "metrics.json")
+    took = ref["train_seconds"] + ref["encode_seconds"]  # the stage's work, after its start-up
+    run = tmp_path / "run"
+    proc = start_stage("tokenizer", {**params, "run_dir": run})
+    wait_for(lambda: (run / "tokenizer.partial").exists(), 60, proc)
+    time.sleep(random.uniform(0.0, 0.8 * took))
+    kill_group(proc)
+    assert not (run / "tokenizer" / "manifest.json").exists()
+    run_stage("tokenizer", 1, {**params, "run_dir": run})
+    for name in ["tokenizer.json", "vocab.json", "merges.txt", "train.bin", "val.bin", "doc_stats.npz"]:
+        assert (run / "tokenizer" / name).read_bytes() == (tmp_path / "ref" / "tokenizer" / name).read_bytes(), name
+    timing = {"encode_seconds", "encode_mb_per_s"}
+    assert ({k: v for k, v in pg.read_json(run / "tokenizer" / "meta.json").items() if k not in timing}
+            == {k: v for k, v in pg.read_json(tmp_path / "ref" / "tokenizer" / "meta.json").items() if k not in timing})
+    assert not (run / "tokenizer.partial").exists()
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_a_finished_pretraining_resumed_again_gives_the_same_complete_folder(tokenizer_stage, tmp_path, nproc):
+    """A finished run attached again (Kaggle) or resumed into a new folder: nothing left to train, and the
+    folder it writes is whole, with the finished run's numbers."""
+    params = pretrain_params(tokenizer_stage, tmp_path, max_steps=20, eval_interval=10)
+    run_stage("pretrain", nproc, params)
+    done, done_log = pg.read_json(tmp_path / "pretrain" / "metrics.json"), pg.read_log(tmp_path / "pretrain" / "log.csv")
+    for again in [{"resume_from": "auto"}, {"resume_from": tmp_path / "pretrain", "out_dir": tmp_path / "again"}]:
+        run_stage("pretrain", nproc, {**params, **again})
+        out = Path(again.get("out_dir", tmp_path / "pretrain"))
+        m = pg.read_json(out / "metrics.json")
+        for k in ["steps", "tokens", "final_val_loss", "final_train_loss", "finished", "stop_reason"]:
+            assert m[k] == done[k], k
+        assert pg.read_log(out / "log.csv") == done_log and [r["step"] for r in done_log] == [10, 20]
+        assert (out / "loss.png").is_file() and (out / "model" / "config.json").is_file()
+        assert not partial_of(out).exists()
+
+
+def partial_of(out):
+    return out.with_name(out.name + ".partial")
+
+
+def test_a_finished_sft_with_its_preference_phase_resumed_again_keeps_its_numbers(pretrained, demo_data, tmp_path):
+    params = sft_params(pretrained, tmp_path, demo_data, epochs=1, preference_epochs=1)
+    run_stage("sft", 1, params)
+    done = pg.read_json(tmp_path / "sft" / "metrics.json")
+    run_stage("sft", 1, {**params, "resume_from": tmp_path / "sft", "out_dir": tmp_path / "again"})
+    m = pg.read_json(tmp_path / "again" / "metrics.json")
+    assert m["final_val_loss"] == done["final_val_loss"] is not None
+    assert m["preference"]["final_val_loss"] == done["preference"]["final_val_loss"] is not None
+    assert m["finished"] and m["exported_model"] == "SFT + DPO"
+    assert pg.read_log(tmp_path / "again" / "log.csv") == pg.read_log(tmp_path / "sft" / "log.csv")
+    assert not (tmp_path / "again.partial").exists()
