@@ -309,3 +309,40 @@ def test_a_finished_sft_with_its_preference_phase_resumed_again_keeps_its_number
     assert m["finished"] and m["exported_model"] == "SFT + DPO"
     assert pg.read_log(tmp_path / "again" / "log.csv") == pg.read_log(tmp_path / "sft" / "log.csv")
     assert not (tmp_path / "again.partial").exists()
+
+
+@pytest.mark.parametrize("phase", ["sft", "preference"])
+def test_a_budget_that_binds_in_either_phase_leaves_a_model_04_uses_and_a_rerun_finishes(
+        tokenizer_stage, pretrained, demo_data, tmp_path, phase):
+    """03 with preference on, its budget (real clock) running out in the SFT phase or in the preference
+    phase: the folder holds model/ (the SFT model, said so), 04 exports it, and a rerun with
+    resume_from='auto' continues where it stopped and ends with the tuned model."""
+    long = dict(epochs=200) if phase == "sft" else dict(epochs=1, preference_epochs=400)
+    base = dict(pretrain_dir=str(pretrained), dialogs_path=str(demo_data / "dialogs.csv"), precision="fp32",
+                batch_size=8, log_interval=20, eval_interval=1000, checkpoint_minutes=60, preference="self",
+                preference_rows=96, preference_learning_rate=1e-3)
+    cfg = lambda **kw: pg.make_config(pg.SFTConfig, "demo", run_dir=str(tmp_path), **{**base, **kw})  # noqa: E731
+    out = pg.run_sft_stage(cfg(max_hours=8 / 3600, **long))
+    m = pg.read_json(out / "metrics.json")
+    assert not m["finished"] and m["exported_model"] == "SFT", m
+    stopped = m["preference"] if phase == "preference" else m
+    assert stopped["stop_reason"] == "time_budget" and 0 < stopped["steps"] < stopped["max_steps"]
+    assert ("preference" in m) == (phase == "preference")  # the preference phase ran only after a whole SFT phase
+    sft_model = pg.load_model(out / "model")  # the SFT model: 03's own next cell and 04 read it
+    export = pg.run_export_stage(pg.make_config(pg.ExportConfig, "demo", run_dir=str(tmp_path), gguf_types=[],
+                                                tokenizer_dir=str(tokenizer_stage), pretrain_dir=str(pretrained)))
+    report = pg.read_json(export / "metrics.json")
+    assert report["exported_model"] == "SFT" and set(report["quality"]) == {"pretrained", "SFT"}
+    assert torch.equal(pg.load_model(export / "pocketGPT").transformer.wte.weight, sft_model.transformer.wte.weight)
+    # the next session, with a plan that ends soon after the stop: the rest of the interrupted phase (and, after
+    # the SFT phase, the whole preference phase)
+    if phase == "sft":
+        rest = dict(epochs=200, max_steps=stopped["steps"] + 20, preference_epochs=1)
+    else:
+        per_epoch = -(-stopped["train_pairs"] // 8)
+        rest = dict(epochs=1, preference_epochs=(stopped["steps"] + 24) / per_epoch)
+    again = pg.run_sft_stage(cfg(resume_from="auto", max_hours=1, **rest))
+    m2 = pg.read_json(again / "metrics.json")
+    assert m2["finished"] and m2["exported_model"] == "SFT + DPO", m2
+    rows = pg.read_log(again / ("preference/log.csv" if phase == "preference" else "log.csv"))
+    assert rows[0]["step"] < stopped["steps"] < rows[-1]["step"]  # the earlier rows kept, the run continued
