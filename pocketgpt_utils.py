@@ -38,6 +38,7 @@ import subprocess
 import sys
 import time
 import warnings
+import zipfile
 from contextlib import contextmanager, nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
@@ -252,17 +253,18 @@ def free_bytes(path) -> int:
 
 
 def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
+    for unit in ("B", "kB", "MB", "GB"):
         if n < 1000 or unit == "GB":
             return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
         n /= 1000
 
 
-def disk_full_error(what: str, where, needed: int, kept: str = "Nothing half-written is left under its name.",
+def disk_full_error(what: str, where, needed: int | None, kept: str = "Nothing half-written is left under its name.",
                     next_step: str = "run again") -> DiskFullError:
     """The one message of a full disk: what was written where, what is free there and about what was
-    needed, what is intact, and what to do."""
-    e = DiskFullError(f"The disk is full: writing {what} into {where} needs about {human_bytes(needed)} and "
+    needed (None: not known), what is intact, and what to do."""
+    need = f"needs about {human_bytes(needed)} and " if needed else "failed: "
+    e = DiskFullError(f"The disk is full: writing {what} into {where} {need}"
                       f"{human_bytes(free_bytes(where))} is free there. {kept} Free some space (on Kaggle, "
                       f"/kaggle/working holds 20 GB in all: delete outputs you no longer need), then {next_step}.")
     e.what, e.where, e.needed = what, Path(where), needed
@@ -274,12 +276,15 @@ def space_for(path, tmp=None, needed: int = 0):
     """A write that fills the disk ends in one message (disk_full_error) instead of the writer's own
     (torch: "basic_ios::clear: iostream error"). `tmp`: what had been written when it failed, a lower
     bound of what was needed; `needed`: the caller's estimate."""
+    path = Path(path)
     try:
         yield
     except Exception as e:
-        if isinstance(e, PocketGPTError) or not is_disk_full(e):
+        # some writers lose the errno ("16384 requested and 1408 written": numpy's tofile in gguf): an I/O error
+        # with less than a megabyte left is the disk being full
+        if isinstance(e, PocketGPTError) or not (is_disk_full(e) or isinstance(e, (OSError, RuntimeError))
+                                                 and free_bytes(path.parent) < 1 << 20):
             raise
-        path = Path(path)
         raise disk_full_error(path.name, path.parent, max(needed, size_of(tmp) if tmp else 0, size_of(path))) from None
 
 
@@ -348,6 +353,18 @@ def torch_file(obj):
         with open(tmp, "wb") as f:
             torch.save(obj, f)
     return save
+
+
+def zip_folder(folder):
+    """write_file content: the folder as a zip whose top folder is its own name (as shutil.make_archive
+    writes one, but to the name it is given)."""
+    folder = Path(folder)
+
+    def write(tmp):
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
+            for f in [folder, *sorted(folder.rglob("*"))]:
+                z.write(f, f.relative_to(folder.parent))
+    return write
 
 
 def write_json(path, obj) -> None:
@@ -497,8 +514,8 @@ def stage_disk_full(e: Exception, stage: str, work: Path, resuming) -> DiskFullE
     so whole) and how to continue from it, or that nothing finished was touched."""
     if isinstance(e, DiskFullError):
         what, where, needed = e.what, e.where, e.needed
-    else:  # a library's own write (a tokenizer's files, ...) into the stage folder
-        what, where, needed = f"{STAGES[stage]}'s files", work, size_of(work)
+    else:  # a write that did not go through the door
+        what, where, needed = "the stage's files", work, None
     folder = newest_checkpoint([f for f in [work, resuming] if f])
     out_dir = work.with_name(work.name.removesuffix(".partial"))
     if stage in ("pretrain", "sft") and folder:
@@ -1086,8 +1103,9 @@ def wrap_tokenizer(tok, model_max_length: int = 1024):
 def save_tokenizer(hf_tok, out_dir) -> None:
     """save_pretrained, plus vocab.json/merges.txt (transformers 5 writes only tokenizer.json)."""
     out_dir = Path(out_dir)
-    hf_tok.save_pretrained(out_dir)
-    hf_tok.backend_tokenizer.model.save(str(out_dir))
+    with space_for(out_dir / "tokenizer.json", needed=2 * len(hf_tok.backend_tokenizer.to_str())):  # and vocab, merges
+        hf_tok.save_pretrained(out_dir)
+        hf_tok.backend_tokenizer.model.save(str(out_dir))
 
 
 def encode_text(tok, texts) -> list[list[int]]:
@@ -1127,8 +1145,8 @@ def encode_corpus(files, tok, out_dir, seed: int, val_fraction: float, total_byt
     (doc_stats.npz) for the length plots; val-split byte and word counts give the compression.
     """
     out_dir = Path(out_dir)
-    outs = {s: open(out_dir / f"{s}.bin", "wb") for s in ("train", "val")}
-    stats = {s: {"docs": 0, "tokens": 0, "bytes": 0, "words": 0, "chars": 0} for s in outs}
+    outs = {}  # split -> its open .bin file, appended to as batches are encoded (inside the stage's .partial)
+    stats = {s: {"docs": 0, "tokens": 0, "bytes": 0, "words": 0, "chars": 0} for s in ("train", "val")}
     lengths = {"split": [], "bytes": [], "tokens": []}
     started = time.time()
 
@@ -1142,19 +1160,17 @@ def encode_corpus(files, tok, out_dir, seed: int, val_fraction: float, total_byt
             st["words"] += len(doc.split()); st["chars"] += len(doc)
             lengths["split"].append(s == "val"); lengths["bytes"].append(nb); lengths["tokens"].append(len(ids))
 
-    try:  # ids are 2 bytes and a token is about 4 bytes of text: about half the corpus's size on disk
-        with space_for(out_dir / "train.bin", needed=total_bytes // 2), \
-                progress(total=total_bytes, unit="B", unit_scale=True, desc="encode") as bar:
-            batch = []
-            for doc in iter_documents(files, progress=bar, text_column=text_column):
-                batch.append(doc)
-                if len(batch) == batch_docs:
-                    flush(batch); batch = []
-            if batch:
-                flush(batch)
-    finally:
-        for f in outs.values():
-            f.close()
+    # ids are 2 bytes and a token is about 4 bytes of text: about half the corpus's size on disk
+    with space_for(out_dir / "train.bin", needed=total_bytes // 2), open(out_dir / "train.bin", "wb") as outs["train"], \
+            open(out_dir / "val.bin", "wb") as outs["val"], \
+            progress(total=total_bytes, unit="B", unit_scale=True, desc="encode") as bar:
+        batch = []
+        for doc in iter_documents(files, progress=bar, text_column=text_column):
+            batch.append(doc)
+            if len(batch) == batch_docs:
+                flush(batch); batch = []
+        if batch:
+            flush(batch)
     seconds = time.time() - started
     if stats["val"]["docs"] == 0 or stats["train"]["docs"] == 0:
         empty = "val" if stats["val"]["docs"] == 0 else "train"
@@ -4019,8 +4035,7 @@ def run_export_stage(cfg: ExportConfig) -> Path:
         gguf_prompts = DEFAULT_PROMPTS + [p for p, _ in heldout
                                           if len(chat_prompt_ids(tok, p)) <= sft_model.config.n_positions // 2][:15]
         report["gguf"] = export_gguf_files(folder, work, cfg.gguf_types, gguf_prompts, val_docs)
-        write_file(work / "pocketGPT.zip", lambda tmp: os.replace(shutil.make_archive(  # make_archive adds ".zip"
-            str(tmp), "zip", root_dir=work, base_dir="pocketGPT"), tmp), needed=size_of(folder))
+        write_file(work / "pocketGPT.zip", zip_folder(folder), needed=size_of(folder))
         plot_losses({"pretrain": pre / "log.csv", "sft": sft / "log.csv"}, work / "losses.png", show=False)
         plot_quality(quality, work / "quality.png", show=False)
         write_json(work / "answers.json", answers)
