@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import bisect
 import copy
 import csv
 import dataclasses
@@ -906,6 +907,7 @@ def open_table(file, fmt: str):
             return parts, parts[0].column_names if parts else []
         options = {}
         if fmt == "csv":
+            csv_row_lines(file)  # quoting and cell counts checked strictly first: pandas reads a stray quote in silence
             with open_data(file) as f:
                 try:
                     header = list(pd.read_csv(f, nrows=0, encoding="utf-8").columns)
@@ -947,11 +949,57 @@ def iter_table(parts, file, fmt: str, columns, progress=None, batch_rows: int = 
         progress.update(size - done)
 
 
+def csv_row_lines(file) -> tuple[list[int], list[int]]:
+    """A strict pass over a CSV file with Python's csv module, which stops where pandas guesses: a quote inside
+    a quoted cell that is not doubled ("He said "hi" to me" reads as `He said hi" to me"` there), a quoted cell
+    that never closes, a row with more or fewer cells than the header (pandas takes the extra first cell for
+    an index). Each is an error naming the line. Returns where rows start, for row_place: the rows (from 0)
+    that do not start on the line after the previous row's (the first; after a cell over several lines or a
+    blank line), and their lines. Read once per file and process."""
+    stat = Path(file).stat()
+    return _csv_row_lines(str(file), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _csv_row_lines(file: str, size: int, mtime: int) -> tuple[list[int], list[int]]:
+    csv.field_size_limit(2 ** 31 - 1)  # a document can be longer than the 128 kB default
+    rows, lines, n, previous, end = [], [], 0, None, 0
+    with open_data(file) as raw:
+        reader = csv.reader(io.TextIOWrapper(raw, encoding="utf-8-sig", newline=""), strict=True)
+        try:
+            header = next(reader, [])
+            end = reader.line_num
+            for row in reader:
+                start, end = end + 1, reader.line_num
+                if not row:  # a blank line: pandas skips it, so no row
+                    continue
+                if len(row) != len(header):
+                    raise PocketGPTError(f"{file}, line {start}: {len(row)} cells where the header has {len(header)}. A cell "
+                                         f"that holds a comma must be in double quotes; fix the line or remove it.")
+                if previous is None or start != previous + 1:
+                    rows.append(n)
+                    lines.append(start)
+                n, previous = n + 1, start
+        except csv.Error as e:
+            if "unexpected end of data" in str(e):
+                raise PocketGPTError(f"{file}, line {end + 1}: a cell opens a double quote that never closes (the file ends "
+                                     f"inside it). Close the quote, or double each quote inside the cell.") from None
+            raise PocketGPTError(f"{file}, line {reader.line_num}: a double quote inside a quoted cell is not doubled "
+                                 f"({e}). In CSV a quoted cell writes each quote inside it twice: \"He said \"\"hi\"\" to "
+                                 f"me\". Fix that line (or save the file again from a spreadsheet program).") from None
+    return rows, lines
+
+
 def row_place(file, fmt: str, i: int) -> str:
-    """Where row i (from 0) is, as the user finds it: a .jsonl line, a CSV row (row 1 is the header), a row."""
+    """Where row i (from 0) is, as the user finds it in an editor: a .jsonl or CSV file's line (a CSV's header
+    is line 1; a cell over several lines counts them), else the row or record number."""
     if fmt == "json":
         return f"{file}, line {i + 1}" if ".jsonl" in [s.lower() for s in Path(file).suffixes] else f"{file}, record {i + 1}"
-    return f"{file}, row {i + 2}" if fmt == "csv" else f"{file}, row {i + 1}"
+    if fmt == "csv":
+        rows, lines = csv_row_lines(file)
+        k = bisect.bisect_right(rows, i) - 1
+        return f"{file}, line {lines[k] + i - rows[k] if k >= 0 else i + 2}"
+    return f"{file}, row {i + 1}"
 
 
 def find_text_column(columns, text_column=None, file="") -> str:

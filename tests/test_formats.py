@@ -313,7 +313,7 @@ def test_chat_turns_out_of_order_or_of_another_role_are_named(tmp_path):
     with pytest.raises(pg.PocketGPTError, match=r"tool.jsonl, line 1: message 2 of the 'messages' cell has the role 'tool'"):
         pg.read_dialogs([path])
     (tmp_path / "c.csv").write_text('messages\n"[{""role"": ""user"""\n')
-    with pytest.raises(pg.PocketGPTError, match=r"c.csv, row 2: the 'messages' cell is not a JSON list of messages"):
+    with pytest.raises(pg.PocketGPTError, match=r"c.csv, line 2: the 'messages' cell is not a JSON list of messages"):
         pg.read_dialogs([tmp_path / "c.csv"])
 
 
@@ -373,3 +373,32 @@ def test_attached_inputs_in_any_format_are_found(kaggle, tmp_path, docs, small_t
     with pytest.raises(pg.PocketGPTError, match=r"corpus_path=None and 2 files named corpus.jsonl.gz / corpus.parquet "
                                                 r"are attached: .*Set corpus_path"):
         pg.attached_input("corpus", "corpus_path", pg.CORPUS_FORMATS)
+
+
+# --- CSV as people really write it: one convention for places, the line in the file ---------------------
+
+def test_an_unescaped_quote_inside_a_csv_cell_stops_with_the_file_and_line(tmp_path):
+    """'"He said "hi" to me"' (inner quotes not doubled, as hand edits leave them) is read by pandas, in
+    silence, as 'He said hi" to me"'; here it stops, naming the line to fix, in dialogs and preference pairs."""
+    bad = 'question,answer\nWhat is a tensor?,An array.\n"He said "hi" to me",ok\n'
+    (tmp_path / "d.csv").write_text(bad)
+    with pytest.raises(pg.PocketGPTError, match=r"d.csv, line 3: a double quote inside a quoted cell is not doubled"
+                                                r".*\"He said \"\"hi\"\" to me\""):
+        pg.read_dialogs([tmp_path / "d.csv"])
+    (tmp_path / "p.csv").write_text('prompt,chosen,rejected\nq,"a "good" one",b\n')
+    with pytest.raises(pg.PocketGPTError, match=r"p.csv, line 2: a double quote inside a quoted cell is not doubled"):
+        pg.read_preference_pairs(tmp_path / "p.csv")
+    (tmp_path / "ok.csv").write_text('question,answer\n"He said ""hi"" to me",He said "hi"\n')  # both are valid CSV
+    assert pg.read_dialogs([tmp_path / "ok.csv"])[0] == [('He said "hi" to me', 'He said "hi"')]
+
+
+def test_csv_rows_are_named_by_their_line_even_after_a_cell_over_several_lines(tmp_path):
+    (tmp_path / "p.csv").write_text('prompt,chosen,rejected\n"a prompt\nover three\nlines",yes,no\n\nq2,a2,b2\nq3,a3,\n')
+    with pytest.raises(pg.PocketGPTError, match=r"p.csv, line 7: the 'rejected' cell is empty"):  # line 7 in an editor
+        pg.read_preference_pairs(tmp_path / "p.csv")
+    (tmp_path / "three.csv").write_text('question,answer\nq,a\nq2,a,extra\n')
+    with pytest.raises(pg.PocketGPTError, match=r"three.csv, line 3: 3 cells where the header has 2"):
+        pg.read_dialogs([tmp_path / "three.csv"])
+    (tmp_path / "open.csv").write_text('question,answer\nq,a\n"never closed,a\nq3,a3\n')
+    with pytest.raises(pg.PocketGPTError, match=r"open.csv, line 3: a cell opens a double quote that never closes"):
+        pg.read_dialogs([tmp_path / "open.csv"])

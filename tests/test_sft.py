@@ -274,7 +274,7 @@ def test_a_preference_file_with_a_missing_column_or_an_empty_cell_is_named(tmp_p
     with pytest.raises(pg.PocketGPTError, match=r"p.csv: no rejected column; the columns are \['prompt', 'chosen', 'answer'\]"):
         pg.read_preference_pairs(f)
     f = write_pairs(tmp_path / "e.csv", ["Prompt", "Chosen", "Rejected"], [["q", "a", "b"], ["q2", "a2", "  "]])
-    with pytest.raises(pg.PocketGPTError, match=r"e.csv, row 3: the 'rejected' cell is empty"):
+    with pytest.raises(pg.PocketGPTError, match=r"e.csv, line 3: the 'rejected' cell is empty"):
         pg.read_preference_pairs(f)
     with pytest.raises(pg.PocketGPTError, match="preference='nope.csv': use None, 'self'"):
         pg.make_config(pg.SFTConfig, "demo", run_dir=str(tmp_path), preference="nope.csv")
