@@ -35,6 +35,7 @@ import platform
 import random
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -3827,6 +3828,45 @@ LLAMA_SKIPPED = ("not run against Hugging Face: llama-cpp-python is not installe
                  "(pip install llama-cpp-python; it compiles llama.cpp, a few minutes)")
 
 
+def llama_smoke_test(gguf_path) -> None:
+    """Open a GGUF with llama.cpp and run it on a few tokens, as verify_gguf and chat do; llama_cpp_problem
+    runs it in a child process, which may die of it."""
+    llm = load_llama(gguf_path, n_ctx=16, n_threads=1, logits_all=False)
+    try:
+        llm.eval([BOS_ID, 4, 5, 6])
+    finally:
+        llm.close()
+
+
+def llama_cpp_problem(gguf_path) -> str | None:
+    """None when llama.cpp runs this GGUF here; else why it cannot, for the report card and the tests.
+
+    llama.cpp built for another CPU (a native build on a machine that advertises AVX-512 or AMX it cannot
+    run) dies of SIGILL, which would take the notebook kernel, the pipeline or pytest with it: the first
+    use is tried in a child process, which sees the modules this process sees."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        return LLAMA_SKIPPED
+    stat = Path(gguf_path).stat()
+    return _llama_cpp_problem(str(gguf_path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _llama_cpp_problem(gguf_path: str, size: int, mtime: int) -> str | None:
+    paths = [p for p in [os.environ.get("PYTHONPATH"), str(HERE), *sys.path] if p]
+    proc = subprocess.run([sys.executable, "-c", "import sys, pocketgpt_utils as pg; pg.llama_smoke_test(sys.argv[1])",
+                           gguf_path], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(paths)})
+    if proc.returncode == 0:
+        return None
+    if proc.returncode < 0:
+        name = signal.Signals(-proc.returncode).name
+        return (f"not run: llama.cpp crashed on this CPU ({name}) running {Path(gguf_path).name}: its build uses "
+                f"instructions this CPU does not execute. Build it for any CPU: CMAKE_ARGS=\"-DGGML_NATIVE=OFF\" "
+                f"pip install --force-reinstall --no-cache-dir llama-cpp-python")
+    error = (proc.stderr.strip().splitlines() or ["no message"])[-1]
+    return f"not run: llama.cpp failed on {Path(gguf_path).name} ({error})"
+
+
 def export_gguf_files(folder, out_dir, types, prompts, texts) -> list[dict]:
     """pocketGPT-{type}.gguf beside the folder; each verified against HF and timed when
     llama-cpp-python is importable (it compiles llama.cpp on install: CI has it, Kaggle need not)."""
@@ -3839,18 +3879,20 @@ def export_gguf_files(folder, out_dir, types, prompts, texts) -> list[dict]:
     folder, out_dir = Path(folder), Path(out_dir)
     n_ctx = read_json(folder / "config.json")["n_positions"]
     n_generate = min(64, n_ctx - max(len(chat_prompt_ids(load_tokenizer(folder), p)) for p in prompts) - 1)
-    can_run = importlib.util.find_spec("llama_cpp") is not None
     chat, probes = [chat_prompt(p) for p in prompts], texts + fuzz_strings(texts)
     rows = []
     for ftype in types:
         path = write_gguf(folder, out_dir / f"pocketGPT-{ftype}.gguf", ftype)
         row = {"type": ftype, "file": path.name, "size_mb": path.stat().st_size / 1e6}
-        if can_run:
+        problem = llama_cpp_problem(path)
+        if problem is None:
             row["verify"] = verify_gguf(path, folder, chat, probes, n_generate)
             speed = generation_speed(path, folder, chat[0])
             row["tokens_per_s"], row["hf_tokens_per_s"] = speed["llama_cpp_tokens_per_s"], speed["hf_tokens_per_s"]
         else:
-            row["skipped"] = LLAMA_SKIPPED
+            row["skipped"] = problem
+            if problem != LLAMA_SKIPPED:
+                print(f"GGUF {ftype}: {problem}", flush=True)
         rows.append(row)
     return rows
 
@@ -4208,9 +4250,13 @@ class GGUFChat:
     template the GGUF carries and stops at <|eos|>: what llama-server and llama-cli do with it."""
 
     def __init__(self, path):
-        if importlib.util.find_spec("llama_cpp") is None:
+        problem = llama_cpp_problem(path)
+        if problem == LLAMA_SKIPPED:
             raise PocketGPTError(f"{path} is a GGUF: chatting with it needs llama-cpp-python "
                                  f"(pip install llama-cpp-python), or chat with the export folder instead.")
+        if problem:
+            raise PocketGPTError(f"{path}: llama.cpp {problem.removeprefix('not run: llama.cpp ')}. Or chat with the "
+                                 f"export folder instead.")
         self.llm = load_llama(path, n_ctx=0, logits_all=False)  # n_ctx=0: the model's own context
         if not self.llm.metadata.get("tokenizer.chat_template"):
             raise PocketGPTError(f"{path} carries no chat template (a GGUF from before it did): export again with 04.")

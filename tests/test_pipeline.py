@@ -146,3 +146,15 @@ def test_each_default_is_written_once():
         cell = next(c for c in nbformat.read(str(path), as_version=4).cells if "parameters" in c.metadata.get("tags", []))
         comments = " ".join(line.split("#", 1)[1] for line in cell.source.splitlines() if "#" in line)
         assert not re.search(r"\b(4096|24000|11\.25|0\.05|0\.01)\b", comments), path.stem
+
+
+def test_ci_runs_exactly_the_readmes_set_up_and_test_commands():
+    """A newcomer copies the README, CI runs .ci/run: the two once differed (CMAKE_ARGS only in CI), and the
+    README's version died on a CPU with AVX-512/AMX while CI stayed green."""
+    readme = (pg.HERE / "README.md").read_text()
+    block = re.search(r"^## Test it\n\n```bash\n(.*?)```", readme, re.S | re.M).group(1).strip().splitlines()
+    ci = [line for line in (pg.HERE / ".ci" / "run").read_text().splitlines()
+          if line.strip() and not line.startswith(("#", "set -", "cd "))]
+    assert ci == block
+    assert any("pip install -r requirements.txt -r requirements-dev.txt" in line for line in block)
+    assert any(line.startswith("HF_HUB_OFFLINE=1") and "pytest" in line for line in block)
