@@ -132,6 +132,25 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def launcher_mismatch() -> str | None:
+    """What to say when the launcher that started this process (its parent) was asked for another number of
+    processes than started: `accelerate launch --num_processes 2` without --multi_gpu starts one process, in
+    silence, where there is no GPU. None when they agree, or no launcher says how many it was asked for."""
+    try:
+        args = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return None
+    for i, arg in enumerate(args):
+        name, _, value = arg.partition("=")
+        if name in ("--num_processes", "--num-processes", "--nproc_per_node", "--nproc-per-node"):
+            value = value or (args[i + 1] if i + 1 < len(args) else "")
+            if value.isdigit() and int(value) != world_size():
+                return (f"the launcher was asked for {value} processes ({name} {value}) and started {world_size()}. "
+                        f"Without a GPU, `accelerate launch` starts several only with --multi_gpu (accelerate launch "
+                        f"--multi_gpu --num_processes {value} ...); torchrun --nproc_per_node {value} ... works too.")
+    return None
+
+
 def watched() -> bool:
     """Whether someone watches the output as it is made: a terminal or an interactive notebook.
 
@@ -4503,7 +4522,12 @@ def main(argv=None) -> int:
         elif args.command == "stage":
             cls, fn = STAGE_RUNNERS[args.name]
             cfg = make_config(cls, args.profile, **{k: parse_value(v) for k, v in args.param})
-            print(f"done: {fn(cfg)}")
+            note = launcher_mismatch()
+            if note and is_main_process():
+                print(f"note: {note}", flush=True)
+            out = fn(cfg)
+            if is_main_process():
+                print(f"done: {out}")
         elif args.command == "bench":
             params = {k: parse_value(v) for k, v in args.param}
             try:

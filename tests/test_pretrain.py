@@ -395,3 +395,26 @@ def test_a_tracker_that_is_not_installed_or_unknown_is_named(tokenizer_stage, tm
     monkeypatch.setattr(accelerate.utils, "is_wandb_available", lambda: False)
     with pytest.raises(pg.PocketGPTError, match=r"the wandb package is not installed \(pip install wandb\)"):
         pretrain_cfg(tokenizer_stage, tmp_path, log_with=["tensorboard", "wandb"])
+
+
+def test_a_launcher_that_starts_fewer_processes_than_asked_is_said(tokenizer_stage, tmp_path):
+    """`accelerate launch --num_processes 2` on a machine without GPUs starts one process, in silence (it needs
+    --multi_gpu): the stage says so, and the README's command for two CPU processes does start two."""
+    import os
+    import subprocess
+    import sys
+
+    args = ["-p", "tokenizer_dir", str(tokenizer_stage), "-p", "precision", "fp32", "-p", "max_steps", "4"]
+    for k in ["n_layer", "n_head", "n_embd", "n_positions", "batch_size"]:
+        args += ["-p", k, str(TINY[k])]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch"]
+    for flags, processes in [(["--num_processes", "2"], 1), (["--multi_gpu", "--num_processes", "2"], 2)]:
+        run = tmp_path / str(processes)
+        proc = subprocess.run([*accelerate, *flags, str(pg.HERE / "pocketgpt_utils.py"), "stage", "pretrain", "--profile",
+                               "demo", "-p", "run_dir", str(run), *args], capture_output=True, text=True, env=env, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert pg.read_json(run / "pretrain" / "metrics.json")["processes"] == processes
+        said = "note: the launcher was asked for 2 processes (--num_processes 2) and started 1" in proc.stdout
+        assert said == (processes == 1), proc.stdout[-2000:]
+        assert proc.stdout.count("done: ") == 1  # rank 0 alone reports
