@@ -2023,16 +2023,23 @@ def train(model, train_data, val_batches, cfg, work: Path, resume: dict | None =
     scale = scaler.get_scale() if scaler.is_enabled() else None
     stop_reason, val_loss, lr = "max_steps", None, lr_at(step, cfg)
     probe = {}  # max_steps="auto": the clock and tokens at the start of the timed steps
+    pace = {}  # the clock and step the current step time is measured from (per_step_seconds)
 
     def planned() -> bool:
         return isinstance(cfg.max_steps, int)
 
+    def per_step_seconds() -> float:
+        """What a step costs now, its share of the periodic evaluations included: the slower of the last log
+        window and the steps since (a machine that slows down, a T4 dropping its clock, shows there first;
+        warm-up and compiling come before the first mark)."""
+        recent = (time.time() - pace["t"]) / (step - pace["step"]) if pace and step - pace["step"] >= 5 else 0.0
+        eval_s = timing["eval"] if timing["eval"] is not None else val_tokens / (3 * timing["tokens_per_s"])
+        return max(timing["step"], recent) + eval_s / cfg.eval_interval
+
     def steps_that_fit() -> int:
         """The step this session can reach: its budget left, less the end's reserve, over the time per
-        step (training plus its share of the periodic evaluations). The same on every process."""
-        eval_s = timing["eval"] if timing["eval"] is not None else val_tokens / (3 * timing["tokens_per_s"])
-        per_step = timing["step"] + eval_s / cfg.eval_interval
-        fit = torch.tensor([step + max(1, int(0.97 * (deadline - time.time() - reserve()) / per_step))])
+        step (per_step_seconds). The same on every process."""
+        fit = torch.tensor([step + max(1, int(0.97 * (deadline - time.time() - reserve()) / per_step_seconds()))])
         return int(acc.gather(fit.to(acc.device)).min()) if acc.num_processes > 1 else int(fit)
 
     def plan_line() -> str:
@@ -2069,6 +2076,7 @@ def train(model, train_data, val_batches, cfg, work: Path, resume: dict | None =
                **{name: round(v / n_ok, 4) for name, v in zip(loss_module.stat_names, stat_sums) if n_ok}}
         window.zero_()
         window_tokens, window_steps, window_skipped, window_started = 0, 0, 0, time.time()
+        pace.update(t=window_started, step=step)
         return row
 
     def window_sums() -> list[float]:
@@ -2099,7 +2107,9 @@ def train(model, train_data, val_batches, cfg, work: Path, resume: dict | None =
             write_file(ckpt_path, torch_file(state), needed=tensor_bytes(state))
         acc.wait_for_everyone()
         timing["ckpt"], timing["last_ckpt"] = time.time() - started, time.time()
-        window_started += timing["ckpt"]  # tokens/s measures training, not writing
+        window_started += timing["ckpt"]  # tokens/s and the step time measure training, not writing
+        if pace:
+            pace["t"] += timing["ckpt"]
 
     def track(row: dict) -> None:
         """The row's numbers to accelerate's trackers (rank 0 only, as accelerate does)."""
@@ -2127,8 +2137,15 @@ def train(model, train_data, val_batches, cfg, work: Path, resume: dict | None =
                 stop_reason = "stopped"
                 break
             now = time.time()
-            out_of_time, ckpt_due = agree(acc, now + reserve() > deadline and step > session_first_step,
-                                          now - timing["last_ckpt"] > cfg.checkpoint_minutes * 60)
+            behind = (auto_plan and planned() and step > session_first_step  # the plan no longer fits the budget
+                      and (cfg.max_steps - step) * per_step_seconds() > deadline - now - reserve())
+            out_of_time, ckpt_due, behind = agree(acc, now + reserve() > deadline and step > session_first_step,
+                                                  now - timing["last_ckpt"] > cfg.checkpoint_minutes * 60, behind)
+            if behind and not out_of_time:  # slower than planned: end sooner, still on a decayed last step
+                cfg.max_steps = max(step + 1, steps_that_fit())
+                bar.total = cfg.max_steps
+                if acc.is_main_process:
+                    tqdm.write(f"re-planned: {plan_line()}")
             if out_of_time:
                 stop_reason = "time_budget"
                 break
@@ -2147,6 +2164,7 @@ def train(model, train_data, val_batches, cfg, work: Path, resume: dict | None =
                     torch.cuda.synchronize()
                 if step - session_first_step == PLAN_PROBE_STEPS[0]:  # the first steps pay for warm-up and compiling
                     probe.update(t=time.time(), tokens=session_tokens)
+                    pace.update(t=probe["t"], step=step)
                 else:
                     dt = time.time() - probe["t"]
                     timing["step"] = dt / (PLAN_PROBE_STEPS[1] - PLAN_PROBE_STEPS[0])
@@ -2176,13 +2194,8 @@ def train(model, train_data, val_batches, cfg, work: Path, resume: dict | None =
                     val_loss = evaluate(loss_fn, val_batches, acc.device, precision, loss_module.units)
                     timing["eval"] = time.time() - t_eval
                     window_started += timing["eval"]  # tokens/s and the step time measure training alone
+                    pace["t"] += timing["eval"]
                     row["val_loss"] = round(val_loss, 4)
-                if (auto_plan and planned() and step - session_first_step > 2 * PLAN_PROBE_STEPS[1]
-                        and step < cfg.max_steps and steps_that_fit() < cfg.max_steps):
-                    cfg.max_steps = max(step + 1, steps_that_fit())  # slower than planned: end sooner, still decayed
-                    bar.total = cfg.max_steps
-                    if acc.is_main_process:
-                        tqdm.write(f"re-planned: {plan_line()}")
                 log_rows.append(row)
                 write_log(log_path, log_rows)
                 track(row)

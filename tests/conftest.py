@@ -5,6 +5,9 @@ from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"       # nothing may come from a hub
 os.environ.setdefault("TQDM_DISABLE", "1")
+# one torch thread in this process and every one it starts: on a busy machine (CI shares its 2 cores) two
+# OpenMP threads wait on each other for whole time slices, and a 10 ms step was measured taking 2 s
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pytest  # noqa: E402

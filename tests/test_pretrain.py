@@ -297,13 +297,14 @@ def test_wsd_warms_up_holds_then_decays_to_min_lr_on_the_last_step():
 
 def test_max_steps_auto_fills_one_session_and_ends_annealed(tokenizer_stage, tmp_path):
     """A budget-limited single session on the real clock: the plan ends inside it, at min_lr."""
-    budget_h = 8 / 3600
+    budget_h = 12 / 3600  # room for the plan, and for re-plans on a machine half as fast
     started = time.time()
     out = pg.run_pretrain_stage(pretrain_cfg(tokenizer_stage, tmp_path, max_steps="auto", max_hours=budget_h,
                                              log_interval=20, eval_interval=100, warmup_steps=10))
     wall = time.time() - started
     m, rows = pg.read_json(out / "metrics.json"), pg.read_log(out / "log.csv")
-    assert m["planned"] and m["finished"] and m["stop_reason"] == "max_steps" and m["steps"] == m["max_steps"] > 50
+    assert m["planned"] and m["finished"] and m["stop_reason"] == "max_steps" and m["steps"] == m["max_steps"]
+    assert m["steps"] > 2 * pg.PLAN_PROBE_STEPS[1] and rows[-1]["elapsed_s"] > 0.5 * budget_h * 3600  # it filled the session
     assert rows[-1]["step"] == m["steps"] and rows[-1]["lr"] == pytest.approx(pg.PROFILES["demo"]["pretrain"]["min_lr"])
     assert wall < budget_h * 3600 + 3
     assert pg.read_json(out / "manifest.json")["params"]["max_steps"] == "auto"  # what was asked; metrics: the plan

@@ -66,12 +66,17 @@ def test_three_budget_limited_sessions_in_a_row_each_make_progress(tokenizer_sta
         assert m["stop_reason"] == "time_budget" and not m["finished"], m
         steps.append(m["steps"])
     made = np.diff(steps)
-    assert made[0] > 20, made
-    assert all(later >= 0.5 * made[0] for later in made[1:]), f"steps made per session: {made.tolist()}"
+    # each session trains for most of its budget at the speed it measured itself (a busy machine is slower,
+    # and then every session is): the start-up and the end's reserve take the rest
+    rows = pg.read_log(tmp_path / "pretrain" / "log.csv")
+    tokens_per_step = TINY["batch_size"] * TINY["n_positions"]
+    for session, (first, last) in enumerate(zip(steps, steps[1:])):
+        rates = [r["tokens_per_s"] for r in rows if first < r["step"] <= last and r["tokens_per_s"]]
+        steps_per_s = np.median(rates) / tokens_per_step
+        assert made[session] >= 0.3 * steps_per_s * BUDGET_H * 3600, (session, made.tolist(), steps_per_s)
     assert all(w < BUDGET_H * 3600 + 3 for w in walls), f"session wall times {walls} for a 6 s budget"
     m = pg.read_json(tmp_path / "pretrain" / "metrics.json")
     assert m["hours"] == pytest.approx(sum(walls) / 3600, rel=0.25)  # the total is kept, for the report
-    rows = pg.read_log(tmp_path / "pretrain" / "log.csv")
     assert [r["step"] for r in rows] == sorted({r["step"] for r in rows})  # each session's rows once
 
 
@@ -346,3 +351,30 @@ def test_a_budget_that_binds_in_either_phase_leaves_a_model_04_uses_and_a_rerun_
     assert m2["finished"] and m2["exported_model"] == "SFT + DPO", m2
     rows = pg.read_log(again / ("preference/log.csv" if phase == "preference" else "log.csv"))
     assert rows[0]["step"] < stopped["steps"] < rows[-1]["step"]  # the earlier rows kept, the run continued
+
+
+def test_a_session_that_slows_down_after_planning_still_ends_decayed(tokenizer_stage, tmp_path):
+    """T4s drop their clocks under load; here the machine gets busy (CPU hogs) right after the plan is made,
+    with no log row for the loop to notice it at. The run shortens its plan as it goes and still ends on its
+    own last, decayed step inside the budget, not cut off on the budget in the middle of its plateau."""
+    budget_s = 24
+    params = pretrain_params(tokenizer_stage, tmp_path, max_steps="auto", max_hours=budget_s / 3600,
+                             log_interval=100_000, eval_interval=100_000, warmup_steps=10)
+    proc = start_stage("pretrain", params)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("plan (max_steps='auto')"):
+            break
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2 * os.cpu_count())]
+    try:
+        out = "".join(lines) + proc.communicate(timeout=300)[0]
+    finally:
+        for hog in hogs:
+            hog.kill()
+    assert proc.returncode == 0, out[-3000:]
+    m, rows = pg.read_json(tmp_path / "pretrain" / "metrics.json"), pg.read_log(tmp_path / "pretrain" / "log.csv")
+    assert "re-planned: plan (max_steps='auto')" in out, out[-3000:]
+    assert m["stop_reason"] == "max_steps" and m["finished"] and m["steps"] == m["max_steps"], m
+    assert rows[-1]["step"] == m["steps"] and rows[-1]["lr"] == pytest.approx(pg.PROFILES["demo"]["pretrain"]["min_lr"])
+    assert m["session_hours"] * 3600 < budget_s
