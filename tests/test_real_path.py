@@ -1,7 +1,7 @@
 """The path Kaggle users take: budget-limited sessions in a row, two processes, a crash anywhere.
 
 Nothing here fakes the condition it guards: budgets stop on the real clock, two processes are two
-torchrun processes on gloo, and a crash is a kill -9 of the stage's process.
+torchrun processes on gloo, and a crash is a kill -9 of the stage's process group.
 """
 import os
 import random
@@ -115,15 +115,12 @@ def wait_for(predicate, timeout: float, proc) -> None:
 def kill_after_a_checkpoint(params: dict, partial, rng: random.Random, after_mtime: float = 0.0) -> dict:
     """Start the stage, wait for a checkpoint newer than `after_mtime` in `partial`, then kill -9 it at a
     random moment; returns what the crash left: the checkpoint's step and how old it was at the kill."""
-    proc = subprocess.Popen(stage_cmd("pretrain", 1, params), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=ENV)
+    proc = start_stage("pretrain", params)
     ckpt = partial / "ckpt.pt"
     wait_for(lambda: ckpt.exists() and ckpt.stat().st_mtime > after_mtime, 120, proc)
     time.sleep(rng.uniform(0.2, 2.5))
-    assert proc.poll() is None, "the run finished before the kill: make it longer"
     age = time.time() - ckpt.stat().st_mtime
-    os.kill(proc.pid, signal.SIGKILL)
-    out = proc.communicate()[0]
+    out = kill_group(proc)
     return {"age": age, "step": torch.load(ckpt, weights_only=False)["step"], "mtime": ckpt.stat().st_mtime,
             "output": out}
 
@@ -378,3 +375,28 @@ def test_a_session_that_slows_down_after_planning_still_ends_decayed(tokenizer_s
     assert m["stop_reason"] == "max_steps" and m["finished"] and m["steps"] == m["max_steps"], m
     assert rows[-1]["step"] == m["steps"] and rows[-1]["lr"] == pytest.approx(pg.PROFILES["demo"]["pretrain"]["min_lr"])
     assert m["session_hours"] * 3600 < budget_s
+
+
+def test_the_export_killed_at_a_random_moment_is_redone_whole_by_a_rerun(tokenizer_stage, pretrained, demo_data,
+                                                                         tmp_path):
+    """04 has no checkpoint: killed (kill -9 of its process group) anywhere in its minute of work, a rerun
+    measures and writes what an uninterrupted export does, and no .partial is left."""
+    run_stage("sft", 1, dict(pretrain_dir=pretrained, run_dir=tmp_path, dialogs_path=demo_data / "dialogs.csv",
+                             precision="fp32", batch_size=8, max_steps=20))
+    params = lambda out: dict(tokenizer_dir=tokenizer_stage, pretrain_dir=pretrained, sft_dir=tmp_path / "sft",  # noqa: E731
+                              run_dir=tmp_path, out_dir=out, gguf_types=["f16"])
+    started = time.time()
+    run_stage("export", 1, params(tmp_path / "ref"))
+    took = time.time() - started
+    proc = start_stage("export", params(tmp_path / "export"))
+    wait_for(lambda: (tmp_path / "export.partial").exists(), 120, proc)  # its work has begun
+    time.sleep(random.uniform(0.0, 0.5 * took))
+    kill_group(proc)
+    assert not (tmp_path / "export" / "manifest.json").exists()
+    run_stage("export", 1, params(tmp_path / "export"))
+    ref, again = (pg.read_json(tmp_path / d / "metrics.json") for d in ("ref", "export"))
+    for k in ["pretrain_val_loss", "sft_val_loss", "pretrain_response_loss", "sft_response_loss", "quality",
+              "greedy_eos_share", "sampled_distinct2"]:
+        assert again[k] == ref[k], k
+    assert (tmp_path / "export" / "pocketGPT.zip").read_bytes()[:4] == b"PK\x03\x04"
+    assert not (tmp_path / "export.partial").exists()
