@@ -4,6 +4,7 @@ import json
 import torch
 
 import pocketgpt_utils as pg
+from pocketgpt.bench import t4_memory
 
 
 def test_bench_prints_one_json_line_of_speed_memory_and_the_reference(capsys):
@@ -24,7 +25,7 @@ def test_the_t4_verdict_weighs_what_the_allocator_reserved_against_what_a_t4_lea
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: 8.0 * 2 ** 30)
     for reserved, fits in [(9.5, True), (14.5, False)]:
         monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device, r=reserved: r * 2 ** 30)
-        m = pg.t4_memory(torch.device("cuda"), cfg)
+        m = t4_memory(torch.device("cuda"), cfg)
         assert (m["fits_t4"], m["peak_memory_gib"], m["peak_reserved_gib"]) == (fits, 8.0, reserved)
         assert m["t4_memory"].startswith(f"batch_size=32 x 384 tokens: {reserved:.1f} GiB reserved")
         assert m["t4_memory"].endswith("fits") if fits else "lower batch_size (now 32)" in m["t4_memory"]

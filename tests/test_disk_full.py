@@ -7,14 +7,15 @@ name, and once space is freed a rerun carries on.
 import os
 import shutil
 import subprocess
-import sys
 from contextlib import contextmanager
 
 import pytest
-
-import pocketgpt_utils as pg
 from conftest import TINY
 from test_real_path import ENV, pretrain_params, stage_cmd
+
+import pocketgpt_utils as pg
+from pocketgpt.common import DiskFullError, size_of, write_file, write_folder
+from pocketgpt.train import load_checkpoint
 
 
 @contextmanager
@@ -56,7 +57,7 @@ def test_a_full_disk_at_a_checkpoint_keeps_the_last_one_and_says_what_to_do(toke
         first = subprocess.run(stage_cmd("pretrain", 1, params), capture_output=True, text=True, env=ENV, timeout=300)
         assert first.returncode == 0, first.stderr[-3000:]
         ckpt = disk / "pretrain" / "ckpt.pt"
-        step = pg.load_checkpoint(disk / "pretrain")["step"]
+        step = load_checkpoint(disk / "pretrain")["state"]["step"]
         filler = leave_free(disk, ckpt.stat().st_size // 2)  # room for the log, not for a checkpoint
         full = subprocess.run(stage_cmd("pretrain", 1, params), capture_output=True, text=True, env=ENV, timeout=300)
         assert full.returncode == 1 and "Traceback" not in full.stderr, full.stderr[-3000:]
@@ -66,7 +67,7 @@ def test_a_full_disk_at_a_checkpoint_keeps_the_last_one_and_says_what_to_do(toke
         assert "is free there" in message and "/kaggle/working holds 20 GB" in message
         assert f"The last checkpoint, {ckpt} (written at " in message and "is intact" in message
         assert message.endswith("then run this stage again with resume_from='auto': it continues from that checkpoint.")
-        assert pg.load_checkpoint(disk / "pretrain")["step"] == step  # intact
+        assert load_checkpoint(disk / "pretrain")["state"]["step"] == step  # intact
         assert not (disk / "pretrain.partial" / "ckpt.pt").exists() and not leftovers(disk)
         filler.unlink()
         again = subprocess.run(stage_cmd("pretrain", 1, {**params, "max_steps": step + 30}), capture_output=True,
@@ -82,7 +83,7 @@ def test_a_full_disk_while_the_tokenizer_writes_train_bin_is_named(demo_data, tm
         cfg = pg.make_config(pg.TokenizerConfig, "demo", run_dir=str(disk), corpus_path=str(demo_data / "corpus.txt"),
                              vocab_size=TINY["vocab_size"], val_fraction=0.05)
         leave_free(disk, 120_000)  # the tokenizer files fit, the ids of a 250 kB corpus do not
-        with pytest.raises(pg.DiskFullError, match=r"The disk is full: writing train.bin into .*tokenizer.partial needs "
+        with pytest.raises(DiskFullError, match=r"The disk is full: writing train.bin into .*tokenizer.partial needs "
                                                    r"about 1\d\d.\d kB and .* is free there\. Nothing finished was touched"):
             pg.build_tokenizer_stage(cfg)
         assert not (disk / "tokenizer").exists() and not leftovers(disk)
@@ -110,17 +111,17 @@ def test_a_full_disk_during_the_export_names_each_write_and_a_rerun_finishes(tok
     half-written; with the space back, the same command finishes."""
     with small_disk(tmp_path / "disk", "24m") as disk:
         out = pg.run_export_stage(export_cfg(tokenizer_stage, finished_run, disk / "export"))  # sizes, and the rerun
-        sizes = {"pocketGPT": pg.size_of(out / "pocketGPT") - pg.size_of(out / "pocketGPT" / "pytorch_model.bin")
-                 - pg.size_of(out / "pocketGPT" / "README.md") - pg.size_of(out / "pocketGPT" / "special_tokens_map.json"),
-                 "pocketGPT-f16.gguf": pg.size_of(out / "pocketGPT-f16.gguf"), "pocketGPT.zip": pg.size_of(out / "pocketGPT.zip")}
-        before = {"pocketGPT": 0, "pocketGPT-f16.gguf": pg.size_of(out / "pocketGPT"),
-                  "pocketGPT.zip": pg.size_of(out / "pocketGPT") + sizes["pocketGPT-f16.gguf"]}
+        sizes = {"pocketGPT": size_of(out / "pocketGPT") - size_of(out / "pocketGPT" / "pytorch_model.bin")
+                 - size_of(out / "pocketGPT" / "README.md") - size_of(out / "pocketGPT" / "special_tokens_map.json"),
+                 "pocketGPT-f16.gguf": size_of(out / "pocketGPT-f16.gguf"), "pocketGPT.zip": size_of(out / "pocketGPT.zip")}
+        before = {"pocketGPT": 0, "pocketGPT-f16.gguf": size_of(out / "pocketGPT"),
+                  "pocketGPT.zip": size_of(out / "pocketGPT") + sizes["pocketGPT-f16.gguf"]}
         done = pg.read_json(out / "metrics.json")
         shutil.rmtree(out)
         for name, size in sizes.items():
             shutil.rmtree(disk / "export.partial", ignore_errors=True)  # what the stage clears first: not free before
             filler = leave_free(disk, before[name] + size // 2)
-            with pytest.raises(pg.DiskFullError) as e:
+            with pytest.raises(DiskFullError) as e:
                 pg.run_export_stage(export_cfg(tokenizer_stage, finished_run, disk / "export"))
             assert str(e.value).startswith(f"The disk is full: writing {name} into {disk / 'export.partial'} needs about ")
             assert f"Nothing finished was touched ({disk / 'export'} is as it was)" in str(e.value)
@@ -134,11 +135,11 @@ def test_a_full_disk_during_the_export_names_each_write_and_a_rerun_finishes(tok
 
 def test_the_one_write_door_on_a_full_disk_leaves_the_old_file(tmp_path):
     with small_disk(tmp_path / "disk", "256k") as disk:
-        pg.write_file(disk / "log.csv", "step,loss\n1,2.0\n")
+        write_file(disk / "log.csv", "step,loss\n1,2.0\n")
         leave_free(disk, 8192)
-        with pytest.raises(pg.DiskFullError, match=r"writing log.csv into .* needs about 100.0 kB and"):
-            pg.write_file(disk / "log.csv", "x" * 100_000)
-        with pytest.raises(pg.DiskFullError, match=r"writing model into .* needs about"):
-            pg.write_folder(disk / "model", lambda tmp: (tmp / "weights").write_bytes(b"w" * 100_000))
+        with pytest.raises(DiskFullError, match=r"writing log.csv into .* needs about 100.0 kB and"):
+            write_file(disk / "log.csv", "x" * 100_000)
+        with pytest.raises(DiskFullError, match=r"writing model into .* needs about"):
+            write_folder(disk / "model", lambda tmp: (tmp / "weights").write_bytes(b"w" * 100_000))
         assert (disk / "log.csv").read_text() == "step,loss\n1,2.0\n" and not (disk / "model").exists()
         assert not leftovers(disk)

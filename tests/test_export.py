@@ -9,9 +9,23 @@ import zipfile
 import numpy as np
 import pytest
 import torch
+from conftest import TINY
 
 import pocketgpt_utils as pg
-from conftest import TINY
+from pocketgpt.chat import fit_conversation, open_chat
+from pocketgpt.common import BOS_ID, HERE, library_versions
+from pocketgpt.dialogs import chat_prompt_ids
+from pocketgpt.evaluate import QUALITY_ROWS, distinct_n, repeated_ngram_share
+from pocketgpt.export import DEFAULT_PROMPTS, report_markdown
+from pocketgpt.gguf import (
+    GGUF_TOLERANCES,
+    TOKENIZER_PROBES,
+    export_gguf_files,
+    native_stderr_filtered,
+    verify_gguf,
+    write_gguf,
+)
+from pocketgpt.model import generate, generate_many
 
 needs_llama = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
                                  reason="llama-cpp-python is not installed (requirements-dev.txt)")
@@ -92,7 +106,7 @@ def test_report_card_has_every_number(run):
     assert m["sft_response_loss"] < m["pretrain_response_loss"]  # SFT taught the response format
     answers = pg.read_json(run / "export" / "answers.json")
     assert m["greedy_eos_share"] == sum(a["greedy_eos"] for a in answers) / len(answers)
-    assert m["sampled_distinct2"] == pg.distinct_n([a["sampled"] for a in answers])
+    assert m["sampled_distinct2"] == distinct_n([a["sampled"] for a in answers])
     report = (run / "export" / "report.md").read_text()
     for text in ["pretrain val loss", "response loss before / after SFT", "What is a tensor?", "losses.png"]:
         assert text in report
@@ -101,8 +115,8 @@ def test_report_card_has_every_number(run):
 
 
 def test_distinct_n_counts_repetition():
-    assert pg.distinct_n(["a b a b a b"]) == pytest.approx(2 / 5)
-    assert pg.distinct_n(["one two three"]) == 1.0
+    assert distinct_n(["a b a b a b"]) == pytest.approx(2 / 5)
+    assert distinct_n(["one two three"]) == 1.0
 
 
 @needs_llama
@@ -112,8 +126,8 @@ def test_gguf_files_match_hugging_face_in_llama_cpp(run, llama_runs):
     for ftype, row in rows.items():
         v = row["verify"]
         assert (run / "export" / row["file"]).is_file()
-        assert v["tokenization_mismatches"] == 0 and v["tokenization_texts"] >= len(pg.TOKENIZER_PROBES) + 10  # + val docs
-        assert v["rel_diff"] < pg.GGUF_TOLERANCES[ftype]["rel_tol"]
+        assert v["tokenization_mismatches"] == 0 and v["tokenization_texts"] >= len(TOKENIZER_PROBES) + 10  # + val docs
+        assert v["rel_diff"] < GGUF_TOLERANCES[ftype]["rel_tol"]
         assert v["top1_agreement"] >= 0.99
         assert row["tokens_per_s"] > 0
     assert rows["f16"]["verify"]["greedy_identical"]
@@ -123,24 +137,24 @@ def test_gguf_files_match_hugging_face_in_llama_cpp(run, llama_runs):
 @needs_llama
 def test_gguf_of_other_weights_is_rejected(run, llama_runs, tmp_path):
     folder = run / "export" / "pocketGPT"
-    other = pg.write_gguf(run / "pretrain" / "model", tmp_path / "other.gguf", "f32")  # not the SFT weights
+    other = write_gguf(run / "pretrain" / "model", tmp_path / "other.gguf", "f32")  # not the SFT weights
     with pytest.raises(pg.PocketGPTError, match="logits differ"):
-        pg.verify_gguf(other, folder, ["<|bos|>Instruction: hi\nResponse:"], ["hello"], 8)
+        verify_gguf(other, folder, ["<|bos|>Instruction: hi\nResponse:"], ["hello"], 8)
 
 
 @needs_llama
 def test_gguf_without_the_pre_tokenizer_type_tokenizes_differently(run, llama_runs, tmp_path, monkeypatch):
     import gguf
     monkeypatch.setattr(gguf.GGUFWriter, "add_tokenizer_pre", lambda self, pre: None)
-    bad = pg.write_gguf(run / "export" / "pocketGPT", tmp_path / "nopre.gguf", "f32")
+    bad = write_gguf(run / "export" / "pocketGPT", tmp_path / "nopre.gguf", "f32")
     with pytest.raises(pg.PocketGPTError, match="tokenization differs"):
-        pg.verify_gguf(bad, run / "export" / "pocketGPT", ["<|bos|>Instruction: hi\nResponse:"],
-                       pg.TOKENIZER_PROBES + ["it's   we'll\n\n  x  = 1", "don't  stop   now"], 8)
+        verify_gguf(bad, run / "export" / "pocketGPT", ["<|bos|>Instruction: hi\nResponse:"],
+                       TOKENIZER_PROBES + ["it's   we'll\n\n  x  = 1", "don't  stop   now"], 8)
 
 
 def test_unknown_gguf_type_is_refused(run, tmp_path):
     with pytest.raises(pg.PocketGPTError, match="ftype must be one of"):
-        pg.write_gguf(run / "export" / "pocketGPT", tmp_path / "x.gguf", "q4_k")
+        write_gguf(run / "export" / "pocketGPT", tmp_path / "x.gguf", "q4_k")
 
 
 def test_02_03_and_04_measure_on_the_same_held_out_sample(run):
@@ -155,18 +169,18 @@ def test_02_03_and_04_measure_on_the_same_held_out_sample(run):
 
 
 def test_repetition_measures_count_what_a_reader_sees():
-    assert pg.repeated_ngram_share("the layer of the layer of the layer".split()) == pytest.approx(1 - 3 / 6)
-    assert pg.repeated_ngram_share("one two three four".split()) == 0.0
+    assert repeated_ngram_share("the layer of the layer of the layer".split()) == pytest.approx(1 - 3 / 6)
+    assert repeated_ngram_share("one two three four".split()) == 0.0
 
 
 def test_batched_answers_equal_one_at_a_time(run):
     """04 answers hundreds of held-out prompts in left-padded batches: greedy, each answer must be the
     one a single generate() gives (prompts of one length here, so each gets the same room)."""
     model, tok = pg.load_model(run / "sft" / "model"), pg.load_tokenizer(run / "sft" / "model")
-    prompts = [pg.chat_prompt_ids(tok, p) for p in ["What is a tensor?", "What is a vector?", "What is a matrix?",
+    prompts = [chat_prompt_ids(tok, p) for p in ["What is a tensor?", "What is a vector?", "What is a matrix?",
                                                     "Explain dropout.", "Explain softmax."]]
-    batched = pg.generate_many(model, prompts, greedy=True, batch_size=8)
-    single = [pg.generate(model, tok, ids, 500, greedy=True) for ids in prompts]
+    batched = generate_many(model, prompts, greedy=True, batch_size=8)
+    single = [generate(model, tok, ids, 500, greedy=True) for ids in prompts]
     for ids, a, b in zip(prompts, batched, single):
         room = model.config.n_positions - max(len(p) for p in prompts)
         assert a == b[:room], ids
@@ -178,15 +192,15 @@ def test_answer_quality_numbers_are_those_of_the_saved_answers(run):
     quality = pg.read_json(run / "export" / "metrics.json")["quality"]
     answers = pg.read_json(run / "export" / "quality_answers.json")
     heldout = pg.read_json(run / "sft" / "heldout.json")
-    assert set(quality) == {"pretrained", "SFT"} and quality["SFT"]["rows"] == min(len(heldout), pg.QUALITY_ROWS)
+    assert set(quality) == {"pretrained", "SFT"} and quality["SFT"]["rows"] == min(len(heldout), QUALITY_ROWS)
     scorer = rouge_scorer.RougeScorer(["rougeL"])
     for name in quality:
         a = answers[name]
         assert quality[name]["greedy_rougeL"] == pytest.approx(
             np.mean([scorer.score(x["reference"], x["greedy"])["rougeL"].fmeasure for x in a]))
         assert quality[name]["sampled_repeated_3gram_share"] == pytest.approx(
-            np.mean([pg.repeated_ngram_share(x["sampled"].split()) for x in a]))
-        assert quality[name]["greedy_distinct2"] == pytest.approx(pg.distinct_n([x["greedy"] for x in a]))
+            np.mean([repeated_ngram_share(x["sampled"].split()) for x in a]))
+        assert quality[name]["greedy_distinct2"] == pytest.approx(distinct_n([x["greedy"] for x in a]))
     assert quality["SFT"]["response_loss"] < quality["pretrained"]["response_loss"]
     report = (run / "export" / "report.md").read_text()
     assert f"## Answer quality on {quality['SFT']['rows']} held-out instructions" in report and "nan" not in report
@@ -206,7 +220,7 @@ def test_llama_cpp_chat_formats_with_the_template_the_gguf_carries(run, llama_ru
     want = list(tok.apply_chat_template(CONVERSATION, add_generation_prompt=True, tokenize=True, return_dict=False))
     for row in pg.read_json(run / "export" / "metrics.json")["gguf"]:
         assert row["verify"]["chat_template"] and row["verify"]["chat_prompt_ids_equal"]  # 04's own check
-        with pg.native_stderr_filtered():
+        with native_stderr_filtered():
             llm = Llama(model_path=str(run / "export" / row["file"]), n_ctx=0, verbose=False)  # as a user opens it
         try:
             assert llm.chat_format == "chat_template.default"  # not a guessed or default format
@@ -218,7 +232,7 @@ def test_llama_cpp_chat_formats_with_the_template_the_gguf_carries(run, llama_ru
             assert "<|eos|>" not in reply["choices"][0]["message"]["content"]
         finally:
             llm.close()
-    assert want[:1] == [pg.BOS_ID] and pg.chat_prompt_ids(tok, "What is a tensor?") == list(
+    assert want[:1] == [BOS_ID] and chat_prompt_ids(tok, "What is a tensor?") == list(
         tok.apply_chat_template(CONVERSATION[1:2], add_generation_prompt=True, tokenize=True, return_dict=False))
 
 
@@ -226,21 +240,21 @@ def test_llama_cpp_chat_formats_with_the_template_the_gguf_carries(run, llama_ru
 def test_a_gguf_without_the_chat_template_fails_the_check(run, llama_runs, tmp_path, monkeypatch):
     import gguf
     monkeypatch.setattr(gguf.GGUFWriter, "add_chat_template", lambda self, t: None)
-    bare = pg.write_gguf(run / "export" / "pocketGPT", tmp_path / "bare.gguf", "f32")
+    bare = write_gguf(run / "export" / "pocketGPT", tmp_path / "bare.gguf", "f32")
     with pytest.raises(pg.PocketGPTError, match="llama.cpp's chat does not render pocketGPT's prompt"):
-        pg.verify_gguf(bare, run / "export" / "pocketGPT", ["<|bos|>Instruction: hi\nResponse:"], ["hello"], 8)
+        verify_gguf(bare, run / "export" / "pocketGPT", ["<|bos|>Instruction: hi\nResponse:"], ["hello"], 8)
 
 
 def greedy_answer(model, tok, messages, n):
     ids = list(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
-    return tok.decode(pg.generate(model, tok, ids, n, greedy=True), skip_special_tokens=True).strip()
+    return tok.decode(generate(model, tok, ids, n, greedy=True), skip_special_tokens=True).strip()
 
 
 def test_the_chat_command_holds_a_conversation_through_stdin(run):
     folder = run / "export" / "pocketGPT"
-    proc = subprocess.run([sys.executable, str(pg.HERE / "pocketgpt_utils.py"), "chat", str(run / "export"), "--greedy",
+    proc = subprocess.run([sys.executable, str(HERE / "pocketgpt_utils.py"), "chat", str(run / "export"), "--greedy",
                            "--max-new-tokens", "12"], input="What is a tensor?\n\nAnd dropout?\n", text=True,
-                          capture_output=True, timeout=300, env={**pg.os.environ, "HF_HUB_OFFLINE": "1"})
+                          capture_output=True, timeout=300, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr
     answers = [part.split("\nyou>")[0].strip() for part in proc.stdout.split("pocketGPT>")[1:]]
     model, tok = pg.load_model(folder), pg.load_tokenizer(folder)
@@ -254,7 +268,7 @@ def test_the_chat_command_holds_a_conversation_through_stdin(run):
 
 @needs_llama
 def test_the_chat_command_answers_one_prompt_from_a_gguf_as_hugging_face_does(run, llama_runs):
-    proc = subprocess.run([sys.executable, str(pg.HERE / "pocketgpt_utils.py"), "chat",
+    proc = subprocess.run([sys.executable, str(HERE / "pocketgpt_utils.py"), "chat",
                            str(run / "export" / "pocketGPT-f16.gguf"), "--greedy", "--max-new-tokens", "12",
                            "--prompt", "What is a tensor?"], text=True, capture_output=True, timeout=300)
     assert proc.returncode == 0 and not proc.stderr.strip(), proc.stderr
@@ -268,8 +282,8 @@ def test_a_report_card_without_llama_cpp_says_what_was_skipped_never_nan(run, tm
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llama_cpp" else find_spec(name, *a))
     report = pg.read_json(run / "export" / "metrics.json")
-    report["gguf"] = pg.export_gguf_files(run / "export" / "pocketGPT", tmp_path, ["q8_0"], pg.DEFAULT_PROMPTS, ["hi"])
-    text = pg.report_markdown(report, pg.read_json(run / "export" / "answers.json"), pg.library_versions())
+    report["gguf"] = export_gguf_files(run / "export" / "pocketGPT", tmp_path, ["q8_0"], DEFAULT_PROMPTS, ["hi"])
+    text = report_markdown(report, pg.read_json(run / "export" / "answers.json"), library_versions())
     checks = json.dumps(pg.export_checks(report))
     for shown in (text, checks):
         assert not re.search(r"\bnan\b", shown, re.I)
@@ -277,12 +291,12 @@ def test_a_report_card_without_llama_cpp_says_what_was_skipped_never_nan(run, tm
 
 
 def test_a_long_chat_drops_its_oldest_turns_and_keeps_the_system_text(run):
-    bot = pg.open_chat(run / "export")
+    bot = open_chat(run / "export")
     messages = [{"role": "system", "content": "Be brief."}]
     for i in range(12):  # far more than a 64-token context holds
         messages += [{"role": "user", "content": f"Question number {i}?"}, {"role": "assistant", "content": f"Answer {i}."}]
     messages.append({"role": "user", "content": "And the last one?"})
-    fitted = pg.fit_conversation(bot, messages, room=16)
+    fitted = fit_conversation(bot, messages, room=16)
     assert len(bot.prompt_ids(fitted)) <= bot.n_ctx - 16
     assert fitted[0] == messages[0] and fitted[-1] == messages[-1]  # the system text and the newest question stay
     assert fitted[1:] == messages[len(messages) - len(fitted) + 1:]  # what stays is the newest turns, whole
@@ -297,11 +311,11 @@ def test_a_llama_cpp_that_crashes_on_this_cpu_skips_the_gguf_run_checks_and_says
     fake.mkdir(parents=True)
     (fake / "__init__.py").write_text("import os, signal\nos.kill(os.getpid(), signal.SIGILL)\n")  # as such a build dies
     monkeypatch.setenv("PYTHONPATH", str(tmp_path / "site"))  # what the child imports first
-    rows = pg.export_gguf_files(run / "export" / "pocketGPT", tmp_path, ["f16"], pg.DEFAULT_PROMPTS, ["hi"])
+    rows = export_gguf_files(run / "export" / "pocketGPT", tmp_path, ["f16"], DEFAULT_PROMPTS, ["hi"])
     assert (tmp_path / rows[0]["file"]).is_file() and "verify" not in rows[0]
     assert rows[0]["skipped"].startswith("not run: llama.cpp crashed on this CPU (SIGILL) running pocketGPT-f16.gguf")
     assert 'CMAKE_ARGS="-DGGML_NATIVE=OFF" pip install --force-reinstall' in rows[0]["skipped"]
     report = {**pg.read_json(run / "export" / "metrics.json"), "gguf": rows}
     assert ("GGUF f16", f"{rows[0]['size_mb']:.1f} MB, {rows[0]['skipped']}") in pg.report_rows(report)
     with pytest.raises(pg.PocketGPTError, match=r"llama.cpp crashed on this CPU \(SIGILL\).*Or chat with the export folder"):
-        pg.open_chat(tmp_path / rows[0]["file"])
+        open_chat(tmp_path / rows[0]["file"])

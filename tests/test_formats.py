@@ -12,7 +12,20 @@ import pytest
 import zstandard
 
 import pocketgpt_utils as pg
-
+from pocketgpt.common import BOS_ID, attached_input, data_size
+from pocketgpt.data import CORPUS_FORMATS, corpus_files, find_text_column, iter_documents, scan_corpus
+from pocketgpt.dialogs import (
+    CHAT_TEMPLATE,
+    chat_prompt,
+    chat_prompt_ids,
+    dialog_files,
+    dialog_ids,
+    encode_dialogs,
+    prompt_turns,
+    read_dialogs,
+)
+from pocketgpt.dpo import read_preference_pairs
+from pocketgpt.tokenizer import encode_text
 
 # --- writing the same data in every format ----------------------------------------------------------
 
@@ -55,7 +68,7 @@ def write_table(path, rows):
 
 @pytest.fixture(scope="module")
 def docs(demo_data):
-    return list(pg.iter_documents([demo_data / "corpus.txt"]))[:400]
+    return list(iter_documents([demo_data / "corpus.txt"]))[:400]
 
 
 @pytest.fixture(scope="module")
@@ -86,10 +99,10 @@ def write_corpus(folder, name, docs, small_txt, column="text"):
 @pytest.mark.parametrize("name", CORPUS_FILES)
 def test_every_corpus_format_gives_the_documents_of_the_txt(tmp_path, docs, small_txt, name):
     path = write_corpus(tmp_path, name, docs, small_txt)
-    assert list(pg.iter_documents(pg.corpus_files(path))) == docs
+    assert list(iter_documents(corpus_files(path))) == docs
     bar = Bar()
-    assert sum(1 for _ in pg.iter_documents([path], progress=bar)) == len(docs)
-    assert bar.n == pg.data_size(path)  # progress in bytes on disk reaches the end, exactly
+    assert sum(1 for _ in iter_documents([path], progress=bar)) == len(docs)
+    assert bar.n == data_size(path)  # progress in bytes on disk reaches the end, exactly
 
 
 class Bar:
@@ -121,33 +134,33 @@ def test_a_folder_of_jsonl_files_and_a_saved_dataset_dict(tmp_path, docs):
     for k in range(3):
         write_table(folder / f"part-{k}.jsonl", [{"text": d} for d in docs[k::3]])
     (folder / ".hidden.jsonl").write_text("not json\n")
-    assert [f.name for f in pg.corpus_files(folder)] == ["part-0.jsonl", "part-1.jsonl", "part-2.jsonl"]
-    assert sorted(pg.iter_documents(pg.corpus_files(folder))) == sorted(docs)
+    assert [f.name for f in corpus_files(folder)] == ["part-0.jsonl", "part-1.jsonl", "part-2.jsonl"]
+    assert sorted(iter_documents(corpus_files(folder))) == sorted(docs)
     splits = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": docs[:300]}),
                                    "test": datasets.Dataset.from_dict({"text": docs[300:]})})
     splits.save_to_disk(str(tmp_path / "dict"))
-    assert pg.corpus_files(tmp_path / "dict") == [tmp_path / "dict"]
-    assert sorted(pg.iter_documents([tmp_path / "dict"])) == sorted(docs)
+    assert corpus_files(tmp_path / "dict") == [tmp_path / "dict"]
+    assert sorted(iter_documents([tmp_path / "dict"])) == sorted(docs)
 
 
 def test_the_text_column_is_detected_in_any_case_or_named(tmp_path):
-    assert pg.find_text_column(["id", "CONTENT"]) == "CONTENT"
-    assert pg.find_text_column(["text", "body"]) == "text"
-    assert pg.find_text_column(["a", "Story"], "story") == "Story"
+    assert find_text_column(["id", "CONTENT"]) == "CONTENT"
+    assert find_text_column(["text", "body"]) == "text"
+    assert find_text_column(["a", "Story"], "story") == "Story"
     path = write_table(tmp_path / "c.parquet", [{"title": "t", "body2": "one"}])
     with pytest.raises(pg.PocketGPTError, match=r"c.parquet: no text column found among \['title', 'body2'\]\. "
                                                 r"Set text_column"):
-        list(pg.iter_documents([path]))
-    assert list(pg.iter_documents([path], text_column="body2")) == ["one"]
+        list(iter_documents([path]))
+    assert list(iter_documents([path], text_column="body2")) == ["one"]
     with pytest.raises(pg.PocketGPTError, match=r"text_column='nope' is not a column; the columns are \['title', 'body2'\]"):
-        list(pg.iter_documents([path], text_column="nope"))
+        list(iter_documents([path], text_column="nope"))
 
 
 def test_rows_without_text_are_skipped_and_counted(tmp_path):
     path = write_table(tmp_path / "c.jsonl", [{"text": "a"}, {"text": None}, {"text": "  "}, {"text": "b\n\nc"}])
-    scan = pg.scan_corpus([path])
+    scan = scan_corpus([path])
     assert (scan["documents"], scan["rows"], scan["empty_rows"]) == (2, 4, 2)
-    assert list(pg.iter_documents([path])) == ["a", "b\n\nc"]  # a row is one document, blank lines and all
+    assert list(iter_documents([path])) == ["a", "b\n\nc"]  # a row is one document, blank lines and all
 
 
 # --- bad corpus input: a clear message, and no finished-looking folder -------------------------------
@@ -202,7 +215,7 @@ def test_a_folder_of_two_formats_asks_for_a_glob(tmp_path, docs):
     write_table(tmp_path / "c.jsonl", [{"text": d} for d in docs[:5]])
     write_table(tmp_path / "meta.csv", [{"text": "not a document"}])
     tokenizer_fails(tmp_path, tmp_path, r"the folder holds files of 2 formats \(csv, json\)\. Set corpus_path to a glob")
-    assert len(list(pg.iter_documents(pg.corpus_files(tmp_path / "*.jsonl")))) == 5
+    assert len(list(iter_documents(corpus_files(tmp_path / "*.jsonl")))) == 5
 
 
 # --- dialogs: four layouts, three formats, the same ids as the CSV -------------------------------------
@@ -210,7 +223,7 @@ def test_a_folder_of_two_formats_asks_for_a_glob(tmp_path, docs):
 @pytest.fixture(scope="module")
 def tok(tokenizer_stage):
     t = pg.load_tokenizer(tokenizer_stage)
-    t.chat_template = pg.CHAT_TEMPLATE
+    t.chat_template = CHAT_TEMPLATE
     return t
 
 
@@ -242,17 +255,17 @@ def test_every_dialog_layout_and_format_gives_the_ids_of_the_csv(tmp_path, tok, 
     with open(reference, "w", newline="", encoding="utf-8") as f:
         csv.writer(f).writerows([["question", "answer"], *PAIRS])
     path = write_dialogs(tmp_path / f"d{ext}", layout_rows(layout))
-    pairs, report = pg.read_dialogs([path])
-    ref_pairs, _ = pg.read_dialogs([reference])
+    pairs, report = read_dialogs([path])
+    ref_pairs, _ = read_dialogs([reference])
     assert pairs == ref_pairs == PAIRS
-    assert pg.dialog_ids(tok, pairs) == pg.dialog_ids(tok, ref_pairs)
+    assert dialog_ids(tok, pairs) == dialog_ids(tok, ref_pairs)
     assert report["rows_by_layout"] == {layout: len(PAIRS)} and report["layouts"] == {str(path): layout}
 
 
 def test_alpaca_input_joins_the_instruction(tmp_path):
     path = write_table(tmp_path / "a.jsonl", [{"instruction": "Translate.", "input": "hola", "output": "hello"},
                                               {"instruction": "Greet.", "input": " ", "output": "hi"}])
-    pairs, _ = pg.read_dialogs([path])
+    pairs, _ = read_dialogs([path])
     assert pairs == [("Translate.\n\nhola", "hello"), ("Greet.", "hi")]
 
 
@@ -264,19 +277,19 @@ CHAT = [{"role": "system", "content": "You answer briefly."}, {"role": "user", "
 
 def test_each_assistant_turn_is_an_example_and_matches_the_chat_template(tmp_path, tok):
     path = write_table(tmp_path / "chat.jsonl", [{"messages": CHAT}])
-    pairs, report = pg.read_dialogs([path])
+    pairs, report = read_dialogs([path])
     first = "You answer briefly.\n\nWhat is a tensor?"
     assert pairs == [(first, "An array."),
                      ((first, "An array.", "And a BOS token?"), "It starts a turn."),
                      ((first, "An array.", "And a BOS token?", "It starts a turn.", "Thanks."), "You are welcome.")]
     assert report["examples"] == 3 and report["rows_read"] == 1 and report["rows_by_layout"] == {"messages": 1}
-    for (prompt, answer), (ids, labels), upto in zip(pairs, pg.dialog_ids(tok, pairs), [3, 5, 7]):
+    for (prompt, answer), (ids, labels), upto in zip(pairs, dialog_ids(tok, pairs), [3, 5, 7]):
         # training ids are what the exported chat template renders for the conversation so far
         assert list(tok.apply_chat_template(CHAT[:upto], tokenize=True, return_dict=False)) == ids
         generation = tok.apply_chat_template(CHAT[:upto - 1], add_generation_prompt=True, tokenize=True, return_dict=False)
-        assert list(generation) == pg.chat_prompt_ids(tok, prompt) == ids[:len(generation)]
-        assert tok.decode(generation) == pg.chat_prompt(prompt)
-        n_answer = len(pg.encode_text(tok, [f" {answer}"])[0]) + 1
+        assert list(generation) == chat_prompt_ids(tok, prompt) == ids[:len(generation)]
+        assert tok.decode(generation) == chat_prompt(prompt)
+        n_answer = len(encode_text(tok, [f" {answer}"])[0]) + 1
         assert labels[-n_answer:] == ids[-n_answer:] and set(labels[:-n_answer]) == {-100}  # only the last answer
 
 
@@ -284,13 +297,13 @@ def test_a_long_conversation_is_cut_from_the_left_by_whole_turns(tok):
     turns = [f"question {i} " + " ".join(["word"] * 8) for i in range(5)]
     prompt = tuple(t for i in range(5) for t in (turns[i], f"answer {i}"))[:-1]  # u0 a0 ... a3 u4
     pairs = [(prompt, "the last answer")]
-    full = pg.dialog_ids(tok, pairs)[0][0]
-    kept, rows, counts = pg.encode_dialogs(tok, pairs, 64, "truncate")
+    full = dialog_ids(tok, pairs)[0][0]
+    kept, rows, counts = encode_dialogs(tok, pairs, 64, "truncate")
     (cut_prompt, answer), (ids, labels) = kept[0], rows[0]
-    assert counts["history_cut"] == 1 and len(full) > 65 >= len(ids) and ids[0] == pg.BOS_ID
+    assert counts["history_cut"] == 1 and len(full) > 65 >= len(ids) and ids[0] == BOS_ID
     assert ids == full[len(full) - len(ids):] and answer == "the last answer"  # the newest turns, whole
-    assert pg.dialog_ids(tok, [(cut_prompt, answer)])[0] == (ids, labels)
-    assert len(pg.prompt_turns(cut_prompt)) % 2 == 1 and pg.prompt_turns(cut_prompt)[-1] == turns[4]
+    assert dialog_ids(tok, [(cut_prompt, answer)])[0] == (ids, labels)
+    assert len(prompt_turns(cut_prompt)) % 2 == 1 and prompt_turns(cut_prompt)[-1] == turns[4]
 
 
 # --- bad dialog input -----------------------------------------------------------------------------------
@@ -299,7 +312,7 @@ def test_a_chat_row_without_an_assistant_turn_is_named(tmp_path):
     path = write_table(tmp_path / "chat.jsonl", [{"messages": CHAT[:3]}, {"messages": CHAT[:2]}])
     with pytest.raises(pg.PocketGPTError, match=r"chat.jsonl, line 2: the 'messages' cell has no assistant turn.*"
                                                 r"Add the answer or remove the row"):
-        pg.read_dialogs([path])
+        read_dialogs([path])
 
 
 def test_chat_turns_out_of_order_or_of_another_role_are_named(tmp_path):
@@ -307,28 +320,28 @@ def test_chat_turns_out_of_order_or_of_another_role_are_named(tmp_path):
                                                                       {"from": "human", "value": "b"}]}])
     with pytest.raises(pg.PocketGPTError, match=r"chat.parquet, row 1: message 2 of the 'conversations' cell is the "
                                                 r"user's where the assistant's turn belongs"):
-        pg.read_dialogs([path])
+        read_dialogs([path])
     path = write_table(tmp_path / "tool.jsonl", [{"messages": [{"role": "user", "content": "a"},
                                                                {"role": "tool", "content": "b"}]}])
     with pytest.raises(pg.PocketGPTError, match=r"tool.jsonl, line 1: message 2 of the 'messages' cell has the role 'tool'"):
-        pg.read_dialogs([path])
+        read_dialogs([path])
     (tmp_path / "c.csv").write_text('messages\n"[{""role"": ""user"""\n')
     with pytest.raises(pg.PocketGPTError, match=r"c.csv, line 2: the 'messages' cell is not a JSON list of messages"):
-        pg.read_dialogs([tmp_path / "c.csv"])
+        read_dialogs([tmp_path / "c.csv"])
 
 
 def test_bad_dialog_files_are_named(tmp_path):
     (tmp_path / "d.jsonl").write_text('{"question": "q", "answer": "a"}\n{"question": "q2", "answer": }\n')
     with pytest.raises(pg.PocketGPTError, match=r"d.jsonl, line 2: not a JSON object"):
-        pg.read_dialogs([tmp_path / "d.jsonl"])
+        read_dialogs([tmp_path / "d.jsonl"])
     write_table(tmp_path / "d.parquet", [{"text": "t", "label": 1}])
     with pytest.raises(pg.PocketGPTError, match=r"d.parquet: no prompt/response columns found among \['text', 'label'\]"):
-        pg.read_dialogs([tmp_path / "d.parquet"])
+        read_dialogs([tmp_path / "d.parquet"])
     (tmp_path / "e.jsonl").write_text("")
     with pytest.raises(pg.PocketGPTError, match=r"e.jsonl is empty: it needs instruction/response rows"):
-        pg.read_dialogs([tmp_path / "e.jsonl"])
+        read_dialogs([tmp_path / "e.jsonl"])
     with pytest.raises(pg.PocketGPTError, match=r"dialogs_path=.*nope.jsonl: no such file, folder or glob match"):
-        pg.dialog_files(tmp_path / "nope.jsonl", tmp_path)
+        dialog_files(tmp_path / "nope.jsonl", tmp_path)
 
 
 # --- preference pairs: strings or messages, any format ----------------------------------------------------
@@ -342,15 +355,15 @@ def test_preference_pairs_as_strings_or_messages_read_the_same(tmp_path):
                  "rejected": [{"role": "user", "content": "What is a tensor?"},
                               {"role": "assistant", "content": "A tensor tensor."}]}]
     expected = [{"prompt": "What is a tensor?", "chosen": "An array.", "rejected": "A tensor tensor."}]
-    assert pg.read_preference_pairs(write_table(tmp_path / "s.parquet", strings)) == expected
-    assert pg.read_preference_pairs(write_table(tmp_path / "e.jsonl", explicit)) == expected
-    assert pg.read_preference_pairs(write_table(tmp_path / "i.jsonl", implicit)) == expected
+    assert read_preference_pairs(write_table(tmp_path / "s.parquet", strings)) == expected
+    assert read_preference_pairs(write_table(tmp_path / "e.jsonl", explicit)) == expected
+    assert read_preference_pairs(write_table(tmp_path / "i.jsonl", implicit)) == expected
     turns = [{"prompt": CHAT[:4], "chosen": "It starts a turn.", "rejected": "No idea."}]
-    pair = pg.read_preference_pairs(write_table(tmp_path / "t.jsonl", turns))[0]
+    pair = read_preference_pairs(write_table(tmp_path / "t.jsonl", turns))[0]
     assert pair["prompt"] == ("You answer briefly.\n\nWhat is a tensor?", "An array.", "And a BOS token?")
     different = [dict(implicit[0], rejected=[{"role": "user", "content": "Other?"}, {"role": "assistant", "content": "x"}])]
     with pytest.raises(pg.PocketGPTError, match=r"d.jsonl, line 1: there is no prompt column, so chosen and rejected"):
-        pg.read_preference_pairs(write_table(tmp_path / "d.jsonl", different))
+        read_preference_pairs(write_table(tmp_path / "d.jsonl", different))
 
 
 # --- Kaggle: attached inputs in any format are found as corpus.txt / dialogs.csv are ---------------------
@@ -367,12 +380,12 @@ def test_attached_inputs_in_any_format_are_found(kaggle, tmp_path, docs, small_t
     corpus = write_corpus(kaggle, "corpus.jsonl.gz", docs, small_txt)
     dialogs = write_dialogs(kaggle / "dialogs.parquet", layout_rows("messages"))
     write_table(kaggle / "corpus_notes.csv", [{"text": "not the corpus"}])  # another name: not a match
-    assert pg.attached_input("corpus", "corpus_path", pg.CORPUS_FORMATS) == corpus
-    assert pg.dialog_files(None, tmp_path) == [dialogs]
+    assert attached_input("corpus", "corpus_path", CORPUS_FORMATS) == corpus
+    assert dialog_files(None, tmp_path) == [dialogs]
     write_table(kaggle / "corpus.parquet", [{"text": "x"}])
     with pytest.raises(pg.PocketGPTError, match=r"corpus_path=None and 2 files named corpus.jsonl.gz / corpus.parquet "
                                                 r"are attached: .*Set corpus_path"):
-        pg.attached_input("corpus", "corpus_path", pg.CORPUS_FORMATS)
+        attached_input("corpus", "corpus_path", CORPUS_FORMATS)
 
 
 # --- CSV as people really write it: one convention for places, the line in the file ---------------------
@@ -384,21 +397,21 @@ def test_an_unescaped_quote_inside_a_csv_cell_stops_with_the_file_and_line(tmp_p
     (tmp_path / "d.csv").write_text(bad)
     with pytest.raises(pg.PocketGPTError, match=r"d.csv, line 3: a double quote inside a quoted cell is not doubled"
                                                 r".*\"He said \"\"hi\"\" to me\""):
-        pg.read_dialogs([tmp_path / "d.csv"])
+        read_dialogs([tmp_path / "d.csv"])
     (tmp_path / "p.csv").write_text('prompt,chosen,rejected\nq,"a "good" one",b\n')
     with pytest.raises(pg.PocketGPTError, match=r"p.csv, line 2: a double quote inside a quoted cell is not doubled"):
-        pg.read_preference_pairs(tmp_path / "p.csv")
+        read_preference_pairs(tmp_path / "p.csv")
     (tmp_path / "ok.csv").write_text('question,answer\n"He said ""hi"" to me",He said "hi"\n')  # both are valid CSV
-    assert pg.read_dialogs([tmp_path / "ok.csv"])[0] == [('He said "hi" to me', 'He said "hi"')]
+    assert read_dialogs([tmp_path / "ok.csv"])[0] == [('He said "hi" to me', 'He said "hi"')]
 
 
 def test_csv_rows_are_named_by_their_line_even_after_a_cell_over_several_lines(tmp_path):
     (tmp_path / "p.csv").write_text('prompt,chosen,rejected\n"a prompt\nover three\nlines",yes,no\n\nq2,a2,b2\nq3,a3,\n')
     with pytest.raises(pg.PocketGPTError, match=r"p.csv, line 7: the 'rejected' cell is empty"):  # line 7 in an editor
-        pg.read_preference_pairs(tmp_path / "p.csv")
+        read_preference_pairs(tmp_path / "p.csv")
     (tmp_path / "three.csv").write_text('question,answer\nq,a\nq2,a,extra\n')
     with pytest.raises(pg.PocketGPTError, match=r"three.csv, line 3: 3 cells where the header has 2"):
-        pg.read_dialogs([tmp_path / "three.csv"])
+        read_dialogs([tmp_path / "three.csv"])
     (tmp_path / "open.csv").write_text('question,answer\nq,a\n"never closed,a\nq3,a3\n')
     with pytest.raises(pg.PocketGPTError, match=r"open.csv, line 3: a cell opens a double quote that never closes"):
-        pg.read_dialogs([tmp_path / "open.csv"])
+        read_dialogs([tmp_path / "open.csv"])

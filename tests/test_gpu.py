@@ -14,12 +14,16 @@ from pathlib import Path
 
 import pytest
 import torch
-
-import pocketgpt_utils as pg
 from conftest import TINY
 from test_export import SEED_CODE
 from test_pretrain import pretrain_cfg
 from test_sft import sft_cfg
+
+import pocketgpt_utils as pg
+from pocketgpt.batches import TokenWindows
+from pocketgpt.common import HERE
+from pocketgpt.device import peak_for_name
+from pocketgpt.train import load_checkpoint, read_log
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
 
@@ -35,7 +39,7 @@ def figures():
 
 
 def val_losses(stage_dir) -> list[float]:
-    return [r["val_loss"] for r in pg.read_log(stage_dir / "log.csv") if r["val_loss"] is not None]
+    return [r["val_loss"] for r in read_log(stage_dir / "log.csv") if r["val_loss"] is not None]
 
 
 def compiled_graphs() -> int:
@@ -64,10 +68,10 @@ def test_02_and_03_train_on_the_gpu(tokenizer_stage, demo_data, tmp_path, precis
     m = pg.read_json(pre / "metrics.json")
     assert (m["precision"], m["compiled"], m["finished"]) == (precision, compiled, True)
     assert torch.cuda.get_device_name(0) in m["device"]
-    assert (m["mfu"] is None) == (pg.peak_for_name(torch.cuda.get_device_name(0), precision) is None)
+    assert (m["mfu"] is None) == (peak_for_name(torch.cuda.get_device_name(0), precision) is None)
     vals = val_losses(pre)
     assert vals[-1] < vals[0] - 0.2, vals
-    ckpt = pg.load_checkpoint(pre)
+    ckpt = load_checkpoint(pre)
     if precision == "fp16":  # the scaler is checkpointed; it halves once per skipped step (grows after 2000)
         assert m["skipped_steps"] < 10 and 2.0 ** 16 / ckpt["scaler"]["scale"] == 2 ** m["skipped_steps"]
     else:
@@ -96,7 +100,7 @@ def test_a_stop_on_the_clock_resumes_on_the_gpu(tokenizer_stage, tmp_path, capsy
     (GradScaler, the CUDA random stream and the data position carried over), stop on the clock again."""
     kw = dict(precision="fp16", compile=False, max_steps=100_000, max_hours=8 / 3600, resume_from="auto",
               log_interval=20, eval_interval=200, eval_windows=16, dropout=0.1)
-    n_windows = pg.TokenWindows(tokenizer_stage / "train.bin", TINY["n_positions"], 1, 0, TINY["vocab_size"]).n
+    n_windows = TokenWindows(tokenizer_stage / "train.bin", TINY["n_positions"], 1, 0, TINY["vocab_size"]).n
     steps = [0]
     for session in range(2):
         out = pg.run_pretrain_stage(pretrain_cfg(tokenizer_stage, tmp_path, **kw))
@@ -105,12 +109,12 @@ def test_a_stop_on_the_clock_resumes_on_the_gpu(tokenizer_stage, tmp_path, capsy
         assert m["session_hours"] * 3600 < 8 + 3, m["session_hours"]
         steps.append(m["steps"])
         assert steps[-1] - steps[-2] > 20, f"session {session + 1} made {steps[-1] - steps[-2]} steps"
-        ckpt = pg.load_checkpoint(out)
+        ckpt = load_checkpoint(out)
         consumed = ckpt["data"]["epoch"] * n_windows + ckpt["data"]["index"]
-        assert consumed * TINY["n_positions"] == ckpt["tokens"] + ckpt["window"]["tokens"]  # every window once
+        assert consumed * TINY["n_positions"] == ckpt["state"]["tokens"] + ckpt["state"]["window"]["tokens"]  # every window once
         assert ckpt["scaler"] is not None and ckpt["rng"][0]["cuda"] is not None
     assert "differ in CPU/GPU" not in capsys.readouterr().out  # the GPU random stream was restored
-    rows = pg.read_log(tmp_path / "pretrain" / "log.csv")
+    rows = read_log(tmp_path / "pretrain" / "log.csv")
     assert [r["step"] for r in rows] == sorted({r["step"] for r in rows})
 
 
@@ -121,8 +125,8 @@ def test_a_resumed_gpu_run_matches_the_uninterrupted_one(tokenizer_stage, tmp_pa
     full = pg.run_pretrain_stage(pretrain_cfg(tokenizer_stage, tmp_path / "a", **kw))
     part = pg.run_pretrain_stage(pretrain_cfg(tokenizer_stage, tmp_path / "b", **kw), stop_at_step=7)
     resumed = pg.run_pretrain_stage(pretrain_cfg(tokenizer_stage, tmp_path / "b", resume_from=str(part), **kw))
-    a = {r["step"]: r["train_loss"] for r in pg.read_log(full / "log.csv") if r["train_loss"] is not None}
-    b = {r["step"]: r["train_loss"] for r in pg.read_log(resumed / "log.csv")
+    a = {r["step"]: r["train_loss"] for r in read_log(full / "log.csv") if r["train_loss"] is not None}
+    b = {r["step"]: r["train_loss"] for r in read_log(resumed / "log.csv")
          if r["train_loss"] is not None and r["step"] != 7}
     assert sorted(b) == sorted(a)
     for step, loss in b.items():
@@ -169,7 +173,7 @@ def test_launch_in_a_notebook_trains_on_every_gpu(tokenizer_stage, tmp_path):
     params = {k: v for k, v in TINY.items() if k != "vocab_size"}
     params.update(tokenizer_dir=str(tokenizer_stage), run_dir=str(tmp_path), max_steps=20, eval_windows=16,
                   compile=False)  # compiling is tested above; here the launch
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "PYTHONPATH": str(pg.HERE)}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "PYTHONPATH": str(HERE)}
     proc = subprocess.run([sys.executable, "-c", LAUNCH_CELLS, json.dumps(params)], capture_output=True, text=True,
                           env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]

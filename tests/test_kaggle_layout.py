@@ -3,9 +3,10 @@ Simulated in a temp folder laid out as Kaggle mounts things since 2026."""
 import shutil
 
 import pytest
+from conftest import TINY
 
 import pocketgpt_utils as pg
-from conftest import TINY
+from pocketgpt.train import read_log
 
 
 @pytest.fixture
@@ -41,7 +42,7 @@ def test_pretrain_finds_its_input_and_resumes_in_a_second_session(kaggle, tokeni
     second = pg.run_pretrain_stage(pretrain_cfg(max_steps=12))
     metrics = pg.read_json(second / "metrics.json")
     assert metrics["finished"] and metrics["steps"] == 12
-    assert [r["step"] for r in pg.read_log(second / "log.csv")][:3] == [5, 6, 10]  # the first session's rows kept
+    assert [r["step"] for r in read_log(second / "log.csv")][:3] == [5, 6, 10]  # the first session's rows kept
     assert "resumed_from" in pg.read_json(second / "manifest.json")["inputs"]
 
 

@@ -6,11 +6,13 @@ import re
 import nbformat
 import papermill as pm
 import pytest
-
-import pocketgpt_utils as pg
 from conftest import TINY
 
-NOTEBOOKS = sorted((pg.HERE / "notebooks").glob("*.ipynb"))
+import pocketgpt_utils as pg
+from pocketgpt.common import HERE, STAGES
+from pocketgpt.pipeline import pipeline_inputs
+
+NOTEBOOKS = sorted((HERE / "notebooks").glob("*.ipynb"))
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
@@ -74,7 +76,7 @@ def test_pipeline_runs_all_four_notebooks(demo_data, tmp_path, monkeypatch):
         manifest = pg.read_json(run / stage / "manifest.json")
         assert manifest["stage"] == stage and manifest["finished_at"]
         assert (run / stage / "metrics.json").exists()
-        nb = run / "notebooks" / f"{pg.STAGES[stage]}.ipynb"
+        nb = run / "notebooks" / f"{STAGES[stage]}.ipynb"
         executed = nbformat.read(str(nb), as_version=4)
         errors = [o for c in executed.cells for o in c.get("outputs", []) if o.output_type == "error"]
         assert not errors
@@ -106,9 +108,9 @@ def test_your_corpus_without_your_dialogs_is_refused(demo_data, tmp_path):
     with pytest.raises(pg.PocketGPTError, match="--corpus was given without --dialogs: pass --dialogs PATH .*--dialogs demo"):
         pg.run_pipeline("demo", tmp_path, demo_data / "corpus.txt", params=TINY, log_output=False)
     assert not (tmp_path / "tokenizer").exists()
-    inputs = pg.pipeline_inputs(tmp_path, demo_data / "corpus.txt", "demo")  # the demo dialogs, asked for by name
+    inputs = pipeline_inputs(tmp_path, demo_data / "corpus.txt", "demo")  # the demo dialogs, asked for by name
     assert inputs == {"corpus_path": str(demo_data / "corpus.txt"), "dialogs_path": str(tmp_path / "data" / "dialogs.csv")}
-    assert pg.pipeline_inputs(tmp_path, demo_data / "corpus.txt", stages=["tokenizer"]) == {
+    assert pipeline_inputs(tmp_path, demo_data / "corpus.txt", stages=["tokenizer"]) == {
         "corpus_path": str(demo_data / "corpus.txt")}  # 03 is not run: no dialogs needed
 
 
@@ -129,7 +131,7 @@ def test_each_default_is_written_once():
     configs = {c.stage: c for c in [pg.TokenizerConfig, pg.PretrainConfig, pg.SFTConfig, pg.ExportConfig]}
     for stage, values in pg.PROFILES["demo"].items():
         assert set(values) <= {f.name for f in dataclasses.fields(configs[stage])}, stage
-    readme = (pg.HERE / "README.md").read_text()
+    readme = (HERE / "README.md").read_text()
     table = {row.split("|")[1].strip(): row for row in readme.splitlines() if row.startswith("| 0")}
     for notebook, stage in [("01_tokenizer", "tokenizer"), ("02_pretrain", "pretrain"), ("03_sft", "sft")]:
         fields = {f.name: f.default for f in dataclasses.fields(configs[stage])}
@@ -151,9 +153,9 @@ def test_each_default_is_written_once():
 def test_ci_runs_exactly_the_readmes_set_up_and_test_commands():
     """A newcomer copies the README, CI runs .ci/run: the two once differed (CMAKE_ARGS only in CI), and the
     README's version died on a CPU with AVX-512/AMX while CI stayed green."""
-    readme = (pg.HERE / "README.md").read_text()
+    readme = (HERE / "README.md").read_text()
     block = re.search(r"^## Test it\n\n```bash\n(.*?)```", readme, re.S | re.M).group(1).strip().splitlines()
-    ci = [line for line in (pg.HERE / ".ci" / "run").read_text().splitlines()
+    ci = [line for line in (HERE / ".ci" / "run").read_text().splitlines()
           if line.strip() and not line.startswith(("#", "set -", "cd "))]
     assert ci == block
     assert any("pip install -r requirements.txt -r requirements-dev.txt" in line for line in block)

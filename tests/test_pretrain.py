@@ -5,9 +5,15 @@ import time
 import numpy as np
 import pytest
 import torch
+from conftest import TINY
 
 import pocketgpt_utils as pg
-from conftest import TINY
+from pocketgpt.batches import TokenWindows
+from pocketgpt.common import HERE
+from pocketgpt.device import choose_precision, cpu_has_native_bf16, peak_for_name
+from pocketgpt.model import LMLoss, build_model, count_params, generate
+from pocketgpt.optim import Muon, lr_at, make_optimizers, orthogonalize
+from pocketgpt.train import FP16_MAX_SKIPS_IN_A_ROW, PLAN_PROBE_STEPS, load_checkpoint, read_log
 
 
 def pretrain_cfg(tokenizer_stage, tmp_path, **kw):
@@ -20,24 +26,24 @@ def pretrain_cfg(tokenizer_stage, tmp_path, **kw):
 
 def test_t4_profile_is_the_seeds_27m_model():
     cfg = pg.make_config(pg.PretrainConfig, "t4", run_dir="/tmp/unused")
-    model = pg.build_model(24000, cfg)
+    model = build_model(24000, cfg)
     assert (cfg.n_embd, cfg.n_head, cfg.n_layer, cfg.n_positions) == (384, 6, 10, 384)
-    assert 27.0e6 < pg.count_params(model) < 27.2e6
+    assert 27.0e6 < count_params(model) < 27.2e6
     assert model.lm_head.weight is model.transformer.wte.weight  # tied
 
 
 def test_loss_matches_the_stock_hf_loss(tokenizer_stage):
     cfg = pg.make_config(pg.PretrainConfig, "demo", run_dir="/tmp/unused", **{k: v for k, v in TINY.items() if k != "vocab_size"})
-    model = pg.build_model(TINY["vocab_size"], cfg).eval()
+    model = build_model(TINY["vocab_size"], cfg).eval()
     ids = torch.randint(0, TINY["vocab_size"], (3, 33))
-    ours = pg.LMLoss(model)(ids[:, :-1], ids[:, 1:])
+    ours = LMLoss(model)(ids[:, :-1], ids[:, 1:])
     stock = model(ids, labels=ids).loss
     assert torch.allclose(ours, stock, atol=1e-5)
 
 
 def test_pretraining_lowers_the_loss_and_writes_a_loadable_folder(tokenizer_stage, tmp_path):
     out = pg.run_pretrain_stage(pretrain_cfg(tokenizer_stage, tmp_path, max_steps=40))
-    rows = pg.read_log(out / "log.csv")
+    rows = read_log(out / "log.csv")
     assert {"step", "tokens", "train_loss", "val_loss", "lr", "tokens_per_s"} <= set(rows[0])
     vals = [r["val_loss"] for r in rows if r["val_loss"] is not None]
     assert vals[-1] < vals[0] - 0.3 and vals[-1] < np.log(TINY["vocab_size"]) - 0.5  # learned beyond uniform
@@ -58,7 +64,7 @@ def test_a_stopped_and_resumed_run_matches_the_uninterrupted_one(tokenizer_stage
     part = pg.run_pretrain_stage(pretrain_cfg(tokenizer_stage, tmp_path / "b", **kw), stop_at_step=7)
     assert not pg.read_json(part / "metrics.json")["finished"]
     resumed = pg.run_pretrain_stage(pretrain_cfg(tokenizer_stage, tmp_path / "b", resume_from=str(part), **kw))
-    a, b = pg.read_log(full / "log.csv"), pg.read_log(resumed / "log.csv")
+    a, b = read_log(full / "log.csv"), read_log(resumed / "log.csv")
     a = {r["step"]: r for r in a}
     b = {r["step"]: r for r in b if r["train_loss"] is not None and r["step"] != 7}
     assert sorted(b) == sorted(k for k in a if a[k]["train_loss"] is not None)
@@ -68,15 +74,15 @@ def test_a_stopped_and_resumed_run_matches_the_uninterrupted_one(tokenizer_stage
         pg.read_json(full / "metrics.json")["final_val_loss"], abs=2e-4)
 
 
-@pytest.mark.skipif(not pg.cpu_has_native_bf16(), reason="this CPU has no native bf16")
+@pytest.mark.skipif(not cpu_has_native_bf16(), reason="this CPU has no native bf16")
 def test_bf16_on_this_cpu_follows_the_fp32_loss_curve(tokenizer_stage, tmp_path):
     runs = {p: pg.run_pretrain_stage(pretrain_cfg(tokenizer_stage, tmp_path / p, max_steps=40, precision=p))
             for p in ["fp32", "bf16"]}
-    logs = {p: [r["val_loss"] for r in pg.read_log(d / "log.csv") if r["val_loss"] is not None] for p, d in runs.items()}
+    logs = {p: [r["val_loss"] for r in read_log(d / "log.csv") if r["val_loss"] is not None] for p, d in runs.items()}
     assert pg.read_json(runs["bf16"] / "metrics.json")["precision"] == "bf16"
     for a, b in zip(logs["fp32"], logs["bf16"]):
         assert abs(a - b) / a < 0.02
-    assert pg.choose_precision("auto") == "bf16"
+    assert choose_precision("auto") == "bf16"
 
 
 def test_precision_choice_never_trusts_emulated_bf16(monkeypatch):
@@ -84,23 +90,23 @@ def test_precision_choice_never_trusts_emulated_bf16(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # what a T4 reports
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla T4")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 5))
-    assert pg.choose_precision("auto") == "fp16"
+    assert choose_precision("auto") == "fp16"
     with pytest.raises(pg.PocketGPTError, match="no native bf16"):
-        pg.choose_precision("bf16")
+        choose_precision("bf16")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))
-    assert pg.choose_precision("auto") == "bf16"
+    assert choose_precision("auto") == "bf16"
 
 
 def test_data_order_is_seeded_and_covers_every_window_once_per_epoch(tokenizer_stage):
-    d = pg.TokenWindows(tokenizer_stage / "train.bin", 16, 4, seed=1, vocab_size=TINY["vocab_size"])
+    d = TokenWindows(tokenizer_stage / "train.bin", 16, 4, seed=1, vocab_size=TINY["vocab_size"])
     order = d.order()
     assert sorted(order.tolist()) == list(range(d.n))
     x, y = d.next_batch()
     expected = np.stack([d.data[i * 16:i * 16 + 17] for i in order[:4]]).astype(np.int64)
     assert torch.equal(x, torch.from_numpy(expected[:, :-1])) and torch.equal(y, torch.from_numpy(expected[:, 1:]))
-    again = pg.TokenWindows(tokenizer_stage / "train.bin", 16, 4, seed=1, vocab_size=TINY["vocab_size"])
+    again = TokenWindows(tokenizer_stage / "train.bin", 16, 4, seed=1, vocab_size=TINY["vocab_size"])
     assert torch.equal(again.next_batch()[0], x)  # same seed, same order
-    other = pg.TokenWindows(tokenizer_stage / "train.bin", 16, 4, seed=2, vocab_size=TINY["vocab_size"])
+    other = TokenWindows(tokenizer_stage / "train.bin", 16, 4, seed=2, vocab_size=TINY["vocab_size"])
     assert not torch.equal(other.next_batch()[0], x)
     d.load_state({"epoch": 0, "index": d.n - 2})  # a batch that crosses into the next epoch
     d.next_batch()
@@ -151,7 +157,7 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tokeni
                        grad_clip=1e9, log_interval=1, checkpoint_minutes=0)
     with pytest.raises(pg.PocketGPTError, match=r"training loss is inf or nan by step \d+.*last good checkpoint"):
         pg.run_pretrain_stage(cfg)
-    ckpt = pg.load_checkpoint(tmp_path / "pretrain.partial")
+    ckpt = load_checkpoint(tmp_path / "pretrain.partial")
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
     assert not (tmp_path / "pretrain").exists()
 
@@ -171,34 +177,34 @@ def test_two_processes_share_the_work_and_only_rank_0_writes(tokenizer_stage, tm
     args = ["-p", "tokenizer_dir", str(tokenizer_stage), "-p", "run_dir", str(tmp_path), "-p", "precision", "fp32"]
     for k in ["n_layer", "n_head", "n_embd", "n_positions", "batch_size", "log_interval", "eval_interval"]:
         args += ["-p", k, str(TINY[k])]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(pg.HERE / "pocketgpt_utils.py"),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(HERE / "pocketgpt_utils.py"),
            "stage", "pretrain", "-p", "max_steps", "10", *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = pg.read_json(tmp_path / "pretrain" / "metrics.json")
     assert metrics["processes"] == 2
     assert metrics["tokens"] == 10 * 2 * TINY["batch_size"] * TINY["n_positions"]  # a global batch of both
-    steps = [r["step"] for r in pg.read_log(tmp_path / "pretrain" / "log.csv")]
+    steps = [r["step"] for r in read_log(tmp_path / "pretrain" / "log.csv")]
     assert steps == sorted(set(steps))  # one writer
 
 
-def test_the_t4_path_fp16_with_gradscaler_trains_and_checkpoints_the_scaler(tokenizer_stage, tmp_path, monkeypatch):
-    """What a T4 runs (fp16 autocast + GradScaler), exercised on this CPU, which computes fp16 too."""
-    monkeypatch.setattr(pg, "choose_precision", lambda requested: "fp16")
-    out = pg.run_pretrain_stage(pretrain_cfg(tokenizer_stage, tmp_path, max_steps=30))
+def test_the_t4_path_fp16_with_gradscaler_trains_and_checkpoints_the_scaler(tokenizer_stage, tmp_path):
+    """What a T4 runs (fp16 autocast + GradScaler), exercised on this CPU, which computes fp16 too
+    (choose_precision refuses fp16 without a GPU: the stage is handed the precision a T4 gets)."""
+    out = pg.run_pretrain_stage(pretrain_cfg(tokenizer_stage, tmp_path, max_steps=30), precision="fp16")
     metrics = pg.read_json(out / "metrics.json")
-    vals = [r["val_loss"] for r in pg.read_log(out / "log.csv") if r["val_loss"] is not None]
+    vals = [r["val_loss"] for r in read_log(out / "log.csv") if r["val_loss"] is not None]
     assert metrics["precision"] == "fp16" and vals[-1] < vals[0]
     # the checkpoint holds the scaler's state: it started at 2**16 and halved once per skipped step
     # (it grows only after 2000 clean steps), so the scale it holds says how many steps were skipped
-    scale = pg.load_checkpoint(out)["scaler"]["scale"]
+    scale = load_checkpoint(out)["scaler"]["scale"]
     assert 2.0 ** 16 / scale == 2 ** metrics["skipped_steps"]
     assert pg.load_model(out / "model").dtype == torch.float32  # saved in fp32 whatever trained it
 
 
 def inf_loss_at(monkeypatch, steps):
     """The training loss becomes inf at the given training steps (counted from 1), as an fp16 overflow makes it."""
-    forward, calls = pg.LMLoss.forward, {"n": 0}
+    forward, calls = LMLoss.forward, {"n": 0}
 
     def forward_with_overflow(self, x, y, reduction="mean"):
         loss = forward(self, x, y, reduction)
@@ -206,32 +212,31 @@ def inf_loss_at(monkeypatch, steps):
             return loss
         calls["n"] += 1
         return loss * float("inf") if calls["n"] in steps else loss
-    monkeypatch.setattr(pg.LMLoss, "forward", forward_with_overflow)
+    monkeypatch.setattr(LMLoss, "forward", forward_with_overflow)
 
 
 def test_fp16_a_step_the_gradscaler_skips_is_counted_not_fatal(tokenizer_stage, tmp_path, monkeypatch):
-    monkeypatch.setattr(pg, "choose_precision", lambda requested: "fp16")
     inf_loss_at(monkeypatch, {5})  # on a log step
-    out = pg.run_pretrain_stage(pretrain_cfg(tokenizer_stage, tmp_path, max_steps=20, log_interval=5))
-    metrics, rows = pg.read_json(out / "metrics.json"), {r["step"]: r for r in pg.read_log(out / "log.csv")}
+    out = pg.run_pretrain_stage(pretrain_cfg(tokenizer_stage, tmp_path, max_steps=20, log_interval=5), precision="fp16")
+    metrics, rows = pg.read_json(out / "metrics.json"), {r["step"]: r for r in read_log(out / "log.csv")}
     assert metrics["finished"] and metrics["steps"] == 20
     assert rows[5]["skipped_steps"] >= 1 and rows[5]["train_loss"] is not None  # the mean of the finite steps
     assert metrics["skipped_steps"] == sum(r["skipped_steps"] or 0 for r in rows.values())
 
 
 def test_fp16_a_loss_that_stays_inf_stops_the_run_with_a_message(tokenizer_stage, tmp_path, monkeypatch):
-    monkeypatch.setattr(pg, "choose_precision", lambda requested: "fp16")
     inf_loss_at(monkeypatch, set(range(3, 1000)))
-    with pytest.raises(pg.PocketGPTError, match=f"stayed inf/nan for {pg.FP16_MAX_SKIPS_IN_A_ROW} steps in a row"):
-        pg.run_pretrain_stage(pretrain_cfg(tokenizer_stage, tmp_path, max_steps=200, log_interval=100))
+    with pytest.raises(pg.PocketGPTError, match=f"stayed inf/nan for {FP16_MAX_SKIPS_IN_A_ROW} steps in a row"):
+        pg.run_pretrain_stage(pretrain_cfg(tokenizer_stage, tmp_path, max_steps=200, log_interval=100), precision="fp16")
 
 
 def test_evaluation_logging_and_checkpoints_keep_their_own_cadence(tokenizer_stage, tmp_path, monkeypatch):
     saved, save = [], torch.save
-    monkeypatch.setattr(torch, "save", lambda obj, f, **kw: (saved.append(obj.get("step")), save(obj, f, **kw)))
+    monkeypatch.setattr(torch, "save", lambda obj, f, **kw: (saved.append(obj.get("state", {}).get("step")),
+                                                             save(obj, f, **kw)))
     out = pg.run_pretrain_stage(pretrain_cfg(tokenizer_stage, tmp_path, max_steps=20, log_interval=3,
                                              eval_interval=5, checkpoint_minutes=1e-6))
-    rows = pg.read_log(out / "log.csv")
+    rows = read_log(out / "log.csv")
     assert [r["step"] for r in rows if r["val_loss"] is not None] == [5, 10, 15, 20]
     assert [r["step"] for r in rows if r["tokens_per_s"] is not None] == [3, 5, 6, 9, 10, 12, 15, 18, 20]
     assert set(range(1, 20)) <= set(saved)  # a checkpoint whenever its time comes, not only on log steps
@@ -239,23 +244,23 @@ def test_evaluation_logging_and_checkpoints_keep_their_own_cadence(tokenizer_sta
 
 def test_the_validation_sample_is_spread_over_the_split_and_fixed(tokenizer_stage):
     val = tokenizer_stage / "val.bin"
-    d = pg.TokenWindows(val, 16, 4, seed=1, vocab_size=TINY["vocab_size"])
+    d = TokenWindows(val, 16, 4, seed=1, vocab_size=TINY["vocab_size"])
     k = d.n // 4
     every = d.windows(range(d.n))[0]
     index = {tuple(row.tolist()): i for i, row in enumerate(every)}
     picked = [index[tuple(row.tolist())] for x, _ in d.eval_batches(k) for row in x]
     assert len(picked) == k and max(picked) > 0.75 * d.n and min(picked) < 0.25 * d.n  # not the first pages
-    other = pg.TokenWindows(val, 16, 7, seed=2, vocab_size=TINY["vocab_size"])  # another batch size and seed
+    other = TokenWindows(val, 16, 7, seed=2, vocab_size=TINY["vocab_size"])  # another batch size and seed
     assert [index[tuple(r.tolist())] for x, _ in other.eval_batches(k) for r in x] == picked
     assert sum(x.shape[0] for x, _ in d.eval_batches(10 * d.n)) == d.n  # all of it when small
 
 
 def test_a_prompt_longer_than_the_context_keeps_its_last_tokens(tokenizer_stage):
     cfg = pg.make_config(pg.PretrainConfig, "demo", run_dir="/tmp/unused", **{k: v for k, v in TINY.items() if k != "vocab_size"})
-    model, tok = pg.build_model(TINY["vocab_size"], cfg).eval(), pg.load_tokenizer(tokenizer_stage)
+    model, tok = build_model(TINY["vocab_size"], cfg).eval(), pg.load_tokenizer(tokenizer_stage)
     prompt = list(range(4, 4 + TINY["n_positions"] + 30))
     with pytest.warns(UserWarning, match=f"prompt has {len(prompt)} tokens.*only its last"):
-        new = pg.generate(model, tok, prompt, max_new_tokens=8, greedy=True)
+        new = generate(model, tok, prompt, max_new_tokens=8, greedy=True)
     assert 1 <= len(new) <= 8
 
 
@@ -272,11 +277,11 @@ def test_profile_none_means_t4_on_a_gpu_and_demo_on_a_cpu(monkeypatch, tmp_path)
 
 
 def test_mfu_peaks_are_looked_up_by_whole_gpu_names():
-    assert pg.peak_for_name("NVIDIA L40S", "bf16") == 362e12  # not the L4's 121
-    assert pg.peak_for_name("NVIDIA L4", "bf16") == 121e12
-    assert pg.peak_for_name("Tesla T4", "fp16") == 65e12 and pg.peak_for_name("Tesla T4", "fp32") == 8.1e12
-    assert pg.peak_for_name("NVIDIA H100 80GB HBM3", "bf16") == 989e12
-    assert pg.peak_for_name("NVIDIA GeForce RTX 4090", "bf16") is None  # unknown: no MFU rather than a wrong one
+    assert peak_for_name("NVIDIA L40S", "bf16") == 362e12  # not the L4's 121
+    assert peak_for_name("NVIDIA L4", "bf16") == 121e12
+    assert peak_for_name("Tesla T4", "fp16") == 65e12 and peak_for_name("Tesla T4", "fp32") == 8.1e12
+    assert peak_for_name("NVIDIA H100 80GB HBM3", "bf16") == 989e12
+    assert peak_for_name("NVIDIA GeForce RTX 4090", "bf16") is None  # unknown: no MFU rather than a wrong one
 
 
 def schedule_cfg(**kw):
@@ -286,12 +291,12 @@ def schedule_cfg(**kw):
 
 def test_wsd_warms_up_holds_then_decays_to_min_lr_on_the_last_step():
     cfg = schedule_cfg(schedule="wsd", decay_fraction=0.2)
-    lrs = [pg.lr_at(s, cfg) for s in range(100)]
+    lrs = [lr_at(s, cfg) for s in range(100)]
     assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)  # linear warmup
     assert all(lr == pytest.approx(1e-3) for lr in lrs[10:80])  # stable
     assert all(a > b for a, b in zip(lrs[79:], lrs[80:]))  # decaying over the last 20 steps
     assert lrs[-1] == pytest.approx(1e-4)
-    cosine = [pg.lr_at(s, schedule_cfg(schedule="cosine")) for s in range(100)]
+    cosine = [lr_at(s, schedule_cfg(schedule="cosine")) for s in range(100)]
     assert cosine[-1] == pytest.approx(1e-4) and all(a >= b for a, b in zip(cosine[10:], cosine[11:]))
 
 
@@ -302,13 +307,13 @@ def test_max_steps_auto_fills_one_session_and_ends_annealed(tokenizer_stage, tmp
     out = pg.run_pretrain_stage(pretrain_cfg(tokenizer_stage, tmp_path, max_steps="auto", max_hours=budget_h,
                                              log_interval=20, eval_interval=100, warmup_steps=10))
     wall = time.time() - started
-    m, rows = pg.read_json(out / "metrics.json"), pg.read_log(out / "log.csv")
+    m, rows = pg.read_json(out / "metrics.json"), read_log(out / "log.csv")
     assert m["planned"] and m["finished"] and m["stop_reason"] == "max_steps" and m["steps"] == m["max_steps"]
-    assert m["steps"] > 2 * pg.PLAN_PROBE_STEPS[1] and rows[-1]["elapsed_s"] > 0.5 * budget_h * 3600  # it filled the session
+    assert m["steps"] > 2 * PLAN_PROBE_STEPS[1] and rows[-1]["elapsed_s"] > 0.5 * budget_h * 3600  # it filled the session
     assert rows[-1]["step"] == m["steps"] and rows[-1]["lr"] == pytest.approx(pg.PROFILES["demo"]["pretrain"]["min_lr"])
     assert wall < budget_h * 3600 + 3
     assert pg.read_json(out / "manifest.json")["params"]["max_steps"] == "auto"  # what was asked; metrics: the plan
-    assert pg.load_checkpoint(out)["config"]["max_steps"] == m["steps"]  # a resumed session keeps the plan
+    assert load_checkpoint(out)["state"]["max_steps"] == m["steps"]  # a resumed session keeps the plan
 
 
 def muon_steps(opt_cls, w0, grads, **kw):
@@ -327,7 +332,7 @@ def test_our_muon_is_torch_muon_to_the_bit_where_both_apply():
     torch.manual_seed(0)
     for shape in [(64, 256), (256, 64), (96, 96)]:
         w0, grads = torch.randn(shape), [torch.randn(shape) for _ in range(3)]
-        ours = muon_steps(pg.Muon, w0, grads, lr=0.02, weight_decay=0.1)
+        ours = muon_steps(Muon, w0, grads, lr=0.02, weight_decay=0.1)
         theirs = muon_steps(torch.optim.Muon, w0, grads, lr=0.02, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
         assert torch.equal(ours, theirs), shape
 
@@ -339,8 +344,8 @@ def test_muon_needs_no_transpose_of_hf_conv1d_weights():
     torch.manual_seed(0)
     for shape in [(64, 192), (64, 256)]:  # Conv1D's c_attn (in x 3*in) and c_fc (in x 4*in)
         w0, grads = torch.randn(shape), [torch.randn(shape) for _ in range(2)]
-        conv1d = muon_steps(pg.Muon, w0, grads, lr=0.02)
-        linear = muon_steps(pg.Muon, w0.T.contiguous(), [g.T.contiguous() for g in grads], lr=0.02)
+        conv1d = muon_steps(Muon, w0, grads, lr=0.02)
+        linear = muon_steps(Muon, w0.T.contiguous(), [g.T.contiguous() for g in grads], lr=0.02)
         assert torch.allclose(conv1d, linear.T, atol=1e-3), shape  # Newton-Schulz runs in bf16: equal to its rounding
         assert not torch.allclose(conv1d, w0, atol=1e-2)  # and it did move
 
@@ -348,23 +353,23 @@ def test_muon_needs_no_transpose_of_hf_conv1d_weights():
 def test_muon_orthogonalizes_a_fused_qkv_matrix_as_three_blocks():
     torch.manual_seed(0)
     g = torch.randn(32, 96)  # Conv1D's c_attn: Q | K | V side by side
-    split = muon_steps(pg.Muon, torch.zeros(32, 96), [g], lr=1.0, momentum=0.0, nesterov=False)
-    fused = muon_steps(pg.Muon, torch.zeros(32, 96), [g], lr=1.0, momentum=0.0, nesterov=False, split_qkv=False)
+    split = muon_steps(Muon, torch.zeros(32, 96), [g], lr=1.0, momentum=0.0, nesterov=False)
+    fused = muon_steps(Muon, torch.zeros(32, 96), [g], lr=1.0, momentum=0.0, nesterov=False, split_qkv=False)
     for block, grad in zip(split.chunk(3, dim=1), g.chunk(3, dim=1)):  # each block: -0.2*sqrt(32) * its own polar factor
-        expected = -0.2 * 32 ** 0.5 * pg.orthogonalize(grad).float()
+        expected = -0.2 * 32 ** 0.5 * orthogonalize(grad).float()
         assert torch.allclose(block, expected, atol=1e-3)
     assert not torch.allclose(split, fused, atol=1e-2)
 
 
 def test_muon_trains_the_block_matrices_and_adamw_the_rest(tokenizer_stage):
     cfg = pg.make_config(pg.PretrainConfig, "demo", run_dir="/tmp/unused", **{k: v for k, v in TINY.items() if k != "vocab_size"})
-    model = pg.build_model(TINY["vocab_size"], cfg)
-    adamw, muon = pg.make_optimizers(model, cfg, torch.device("cpu"))
+    model = build_model(TINY["vocab_size"], cfg)
+    adamw, muon = make_optimizers(model, cfg, torch.device("cpu"))
     names = {id(p): n for n, p in model.named_parameters()}
     in_muon = {names[id(p)] for g in muon.param_groups for p in g["params"]}
     assert in_muon == {n for n, p in model.named_parameters() if p.dim() == 2 and n.startswith("transformer.h.")}
     assert "transformer.wte.weight" not in in_muon  # the embedding (and the tied lm_head) stays with AdamW
-    assert len(pg.make_optimizers(model, pg.make_config(pg.PretrainConfig, "demo", run_dir="/tmp/unused",
+    assert len(make_optimizers(model, pg.make_config(pg.PretrainConfig, "demo", run_dir="/tmp/unused",
                                                         optimizer="adamw"), torch.device("cpu"))) == 1
 
 
@@ -379,7 +384,7 @@ def test_every_log_row_reaches_tensorboard_through_accelerate(tokenizer_stage, t
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = pg.run_pretrain_stage(pretrain_cfg(tokenizer_stage, tmp_path, max_steps=20, log_with="tensorboard"))
-    rows = pg.read_log(out / "log.csv")
+    rows = read_log(out / "log.csv")
     runs = list((out / "trackers").glob("pretrain*"))
     assert len(runs) == 1
     events = EventAccumulator(str(runs[0])).Reload()
@@ -412,7 +417,7 @@ def test_a_launcher_that_starts_fewer_processes_than_asked_is_said(tokenizer_sta
     accelerate = [sys.executable, "-m", "accelerate.commands.launch"]
     for flags, processes in [(["--num_processes", "2"], 1), (["--multi_gpu", "--num_processes", "2"], 2)]:
         run = tmp_path / str(processes)
-        proc = subprocess.run([*accelerate, *flags, str(pg.HERE / "pocketgpt_utils.py"), "stage", "pretrain", "--profile",
+        proc = subprocess.run([*accelerate, *flags, str(HERE / "pocketgpt_utils.py"), "stage", "pretrain", "--profile",
                                "demo", "-p", "run_dir", str(run), *args], capture_output=True, text=True, env=env, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert pg.read_json(run / "pretrain" / "metrics.json")["processes"] == processes

@@ -14,9 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY
 
 import pocketgpt_utils as pg
-from conftest import TINY
+from pocketgpt.batches import DialogBatches, TokenWindows
+from pocketgpt.common import HERE
+from pocketgpt.sft import prepare_sft_data
+from pocketgpt.train import load_checkpoint, read_log
 
 BUDGET_H = 6 / 3600  # a 6-second session
 
@@ -26,7 +30,7 @@ def stage_cmd(stage: str, nproc: int, params: dict) -> list[str]:
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
                 if nproc > 1 else [sys.executable])
     args = [a for k, v in params.items() for a in ("-p", k, str(v))]
-    return [*launcher, str(pg.HERE / "pocketgpt_utils.py"), "stage", stage, "--profile", "demo", *args]
+    return [*launcher, str(HERE / "pocketgpt_utils.py"), "stage", stage, "--profile", "demo", *args]
 
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"}
@@ -68,7 +72,7 @@ def test_three_budget_limited_sessions_in_a_row_each_make_progress(tokenizer_sta
     made = np.diff(steps)
     # each session trains for most of its budget at the speed it measured itself (a busy machine is slower,
     # and then every session is): the start-up and the end's reserve take the rest
-    rows = pg.read_log(tmp_path / "pretrain" / "log.csv")
+    rows = read_log(tmp_path / "pretrain" / "log.csv")
     tokens_per_step = TINY["batch_size"] * TINY["n_positions"]
     for session, (first, last) in enumerate(zip(steps, steps[1:])):
         rates = [r["tokens_per_s"] for r in rows if first < r["step"] <= last and r["tokens_per_s"]]
@@ -84,7 +88,7 @@ def test_two_processes_stop_on_the_clock_and_resume_on_two_and_then_on_one(token
     """T4 x2 stood in for by 2 CPU processes on gloo: a budget stop, a resume on 2 processes, then a
     resume on 1 (a checkpoint from 2 GPUs continued on 1 GPU or a CPU)."""
     params = pretrain_params(tokenizer_stage, tmp_path, max_hours=BUDGET_H, resume_from="auto")
-    n_windows = pg.TokenWindows(tokenizer_stage / "train.bin", TINY["n_positions"], 1, 0, TINY["vocab_size"]).n
+    n_windows = TokenWindows(tokenizer_stage / "train.bin", TINY["n_positions"], 1, 0, TINY["vocab_size"]).n
     steps = [0]
     for session, nproc in enumerate([2, 2, 1]):
         proc = run_stage("pretrain", nproc, params)
@@ -92,13 +96,13 @@ def test_two_processes_stop_on_the_clock_and_resume_on_two_and_then_on_one(token
         steps.append(m["steps"])
         assert steps[-1] - steps[-2] > 5, f"session {session + 1} on {nproc} process(es) made {np.diff(steps)} steps"
         assert m["processes"] == nproc and m["stop_reason"] == "time_budget", m
-        ckpt = pg.load_checkpoint(tmp_path / "pretrain")
+        ckpt = load_checkpoint(tmp_path / "pretrain")
         # the data position is exact whatever the process count: every window trained once, in order
-        assert windows_consumed(ckpt, n_windows) * TINY["n_positions"] == ckpt["tokens"] + ckpt["window"]["tokens"]
+        assert windows_consumed(ckpt, n_windows) * TINY["n_positions"] == ckpt["state"]["tokens"] + ckpt["state"]["window"]["tokens"]
         assert len(ckpt["rng"]) == nproc  # each process's random stream is kept
     assert ("the checkpoint was written by 2 process(es) and this run has 1: the data position carries over; the "
             "first 1 process(es) keep their random streams (dropout), the other 1 are not used") in proc.stdout
-    rows = pg.read_log(tmp_path / "pretrain" / "log.csv")  # one header, each step once: only rank 0 writes
+    rows = read_log(tmp_path / "pretrain" / "log.csv")  # one header, each step once: only rank 0 writes
     assert [r["step"] for r in rows] == sorted({r["step"] for r in rows})
     assert (tmp_path / "pretrain" / "log.csv").read_text().count("step,tokens") == 1
     pg.plot_losses({"pretrain": tmp_path / "pretrain" / "log.csv"}, show=False)
@@ -121,7 +125,7 @@ def kill_after_a_checkpoint(params: dict, partial, rng: random.Random, after_mti
     time.sleep(rng.uniform(0.2, 2.5))
     age = time.time() - ckpt.stat().st_mtime
     out = kill_group(proc)
-    return {"age": age, "step": torch.load(ckpt, weights_only=False)["step"], "mtime": ckpt.stat().st_mtime,
+    return {"age": age, "step": torch.load(ckpt, weights_only=False)["state"]["step"], "mtime": ckpt.stat().st_mtime,
             "output": out}
 
 
@@ -157,8 +161,8 @@ def test_kill_9_then_resume_auto_matches_an_uninterrupted_run(tokenizer_stage, t
     final = pg.read_json(run / "pretrain" / "metrics.json")
     assert final["finished"] and final["steps"] == 1500
     assert final["final_val_loss"] == pytest.approx(reference["final_val_loss"], abs=2e-3)
-    a = {r["step"]: r for r in pg.read_log(tmp_path / "ref" / "pretrain" / "log.csv")}
-    b = {r["step"]: r for r in pg.read_log(run / "pretrain" / "log.csv")}
+    a = {r["step"]: r for r in read_log(tmp_path / "ref" / "pretrain" / "log.csv")}
+    b = {r["step"]: r for r in read_log(run / "pretrain" / "log.csv")}
     assert set(a) <= set(b)  # the interrupted run logged every row the uninterrupted one did, and the same losses
     assert all(b[s]["train_loss"] == pytest.approx(a[s]["train_loss"], abs=2e-3) for s in a if a[s]["train_loss"])
     assert not partial.exists()
@@ -176,14 +180,14 @@ def test_sft_on_two_processes_trains_every_epoch_on_full_global_batches(tokenize
     # the same rows, encoded as the stage encodes them
     tok = pg.load_tokenizer(pre / "pretrain" / "model")
     cfg = pg.make_config(pg.SFTConfig, "demo", run_dir=str(tmp_path), dialogs_path=str(demo_data / "dialogs.csv"))
-    rows = pg.prepare_sft_data(cfg, tok, TINY["n_positions"])["rows"]["train"]
+    rows = prepare_sft_data(cfg, tok, TINY["n_positions"])["rows"]["train"]
     assert m["tokens"] == 2 * sum(len(ids) - 1 for ids, _ in rows)  # every row twice, real tokens counted
     assert m["steps"] == 2 * -(-len(rows) // (2 * 8)) == 2 * report["steps_per_epoch"]
     assert m["processes"] == 2 and report["processes"] == 2
-    batches = pg.DialogBatches(rows, 8, cfg.seed, world=2)
+    batches = DialogBatches(rows, 8, cfg.seed, world=2)
     assert report["real_token_fraction"] == pytest.approx(batches.real_token_fraction())
     assert len(pg.read_json(out / "heldout.json")) == report["eval_rows"]  # written whole, once
-    assert [r["step"] for r in pg.read_log(out / "log.csv")] == sorted({r["step"] for r in pg.read_log(out / "log.csv")})
+    assert [r["step"] for r in read_log(out / "log.csv")] == sorted({r["step"] for r in read_log(out / "log.csv")})
 
 
 # --- every stage, every fault: kill -9 of the process group, a finished run resumed, a budget in a phase ---------
@@ -203,7 +207,7 @@ def kill_group(proc: subprocess.Popen) -> str:
 
 def last_elapsed(log) -> float:
     """Seconds the training loop of a finished run took, from its log."""
-    return pg.read_log(log)[-1]["elapsed_s"]
+    return read_log(log)[-1]["elapsed_s"]
 
 
 @pytest.fixture(scope="module")
@@ -284,14 +288,14 @@ def test_a_finished_pretraining_resumed_again_gives_the_same_complete_folder(tok
     folder it writes is whole, with the finished run's numbers."""
     params = pretrain_params(tokenizer_stage, tmp_path, max_steps=20, eval_interval=10)
     run_stage("pretrain", nproc, params)
-    done, done_log = pg.read_json(tmp_path / "pretrain" / "metrics.json"), pg.read_log(tmp_path / "pretrain" / "log.csv")
+    done, done_log = pg.read_json(tmp_path / "pretrain" / "metrics.json"), read_log(tmp_path / "pretrain" / "log.csv")
     for again in [{"resume_from": "auto"}, {"resume_from": tmp_path / "pretrain", "out_dir": tmp_path / "again"}]:
         run_stage("pretrain", nproc, {**params, **again})
         out = Path(again.get("out_dir", tmp_path / "pretrain"))
         m = pg.read_json(out / "metrics.json")
         for k in ["steps", "tokens", "final_val_loss", "final_train_loss", "finished", "stop_reason"]:
             assert m[k] == done[k], k
-        assert pg.read_log(out / "log.csv") == done_log and [r["step"] for r in done_log] == [10, 20]
+        assert read_log(out / "log.csv") == done_log and [r["step"] for r in done_log] == [10, 20]
         assert (out / "loss.png").is_file() and (out / "model" / "config.json").is_file()
         assert not partial_of(out).exists()
 
@@ -309,7 +313,7 @@ def test_a_finished_sft_with_its_preference_phase_resumed_again_keeps_its_number
     assert m["final_val_loss"] == done["final_val_loss"] is not None
     assert m["preference"]["final_val_loss"] == done["preference"]["final_val_loss"] is not None
     assert m["finished"] and m["exported_model"] == "SFT + DPO"
-    assert pg.read_log(tmp_path / "again" / "log.csv") == pg.read_log(tmp_path / "sft" / "log.csv")
+    assert read_log(tmp_path / "again" / "log.csv") == read_log(tmp_path / "sft" / "log.csv")
     assert not (tmp_path / "again.partial").exists()
 
 
@@ -346,7 +350,7 @@ def test_a_budget_that_binds_in_either_phase_leaves_a_model_04_uses_and_a_rerun_
     again = pg.run_sft_stage(cfg(resume_from="auto", max_hours=1, **rest))
     m2 = pg.read_json(again / "metrics.json")
     assert m2["finished"] and m2["exported_model"] == "SFT + DPO", m2
-    rows = pg.read_log(again / ("preference/log.csv" if phase == "preference" else "log.csv"))
+    rows = read_log(again / ("preference/log.csv" if phase == "preference" else "log.csv"))
     assert rows[0]["step"] < stopped["steps"] < rows[-1]["step"]  # the earlier rows kept, the run continued
 
 
@@ -370,7 +374,7 @@ def test_a_session_that_slows_down_after_planning_still_ends_decayed(tokenizer_s
         for hog in hogs:
             hog.kill()
     assert proc.returncode == 0, out[-3000:]
-    m, rows = pg.read_json(tmp_path / "pretrain" / "metrics.json"), pg.read_log(tmp_path / "pretrain" / "log.csv")
+    m, rows = pg.read_json(tmp_path / "pretrain" / "metrics.json"), read_log(tmp_path / "pretrain" / "log.csv")
     assert "re-planned: plan (max_steps='auto')" in out, out[-3000:]
     assert m["stop_reason"] == "max_steps" and m["finished"] and m["steps"] == m["max_steps"], m
     assert rows[-1]["step"] == m["steps"] and rows[-1]["lr"] == pytest.approx(pg.PROFILES["demo"]["pretrain"]["min_lr"])

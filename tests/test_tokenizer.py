@@ -6,9 +6,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import TINY
 
 import pocketgpt_utils as pg
-from conftest import TINY
+from pocketgpt.common import BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS, UNK_ID, stage_output
+from pocketgpt.data import iter_documents, split_of
+from pocketgpt.tokenizer import decode_documents, read_bin
 
 TEXTS = [
     "Hello, world!",
@@ -35,7 +38,7 @@ def test_round_trips_text_exactly(tok, text):
 def test_special_tokens_have_ids_0_to_3_and_are_never_split(tok):
     assert tok.convert_tokens_to_ids(["<pad>", "<unk>", "<|bos|>", "<|eos|>"]) == [0, 1, 2, 3]
     assert (tok.pad_token_id, tok.unk_token_id, tok.bos_token_id, tok.eos_token_id) == (0, 1, 2, 3)
-    for i, special in enumerate(pg.SPECIAL_TOKENS):
+    for i, special in enumerate(SPECIAL_TOKENS):
         assert tok.encode(special) == [i]
         ids = tok.encode(f"text{special}more text")
         assert ids.count(i) == 1
@@ -55,22 +58,22 @@ def test_saved_folder_loads_offline_in_a_fresh_process(tokenizer_stage):
 
 
 def test_bins_decode_back_to_exactly_the_corpus_documents(tokenizer_stage, demo_data, tok):
-    docs = list(pg.iter_documents([demo_data / "corpus.txt"]))
-    train = pg.decode_documents(np.asarray(pg.read_bin(tokenizer_stage / "train.bin")), tok)
-    val = pg.decode_documents(np.asarray(pg.read_bin(tokenizer_stage / "val.bin")), tok)
+    docs = list(iter_documents([demo_data / "corpus.txt"]))
+    train = decode_documents(np.asarray(read_bin(tokenizer_stage / "train.bin")), tok)
+    val = decode_documents(np.asarray(read_bin(tokenizer_stage / "val.bin")), tok)
     assert Counter(train + val) == Counter(docs)
     assert val and train
     assert not set(train) & set(val)  # disjoint
     meta = pg.read_json(tokenizer_stage / "meta.json")
-    assert meta["train_tokens"] == len(pg.read_bin(tokenizer_stage / "train.bin"))
+    assert meta["train_tokens"] == len(read_bin(tokenizer_stage / "train.bin"))
     assert meta["vocab_size"] == TINY["vocab_size"] and meta["dtype"] == "uint16"
 
 
 def test_split_is_deterministic_and_depends_on_the_seed(demo_data):
-    docs = list(pg.iter_documents([demo_data / "corpus.txt"]))
-    a = [pg.split_of(d, 1337, 0.2) for d in docs]
-    assert a == [pg.split_of(d, 1337, 0.2) for d in docs]
-    assert a != [pg.split_of(d, 7, 0.2) for d in docs]
+    docs = list(iter_documents([demo_data / "corpus.txt"]))
+    a = [split_of(d, 1337, 0.2) for d in docs]
+    assert a == [split_of(d, 1337, 0.2) for d in docs]
+    assert a != [split_of(d, 7, 0.2) for d in docs]
     assert 0.1 < a.count("val") / len(a) < 0.3
 
 
@@ -137,7 +140,7 @@ def test_unwritable_output_folder_fails_before_work(tmp_path, demo_data):
 
 def test_a_crash_leaves_no_finished_looking_folder(tmp_path):
     with pytest.raises(RuntimeError):
-        with pg.stage_output(tmp_path / "tokenizer", "tokenizer", {}) as work:
+        with stage_output(tmp_path / "tokenizer", "tokenizer", {}) as work:
             (work / "train.bin").write_bytes(b"half")
             raise RuntimeError("killed")
     assert not (tmp_path / "tokenizer").exists()
@@ -156,9 +159,9 @@ def test_special_token_text_in_the_corpus_stays_text(tmp_path):
     tok = pg.load_tokenizer(out)
     decoded = []
     for split in ["train", "val"]:
-        ids = np.asarray(pg.read_bin(out / f"{split}.bin"))
+        ids = np.asarray(read_bin(out / f"{split}.bin"))
         n_docs = pg.read_json(out / "meta.json")[f"{split}_documents"]
-        assert (ids == pg.BOS_ID).sum() == (ids == pg.EOS_ID).sum() == n_docs  # one of each per document
-        assert not np.isin(ids, [pg.PAD_ID, pg.UNK_ID]).any()
-        decoded += pg.decode_documents(ids, tok)
+        assert (ids == BOS_ID).sum() == (ids == EOS_ID).sum() == n_docs  # one of each per document
+        assert not np.isin(ids, [PAD_ID, UNK_ID]).any()
+        decoded += decode_documents(ids, tok)
     assert Counter(decoded) == Counter(docs)

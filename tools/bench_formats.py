@@ -55,9 +55,12 @@ def measure_read(corpus: Path, tokenizer_dir: Path, encode_mb: float) -> dict:
     import numpy as np
 
     import pocketgpt_utils as pg
+    from pocketgpt.common import BOS_ID, EOS_ID
+    from pocketgpt.data import iter_documents, scan_corpus
+    from pocketgpt.tokenizer import encode_text
     base = peak_rss_mb()
     started = time.time()
-    scan = pg.scan_corpus([corpus])
+    scan = scan_corpus([corpus])
     scan_seconds = time.time() - started
     scan_rss = peak_rss_mb()
     tok = pg.load_tokenizer(tokenizer_dir)
@@ -65,10 +68,10 @@ def measure_read(corpus: Path, tokenizer_dir: Path, encode_mb: float) -> dict:
     with tempfile.TemporaryFile() as out:
         def flush():
             nonlocal n_tokens
-            for ids in pg.encode_text(tok, batch):
-                out.write(np.array([pg.BOS_ID, *ids, pg.EOS_ID], dtype=np.uint16).tobytes())
+            for ids in encode_text(tok, batch):
+                out.write(np.array([BOS_ID, *ids, EOS_ID], dtype=np.uint16).tobytes())
                 n_tokens += len(ids) + 2
-        for doc in pg.iter_documents([corpus]):
+        for doc in iter_documents([corpus]):
             batch.append(doc)
             n_text += len(doc.encode())
             if len(batch) == 2000:
@@ -133,12 +136,13 @@ def main(argv=None) -> int:
     import pandas as pd
 
     import pocketgpt_utils as pg
+    from pocketgpt.data import iter_documents
     work = Path(args.work or tempfile.mkdtemp(prefix="pocketgpt-bench-formats-"))
     work.mkdir(parents=True, exist_ok=True)
     data = work / "demo"
     if not (data / "corpus.txt").exists():
         pg.make_demo_data(data)
-    docs = list(pg.iter_documents([data / "corpus.txt"]))
+    docs = list(iter_documents([data / "corpus.txt"]))
     pd.DataFrame({"text": docs}).to_parquet(data / "corpus.parquet")
     with open(data / "corpus.jsonl", "w", encoding="utf-8") as f:
         f.writelines(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs)

@@ -14,12 +14,12 @@ import sys
 import time
 from pathlib import Path
 
-from contextlib import contextmanager
-
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import pocketgpt_utils as pg  # noqa: E402
+import pocketgpt_utils as pg
+from pocketgpt.common import HERE
+from pocketgpt.train import read_log
 
 # a second corpus: the docstrings of other installed packages (maths, graphs, plotting, notebooks, packaging)
 ALT_PACKAGES = ["sympy", "networkx", "matplotlib", "IPython", "pygments", "jinja2", "fsspec", "huggingface_hub",
@@ -51,12 +51,12 @@ def run(name: str, tok_dir: Path, out: Path, steps: int, split_qkv: bool = True,
     """One pretraining run of `steps` steps (evaluated 20 times); returns its figures and appends them."""
     folder = out / f"{name}-{steps}"
     cfg = pg.make_config(pg.PretrainConfig, "demo", run_dir=str(out), tokenizer_dir=str(tok_dir), out_dir=str(folder),
-                         max_steps=steps, eval_interval=max(1, steps // 20), **{**BASE, **params})
-    with split_muon_qkv(split_qkv):
-        started = time.time()
-        pg.run_pretrain_stage(cfg)
+                         max_steps=steps, eval_interval=max(1, steps // 20), muon_split_qkv=split_qkv,
+                         **{**BASE, **params})
+    started = time.time()
+    pg.run_pretrain_stage(cfg)
     m, meta = pg.read_json(folder / "metrics.json"), pg.read_json(tok_dir / "meta.json")
-    rows = [r for r in pg.read_log(folder / "log.csv") if r["val_loss"] is not None]
+    rows = [r for r in read_log(folder / "log.csv") if r["val_loss"] is not None]
     result = {"name": name, "steps": steps, "split_qkv": split_qkv, **params, "tokens": m["tokens"],
               "val_loss": m["final_val_loss"],
               "bits_per_byte": m["final_val_loss"] / np.log(2) / (meta["val_bytes"] / meta["val_tokens"]),
@@ -67,16 +67,6 @@ def run(name: str, tok_dir: Path, out: Path, steps: int, split_qkv: bool = True,
     print(f"{name} {steps} {params} split={split_qkv}: val {result['val_loss']:.4f} in {result['seconds']:.0f}s",
           flush=True)
     return result
-
-
-@contextmanager
-def split_muon_qkv(on: bool):
-    """Muon with GPT-2's fused Q|K|V matrix orthogonalized as three blocks (on) or as one (off)."""
-    before, pg.MUON_SPLIT_QKV = pg.MUON_SPLIT_QKV, on
-    try:
-        yield
-    finally:
-        pg.MUON_SPLIT_QKV = before
 
 
 def sweep(out: Path) -> None:
@@ -137,7 +127,7 @@ def table(out: Path, corpus: str) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=["sweep", "table"])
-    parser.add_argument("--out", default=str(pg.HERE / "runs" / "recipe"))
+    parser.add_argument("--out", default=str(HERE / "runs" / "recipe"))
     parser.add_argument("--corpus", default="demo", choices=["demo", "alt"])
     args = parser.parse_args()
     sweep(Path(args.out)) if args.what == "sweep" else table(Path(args.out), args.corpus)

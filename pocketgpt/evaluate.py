@@ -1,0 +1,173 @@
+"""Evaluation: losses on the held-out samples 02 and 03 used, and how a model answers held-out instructions.
+
+Owns: val loss, perplexity and bits per byte; the response loss; answer quality (ROUGE-L, eos share,
+repetition, distinct-2, length) of greedy and sampled answers; ask() for the notebook.
+Imports: common, tokenizer, model, batches, train, plots, dialogs.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+from transformers import TextStreamer
+
+from .batches import DialogBatches, TokenWindows
+from .common import BOS_ID, EOS_ID, read_json, watched
+from .dialogs import chat_prompt_ids, encode_dialogs
+from .model import LMLoss, generate, generate_many, load_model
+from .plots import finish_figure
+from .tokenizer import encode_text, load_tokenizer
+from .train import evaluate
+
+
+def sample_continuations(model_dir, prompts, max_new_tokens: int = 40) -> list[dict]:
+    """The pretrained model continuing a few prompts (a document starts with <|bos|>)."""
+    model, tok = load_model(model_dir), load_tokenizer(model_dir)
+    rows = []
+    for p in prompts:
+        ids = generate(model, tok, [BOS_ID, *encode_text(tok, [p])[0]], max_new_tokens)
+        rows.append({"prompt": p, "continuation": tok.decode(ids, skip_special_tokens=True)})
+    return rows
+
+
+def distinct_n(texts, n: int = 2) -> float:
+    """Unique n-grams / all n-grams over the answers: low values mean the model repeats itself."""
+    grams = [tuple(w[i:i + n]) for t in texts for w in [t.split()] for i in range(len(w) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def eval_val_split(model, tokenizer_dir, n_windows: int, batch_size: int = 8) -> dict:
+    """Loss, perplexity and bits per byte on the pretraining val split's fixed evaluation sample,
+    the same windows 02 evaluates (bits per byte does not depend on the tokenizer, so models with
+    different vocabularies compare)."""
+    meta = read_json(Path(tokenizer_dir) / "meta.json")
+    data = TokenWindows(Path(tokenizer_dir) / "val.bin", model.config.n_positions, batch_size, 0, meta["vocab_size"])
+    batches = data.eval_batches(n_windows)
+    loss = evaluate(LMLoss(model), batches, model.device)
+    bytes_per_token = meta["val_bytes"] / meta["val_tokens"]
+    return {"val_loss": loss, "perplexity": math.exp(loss), "bits_per_byte": loss / math.log(2) / bytes_per_token,
+            "tokens_evaluated": sum(y.numel() for _, y in batches), "val_split_tokens": meta["val_tokens"],
+            "whole_split": n_windows >= data.n}
+
+
+def eval_responses(model, tok, pairs, batch_size: int = 16) -> float:
+    """Loss on response tokens of held-out dialogs (the SFT objective)."""
+    _, rows, _ = encode_dialogs(tok, pairs, model.config.n_positions, "truncate")
+    return evaluate(LMLoss(model, padded=True), DialogBatches(rows, batch_size, 0).eval_batches(10**9), model.device)
+
+
+def answer_table(model, tok, prompts, max_length: int = 384, seed: int = 1337) -> tuple[list[dict], dict]:
+    """Sampled (the seed's settings) and greedy answers, whether each ended with <|eos|>, and distinct-2."""
+    rows = []
+    for p in prompts:
+        ids = chat_prompt_ids(tok, p)
+        row = {"instruction": p}
+        for mode in ["sampled", "greedy"]:
+            new = generate(model, tok, ids, max_length - len(ids), greedy=mode == "greedy", seed=seed)
+            row[mode] = tok.decode(new, skip_special_tokens=True).strip()
+            row[f"{mode}_eos"] = bool(new) and new[-1] == EOS_ID
+        rows.append(row)
+    summary = {f"{m}_eos_share": sum(r[f"{m}_eos"] for r in rows) / len(rows) for m in ["sampled", "greedy"]}
+    summary.update({f"{m}_distinct2": distinct_n([r[m] for r in rows]) for m in ["sampled", "greedy"]})
+    return rows, summary
+
+
+QUALITY_ROWS = 256  # held-out dialogs answered per model (all of them where there are fewer)
+
+
+def repeated_ngram_share(words: list[str], n: int = 3) -> float:
+    """Share of an answer's n-grams that repeat an earlier one: "the layer of the layer of the layer" is high."""
+    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    return 1 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+def answer_quality(model, tok, pairs, seed: int = 1337) -> tuple[dict, list[dict]]:
+    """How a model answers held-out instructions, against the reference answers: for greedy and sampled
+    answers, ROUGE-L F1 (rouge-score; None where it is not installed), the share that end with <|eos|>,
+    the share of repeated 3-grams inside an answer, distinct-2 across answers, the mean length in words."""
+    try:  # on Kaggle it comes as a wheel in the code dataset, and needs nltk and absl from the image
+        from rouge_score import rouge_scorer
+        scorer = rouge_scorer.RougeScorer(["rougeL"])
+    except ImportError:
+        scorer = None
+    prompts = [chat_prompt_ids(tok, p) for p, _ in pairs]
+    numbers = {"rows": len(pairs), "reference_words": float(np.mean([len(r.split()) for _, r in pairs]))}
+    answers = [{"instruction": p, "reference": r} for p, r in pairs]
+    for mode in ["greedy", "sampled"]:
+        new = generate_many(model, prompts, greedy=mode == "greedy", seed=seed)
+        texts = [tok.decode(ids, skip_special_tokens=True).strip() for ids in new]
+        numbers.update({
+            f"{mode}_rougeL": float(np.mean([scorer.score(r, t)["rougeL"].fmeasure for (_, r), t in zip(pairs, texts)]))
+            if scorer else None,
+            f"{mode}_eos_share": float(np.mean([bool(ids) and ids[-1] == EOS_ID for ids in new])),
+            f"{mode}_repeated_3gram_share": float(np.mean([repeated_ngram_share(t.split()) for t in texts])),
+            f"{mode}_distinct2": distinct_n(texts),
+            f"{mode}_words": float(np.mean([len(t.split()) for t in texts])),
+        })
+        for a, t in zip(answers, texts):
+            a[mode] = t
+    return numbers, answers
+
+
+QUALITY_MEASURES = [  # key, label, format
+    ("response_loss", "response loss on all held-out rows (lower is better)", "{:.3f}"),
+    ("greedy_rougeL", "ROUGE-L F1 against the reference, greedy", "{:.3f}"),
+    ("sampled_rougeL", "ROUGE-L F1 against the reference, sampled", "{:.3f}"),
+    ("greedy_eos_share", "answers that end with <|eos|>, greedy", "{:.0%}"),
+    ("sampled_eos_share", "answers that end with <|eos|>, sampled", "{:.0%}"),
+    ("greedy_repeated_3gram_share", "repeated 3-grams inside an answer, greedy", "{:.1%}"),
+    ("sampled_repeated_3gram_share", "repeated 3-grams inside an answer, sampled", "{:.1%}"),
+    ("greedy_distinct2", "distinct-2 across answers, greedy", "{:.2f}"),
+    ("sampled_distinct2", "distinct-2 across answers, sampled", "{:.2f}"),
+    ("greedy_words", "words per answer, greedy", "{:.1f}"),
+    ("sampled_words", "words per answer, sampled", "{:.1f}"),
+]
+
+
+def quality_table(quality: dict) -> list[dict]:
+    """The models side by side, one row per measure (a skipped measure says how to enable it)."""
+    rows = []
+    for key, label, fmt in QUALITY_MEASURES:
+        row = {"measure": label}
+        for name, numbers in quality.items():
+            value = numbers.get(key)
+            row[name] = fmt.format(value) if value is not None else "skipped: pip install rouge-score"
+        rows.append(row)
+    reference = next(iter(quality.values()))
+    rows.append({"measure": "words per reference answer", **{n: f"{reference['reference_words']:.1f}" for n in quality}})
+    return rows
+
+
+def plot_quality(quality: dict, out_png=None, show: bool = True):
+    """The answer measures of each model as grouped bars (all on a 0-1 scale)."""
+    import matplotlib.pyplot as plt
+
+    keys = [k for k, _, _ in QUALITY_MEASURES if k.endswith(("rougeL", "eos_share", "3gram_share", "distinct2"))
+            and all(q.get(k) is not None for q in quality.values())]
+    fig, ax = plt.subplots(figsize=(11, 3.8))
+    width = 0.8 / len(quality)
+    for i, (name, numbers) in enumerate(quality.items()):
+        ax.bar(np.arange(len(keys)) + i * width, [numbers[k] for k in keys], width, label=name)
+    ax.set_xticks(np.arange(len(keys)) + 0.4 - width / 2, [k.replace("_share", "").replace("_", " ") for k in keys],
+                  rotation=20, ha="right")
+    ax.set_ylim(0, 1)
+    ax.set_title(f"answers to {next(iter(quality.values()))['rows']} held-out instructions")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend()
+    fig.tight_layout()
+    return finish_figure(fig, out_png, show)
+
+
+def ask(model, tok, prompt: str, max_length: int = 384, stream: bool = False, greedy: bool = False) -> str:
+    """Ask the model one instruction. With stream=True the answer prints as it is generated where
+    someone watches, and whole once it is done in a headless run (a saved notebook would otherwise
+    keep each token as a line of its own)."""
+    ids = chat_prompt_ids(tok, prompt)
+    live = stream and watched()
+    streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True) if live else None
+    new = generate(model, tok, ids, max_length - len(ids), greedy=greedy, streamer=streamer)
+    answer = tok.decode(new, skip_special_tokens=True).strip()
+    if stream and not live:
+        print(answer, flush=True)
+    return answer

@@ -1,0 +1,100 @@
+"""The pipeline: notebooks 01 -> 04 under papermill, each stage's folder feeding the next.
+
+Imports: common, data (papermill and nbconvert where a function needs them).
+"""
+from __future__ import annotations
+
+import ast
+import os
+import time
+from pathlib import Path
+
+from .common import HERE, STAGES, PocketGPTError, default_run_dir, write_file
+from .config import resolve_profile
+from .data import demo_data
+
+
+def parse_value(text: str):
+    """`-p NAME VALUE`: a Python literal where it is one (3, 0.1, None, True), else the string."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def run_notebook(notebook: Path, out_path: Path, parameters: dict, log_output: bool = True) -> None:
+    """Execute one notebook with papermill, save it, render it to HTML; one clear error on failure."""
+    import papermill as pm
+
+    declared = pm.inspect_notebook(str(notebook))
+    params = {k: v for k, v in parameters.items() if k in declared}
+    before = os.environ.get("POCKETGPT_PROGRESS")
+    os.environ.setdefault("POCKETGPT_PROGRESS", "lines")  # the kernel inherits it: a saved notebook gets lines, not bars
+    try:
+        pm.execute_notebook(str(notebook), str(out_path), parameters=params, cwd=str(notebook.parent),
+                            kernel_name="python3", log_output=log_output, progress_bar=False)
+    except pm.PapermillExecutionError as e:
+        raise PocketGPTError(f"{notebook.stem} failed in cell {e.exec_count} ({e.ename}: {e.evalue}). "
+                             f"The executed notebook is saved at {out_path}.") from None
+    finally:
+        if before is None:
+            os.environ.pop("POCKETGPT_PROGRESS", None)
+        if out_path.exists():
+            render_html(out_path)
+
+
+def render_html(notebook_path: Path) -> Path:
+    """An executed notebook as one self-contained HTML page (plots embedded) to read in a browser."""
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    body, _ = HTMLExporter().from_notebook_node(nbformat.read(str(notebook_path), as_version=4))
+    html = notebook_path.with_suffix(".html")
+    write_file(html, body)
+    return html
+
+
+DATA_FILES = {"corpus": "corpus.txt", "dialogs": "dialogs.csv"}
+
+
+DATA_STAGES = {"corpus": "tokenizer", "dialogs": "sft"}  # the stage that reads each
+
+
+def pipeline_inputs(run_dir, corpus=None, dialogs=None, stages=None) -> dict:
+    """corpus_path and dialogs_path for the notebooks. Your own corpus with the demo dialogs (or
+    the reverse) is never chosen in silence: give both, or neither (the demo data), or say `demo`
+    for the one you want from the demo data."""
+    given = {"corpus": corpus, "dialogs": dialogs}
+    needed = {k for k, stage in DATA_STAGES.items() if not stages or stage in stages}
+    if any(v not in (None, "demo") for v in given.values()):
+        for key in needed:
+            if given[key] is None:
+                other = next(k for k in given if k != key)
+                raise PocketGPTError(f"--{other} was given without --{key}: pass --{key} PATH (your "
+                                     f"{DATA_FILES[key]}), or --{key} demo to use the demo {DATA_FILES[key]}.")
+    out = {}
+    for key in needed:
+        path = given[key] if given[key] not in (None, "demo") else demo_data(run_dir) / DATA_FILES[key]
+        out[f"{key}_path"] = str(path)
+    return out
+
+
+def run_pipeline(profile: str | None = None, run_dir=None, corpus=None, dialogs=None, params=None,
+                 stages=None, log_output: bool = True) -> Path:
+    """Run the notebooks that exist, 01 -> 04, each reading the folder the previous one wrote."""
+    profile, why = resolve_profile(profile)
+    print(f"profile {profile!r}: {why}", flush=True)
+    run_dir = Path(run_dir or default_run_dir(profile)).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    parameters = {"profile": profile, "run_dir": str(run_dir), **pipeline_inputs(run_dir, corpus, dialogs, stages),
+                  **(params or {})}
+    (run_dir / "notebooks").mkdir(exist_ok=True)
+    for stage, name in STAGES.items():
+        notebook = HERE / "notebooks" / f"{name}.ipynb"
+        if not notebook.exists() or (stages and stage not in stages):
+            continue
+        started = time.time()
+        print(f"== {name} ==", flush=True)
+        run_notebook(notebook, run_dir / "notebooks" / f"{name}.ipynb", parameters, log_output)
+        print(f"== {name} done in {time.time() - started:.0f}s ==", flush=True)
+    return run_dir

@@ -1,0 +1,179 @@
+"""Stage 3: supervised finetuning on instruction/response pairs, loss on the response only (03_sft).
+
+Owns: reading, cleaning, encoding and splitting the dialogs for training; run_sft_stage (the SFT phase,
+then with `preference` the DPO phase; a resume finds its phase by which checkpoint it has); the
+notebook's tables.
+Imports: everything below it (common ... dialogs, dpo).
+"""
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+from torch import nn
+
+from .batches import DialogBatches, eval_sample
+from .common import (
+    PocketGPTError,
+    duration,
+    files_summary,
+    find_stage,
+    is_main_process,
+    newest_ckpt_file,
+    quiet_library_bars,
+    read_json,
+    resolve_resume,
+    stage_output,
+    world_size,
+    write_file,
+    write_folder,
+    write_json,
+)
+from .config import SFTConfig
+from .data import split_of
+from .dialogs import CHAT_TEMPLATE, chat_prompt_ids, dialog_files, dialog_key, encode_dialogs, read_dialogs
+from .dpo import read_preference_pairs, run_preference_phase
+from .model import LMLoss, generate, load_model
+from .plots import plot_losses
+from .tokenizer import load_tokenizer
+from .train import Budget, RunState, load_checkpoint, save_hf_folder, train
+
+
+def prepare_sft_data(cfg: SFTConfig, tok, context: int) -> dict:
+    """Read, clean, encode and split the dialogs; every count is kept for the report.
+
+    The evaluation rows are a fixed sample spread over the val split (all of it when small):
+    SFT's val loss and 04's response loss are measured on the same rows (heldout.json)."""
+    files = dialog_files(cfg.dialogs_path, cfg.run_dir)
+    print(f"dialogs_path={cfg.dialogs_path}: {files_summary(files)}")
+    pairs, report = read_dialogs(files, cfg.prompt_column, cfg.response_column)
+    kept, rows, lengths = encode_dialogs(tok, pairs, context, cfg.too_long)
+    report.update(lengths)
+    rows_by_split, pairs_by_split = {"train": [], "val": []}, {"train": [], "val": []}
+    for pair, row in zip(kept, rows):  # split by a seeded hash of the row, as the corpus is
+        s = split_of(dialog_key(*pair), cfg.seed, cfg.val_fraction)
+        rows_by_split[s].append(row)
+        pairs_by_split[s].append(pair)
+    if not rows_by_split["val"] or len(rows_by_split["train"]) < world_size():
+        raise PocketGPTError(f"{len(rows)} usable dialog rows cannot be split with val_fraction={cfg.val_fraction} "
+                             f"across {world_size()} process(es): provide more rows or change val_fraction.")
+    sample = eval_sample(len(rows_by_split["val"]), cfg.eval_rows)
+    rows_by_split["eval"] = [rows_by_split["val"][i] for i in sample]
+    pairs_by_split["eval"] = [pairs_by_split["val"][i] for i in sample]
+    report.update(train_rows=len(rows_by_split["train"]), val_rows=len(rows_by_split["val"]),
+                  eval_rows=len(sample), train_tokens=sum(len(r[0]) for r in rows_by_split["train"]),
+                  response_tokens=sum(sum(t != -100 for t in r[1]) for r in rows_by_split["train"]))
+    return {"rows": rows_by_split, "pairs": pairs_by_split, "report": report}
+
+
+def set_dropout(model, p: float) -> None:
+    """Set every dropout of a loaded model (they are fixed when the model is built) and its config."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = p
+    model.config.resid_pdrop = model.config.embd_pdrop = model.config.attn_pdrop = p
+
+
+@quiet_library_bars()
+def run_sft_stage(cfg: SFTConfig, stop_at_step: int | None = None) -> Path:
+    """Stage 3, whole: the pretrained model and tokenizer, the dialogs, the shared loop, the folder;
+    then, with `preference`, DPO on the SFT model (the SFT model is kept in model_sft/, the tuned
+    one is model/). A resume finds which phase it is in by which checkpoint it has. `stop_at_step`
+    (tests) stops the last phase that runs."""
+    budget = Budget(cfg.max_hours)  # this session's budget counts from the stage's start
+    pre = find_stage("pretrain", cfg.pretrain_dir, cfg.run_dir)
+    tok = load_tokenizer(pre / "model")
+    tok.chat_template = CHAT_TEMPLATE
+    model = load_model(pre / "model").train()
+    set_dropout(model, cfg.dropout)
+    data = prepare_sft_data(cfg, tok, model.config.n_positions)
+    if cfg.preference not in (None, "self"):  # a bad preference file stops the stage now, not after hours of SFT
+        read_preference_pairs(cfg.preference)
+    # the global batch (batch_size rows on each process) is fixed before the padding share is measured
+    train_data = DialogBatches(data["rows"]["train"], cfg.batch_size, cfg.seed, world=world_size())
+    val_data = DialogBatches(data["rows"]["eval"], cfg.batch_size, cfg.seed)
+    steps_per_epoch = -(-len(train_data) // cfg.grad_accum_steps)
+    max_steps = cfg.max_steps or max(1, round(cfg.epochs * steps_per_epoch))
+    warmup_steps = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, max_steps // 33)
+    report = {**data["report"], "real_token_fraction": train_data.real_token_fraction(),
+              "processes": world_size(), "steps_per_epoch": steps_per_epoch, "max_steps": max_steps}
+    resume_dir = resolve_resume(cfg.resume_from, "sft", cfg.out_dir)
+    in_phase_two = bool(cfg.preference and resume_dir and (resume_dir / "sft_phase.json").is_file())
+    resume = load_checkpoint(resume_dir) if resume_dir and not in_phase_two else None
+    if resume_dir and is_main_process():
+        print(f"resuming {resume_dir} " + ("in its preference phase" if in_phase_two else
+              f"at step {RunState.from_checkpoint(resume).step} of {max_steps}") + f" (this session's budget: {duration(cfg.max_hours * 3600)})")
+    inputs = {"pretrain": pre, **{f"dialogs:{Path(f).name}": Path(f) for f in data["report"]["files"]},
+              **({"resumed_from": newest_ckpt_file(resume_dir)} if resume_dir else {}),
+              **({"preference": Path(cfg.preference)} if cfg.preference not in (None, "self") else {})}
+    with stage_output(cfg.out_dir, "sft", dataclasses.asdict(cfg), inputs, resume_dir) as work:
+        write_json(work / "data_report.json", report)
+        write_json(work / "heldout.json", [{"prompt": p, "response": r} for p, r in data["pairs"]["eval"]])
+        if in_phase_two:  # the SFT phase ended in an earlier session: its model, log and numbers are there
+            model, result = load_model(resume_dir / "model_sft"), read_json(resume_dir / "sft_phase.json")
+            if is_main_process() and resume_dir.resolve() != work.resolve():
+                for name in ["model_sft", "log.csv", "sft_phase.json", "ckpt.pt"]:
+                    if (resume_dir / name).is_dir():
+                        write_folder(work / name, lambda tmp, src=resume_dir / name: shutil.copytree(src, tmp, dirs_exist_ok=True))
+                    else:
+                        write_file(work / name, lambda tmp, src=resume_dir / name: shutil.copyfile(src, tmp))
+        else:
+            result = train(model, train_data, val_data.eval_batches(len(val_data.rows)), cfg, work, budget, resume,
+                           None if cfg.preference else stop_at_step, stage="sft", loss_module=LMLoss(model, padded=True),
+                           max_steps=max_steps, warmup_steps=warmup_steps)
+            model, _ = result.pop("model"), result.pop("is_main_process")
+            if is_main_process():  # model/ is what 04 exports: the SFT model, until a preference phase finishes
+                save_hf_folder(model, tok, work / "model")
+                if cfg.preference and result["finished"]:  # the preference phase's reference, and 04's "SFT" row
+                    save_hf_folder(model, tok, work / "model_sft")
+                    write_json(work / "sft_phase.json", result)  # the mark of a finished SFT phase
+        logs = {"sft": work / "log.csv"}
+        if cfg.preference and result["finished"]:
+            result["preference"] = run_preference_phase(cfg, model, tok, data["pairs"]["train"], work,
+                                                        resume_dir if in_phase_two else None, budget, stop_at_step)
+            tuned, _ = result["preference"].pop("model"), result["preference"].pop("is_main_process")
+            result["finished"] = result["preference"]["finished"]
+            if is_main_process():  # a phase stopped by its budget leaves the SFT model as the one to use
+                save_hf_folder(tuned if result["finished"] else model, tok, work / "model")
+            logs["preference"] = work / "preference" / "log.csv"
+        if not is_main_process():
+            return Path(cfg.out_dir)
+        pre_metrics = read_json(pre / "metrics.json")
+        write_json(work / "metrics.json", {**result, **{f"data_{k}": v for k, v in report.items() if k != "columns"},
+                                           "pretrain_val_loss": pre_metrics.get("final_val_loss"),
+                                           "exported_model": "SFT + DPO" if cfg.preference and result["finished"]
+                                           else "SFT"})
+        plot_losses(logs, work / "loss.png", show=False)
+    return Path(cfg.out_dir)
+
+
+def data_report_rows(stage_dir) -> list[dict]:
+    """What reading and cleaning the dialogs did, as rows for the notebook's table."""
+    r = read_json(Path(stage_dir) / "data_report.json")
+    layouts = {f"rows_{k}": n for k, n in r.get("rows_by_layout", {}).items()}  # older reports have none
+    r = {**r, **layouts}
+    names = {"rows_read": "rows read", **{k: f"rows in the {k[5:]} layout" for k in layouts},
+             "examples": "examples (one per answer; a chat row gives one per assistant turn)",
+             "dropped_empty": "dropped: empty prompt or response",
+             "dropped_duplicates": "dropped: exact duplicates", "history_cut": "earlier turns cut to fit the context",
+             "truncated": "answer cut to fit the context",
+             "dropped_too_long": "dropped: too long", "train_rows": "train rows", "val_rows": "val rows",
+             "train_tokens": "train tokens", "response_tokens": "train tokens with loss (response + eos)",
+             "real_token_fraction": "real (not padding) tokens per batch", "steps_per_epoch": "steps per epoch"}
+    return [{"": label, "value": f"{r[k]:.1%}" if isinstance(r[k], float) else f"{r[k]:,}"}
+            for k, label in names.items() if k in r]
+
+
+def compare_answers(before_dir, after_dir, prompts, max_new_tokens: int = 64) -> list[dict]:
+    """Answers to the same instructions from two models (before and after SFT), sampled as the seed does."""
+    models = {"before": load_model(before_dir), "after": load_model(after_dir)}
+    tok = load_tokenizer(after_dir)
+    rows = []
+    for p in prompts:
+        row = {"instruction": p}
+        for name, model in models.items():
+            ids = generate(model, tok, chat_prompt_ids(tok, p), max_new_tokens)
+            row[name] = tok.decode(ids, skip_special_tokens=True).strip()
+        rows.append(row)
+    return rows
