@@ -166,6 +166,16 @@ def folder_extension(folder):
     names = [n for n in names if n.split(".")[1] in ("txt", "jsonl", "json", "parquet", "csv", "arrow")]
     return max(sorted(set(names)), key=names.count) if names else ".txt"
 
+def add_package_wheel(folder, dry_run, repo=REPO):
+    """The package pocketgpt/ (and pocketgpt_utils.py) as one pure-Python wheel in the code dataset: a
+    Kaggle dataset keeps no subfolders, and the notebooks put every attached wheel on sys.path."""
+    cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(folder), str(repo)]
+    if dry_run:
+        print(" ".join(cmd))
+    elif subprocess.run(cmd, capture_output=True).returncode != 0:
+        raise OSError(f"could not build the pocketgpt wheel: {' '.join(cmd)}")
+
+
 def add_wheels(folder, dry_run):
     """Kaggle's image may lack `gguf` (04's GGUF files) and `rouge-score` (04's ROUGE-L), and its kernels
     have no internet: their pure-Python wheels travel in the code dataset, and the notebooks put them on
@@ -223,6 +233,7 @@ def main(argv=None):
     try:
         if "code" in steps:
             metas["code"] = write_dataset_folder("code", out, user, slug, {"pocketgpt_utils.py": args.module})
+            add_package_wheel(out / "code", dry)
             add_wheels(out / "code", dry)
         if "data" in steps:
             metas["data"] = write_dataset_folder("data", out, user, slug, data_files)

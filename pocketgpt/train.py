@@ -234,6 +234,22 @@ class Budget:
         recent = (time.time() - self.mark[0]) / (step - self.mark[1]) if self.mark and step - self.mark[1] >= 5 else 0.0
         return max(self.step_s, recent) + self.eval_estimate(val_tokens) / eval_interval
 
+    def probe(self, step: int, first_step: int, session_tokens: int, acc) -> bool:
+        """max_steps="auto": time this session's steps 6..20 (the first pay for warm-up and compiling); True
+        once they are timed and the plan can be made. `session_tokens`: this process's so far."""
+        if step - first_step not in PLAN_PROBE_STEPS:
+            return False
+        if acc.device.type == "cuda":
+            torch.cuda.synchronize()
+        if step - first_step == PLAN_PROBE_STEPS[0]:
+            self.probed = (time.time(), session_tokens)
+            self.set_mark(step, self.probed[0])
+            return False
+        dt = time.time() - self.probed[0]
+        self.step_s = dt / (PLAN_PROBE_STEPS[1] - PLAN_PROBE_STEPS[0])
+        self.tokens_per_s = max(1.0, (session_tokens - self.probed[1]) * acc.num_processes / dt)
+        return True
+
     def steps_that_fit(self, step: int, val_tokens: int, eval_interval: int) -> int:
         """The step this session can reach, ending inside the budget (3% kept spare)."""
         return step + max(1, int(0.97 * self.left(val_tokens) / self.per_step(step, val_tokens, eval_interval)))
@@ -290,51 +306,21 @@ def train(model, train_data, val_batches, cfg, work: Path, budget: Budget | None
     cuts a run short for the resume tests; `loss_module` is what trains `model` (LMLoss by default, DPOLoss
     for preference tuning); `precision`: one already chosen (the tests run a T4's fp16 on a CPU).
     """
-    precision, compiled = precision or choose_precision(cfg.precision), resolve_compile(cfg.compile)
-    # device placement and multi-process DDP (cpu=True lets torchrun run several CPU processes on gloo);
-    # precision is ours, explicit below
-    acc = Accelerator(cpu=not torch.cuda.is_available(), log_with=cfg.log_with,
-                      project_dir=str(work / "trackers") if cfg.log_with else None)
-    if cfg.log_with:  # the trackers get the config once and every log row (tensorboard: <stage>/trackers/<stage>)
-        acc.init_trackers(stage, config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
-                                         for k, v in dataclasses.asdict(cfg).items()})
-    set_seed(cfg.seed, device_specific=True)  # a dropout stream per process; rank 0 keeps the seed's
     budget = budget or Budget(cfg.max_hours)
     max_steps = cfg.max_steps if max_steps is None else max_steps
     warmup_steps = cfg.warmup_steps if warmup_steps is None else warmup_steps
     auto = max_steps == "auto"  # this session plans max_steps to what fits its budget, decay included
-    train_data.rank, train_data.world = acc.process_index, acc.num_processes
-    model.to(acc.device)
-    optimizers = make_optimizers(model, cfg, acc.device)
-    kinds = ["adamw", "muon"][:len(optimizers)]
-    scaler = torch.amp.GradScaler(acc.device.type, enabled=precision == "fp16")
-    state = RunState(max_steps=None if auto else max_steps)
-    if resume:
-        state = restore_checkpoint(resume, model, optimizers, kinds, scaler, train_data)
-        state.max_steps = state.max_steps if auto else max_steps  # a number given now is the plan from now on
-    loss_module = loss_module or LMLoss(model)
-    loss_module.to(acc.device)
-    loss_fn = loss_module
-    if compiled:  # before the DDP wrap, as nanoGPT does; batches of varying shape (SFT, DPO) compile
-        # with dynamic shapes at once: a train and an eval graph, not a recompile per new shape (measured on 03)
-        loss_fn = torch.compile(loss_fn, dynamic=True if getattr(train_data, "variable_shapes", False) else None)
-    loss_fn, *optimizers = acc.prepare(loss_fn, *optimizers)
-    if resume:
-        note = restore_rng(resume["rng"] if isinstance(resume["rng"], list) else [resume["rng"]], acc)
-        if note and acc.is_main_process:
-            print(f"resume: {note}")
-    run = Run(acc, model, optimizers, kinds, scaler, train_data, cfg, stage, work, precision,
-              LOG_COLUMNS + list(loss_module.stat_names), flops_per_token(model), peak_flops(acc.device, precision))
+    run, state = start_run(model, train_data, cfg, work, resume, stage, loss_module, max_steps, precision)
+    acc, loss_fn, units = run.acc, run.loss_fn, run.loss_module.units
     budget.begin()
     session_started, first_step, hours_before = time.time(), state.step, state.hours
     val_tokens = sum(int((y != -100).sum()) for _, y in val_batches)
-    window = LogWindow(len(loss_module.stat_names), acc.device)
+    window = LogWindow(len(run.loss_module.stat_names), acc.device)
     if state.window:  # a checkpoint taken mid-window
         window.restore(state.window, acc.is_main_process)
-    last_ckpt, skips_in_a_row, probe = time.time(), 0, None
-    scale = scaler.get_scale() if scaler.is_enabled() else None
+    last_ckpt, session_tokens, skips_in_a_row = time.time(), 0, 0
+    scale = run.scaler.get_scale() if run.scaler.is_enabled() else None
     stop_reason, lr = "max_steps", lr_at(state.step, cfg, state.max_steps, warmup_steps)
-    session_tokens = 0  # this process's real tokens this session, for the plan
 
     def hours() -> float:
         return hours_before + (time.time() - session_started) / 3600
@@ -354,8 +340,7 @@ def train(model, train_data, val_batches, cfg, work: Path, budget: Budget | None
             out_of_time, ckpt_due, behind = agree(acc, started and budget.left(val_tokens) < 0,
                                                   time.time() - last_ckpt > cfg.checkpoint_minutes * 60, behind)
             if behind and not out_of_time:  # slower than planned: end sooner, still on a decayed last step
-                state.max_steps = run.plan(budget, state.step, val_tokens)
-                bar.total = state.max_steps
+                state.max_steps = bar.total = run.plan(budget, state.step, val_tokens)
                 run.say(f"re-planned: {plan_line(budget, state, cfg)}")
             if out_of_time:
                 stop_reason = "time_budget"
@@ -368,48 +353,36 @@ def train(model, train_data, val_batches, cfg, work: Path, budget: Budget | None
                 window.started += budget.ckpt_s  # tokens/s and the step time measure training, not writing
                 budget.pause(budget.ckpt_s)
             # one optimizer step
-            lr = set_lr(optimizers, state.step, cfg, state.max_steps, warmup_steps)
+            lr = set_lr(run.optimizers, state.step, cfg, state.max_steps, warmup_steps)
             batches = [train_data.next_batch() for _ in range(cfg.grad_accum_steps)]
-            loss, stats, grad_norm, real = train_step(acc, loss_fn, optimizers, scaler, batches, cfg.grad_clip, precision)
+            loss, stats, grad_norm, real = train_step(acc, loss_fn, run.optimizers, run.scaler, batches, cfg.grad_clip,
+                                                      run.precision)
             state.step += 1
             window.add(loss, stats, real)
             session_tokens += real
             bar.update(1)
-            # max_steps="auto": time this session's steps 6..20 (the first pay for warm-up and compiling), then plan
-            if auto and state.max_steps is None and state.step - first_step in PLAN_PROBE_STEPS:
-                if acc.device.type == "cuda":
-                    torch.cuda.synchronize()
-                if state.step - first_step == PLAN_PROBE_STEPS[0]:
-                    probe = (time.time(), session_tokens)
-                    budget.set_mark(state.step, probe[0])
-                else:
-                    dt = time.time() - probe[0]
-                    budget.step_s = dt / (PLAN_PROBE_STEPS[1] - PLAN_PROBE_STEPS[0])
-                    budget.tokens_per_s = max(1.0, (session_tokens - probe[1]) * acc.num_processes / dt)
-                    state.max_steps = run.plan(budget, state.step, val_tokens)
-                    bar.total = state.max_steps
-                    run.say(plan_line(budget, state, cfg))
+            # max_steps="auto": the plan, once this session's first steps are timed
+            if auto and state.max_steps is None and budget.probe(state.step, first_step, session_tokens, acc):
+                state.max_steps = bar.total = run.plan(budget, state.step, val_tokens)
+                run.say(plan_line(budget, state, cfg))
             # fp16: the GradScaler's scale drops exactly when it skipped the step (one GPU sync per step, fp16 only)
             if scale is not None:
-                skipped, scale = scaler.get_scale() < scale, scaler.get_scale()
+                skipped, scale = run.scaler.get_scale() < scale, run.scaler.get_scale()
                 skips_in_a_row = skips_in_a_row + 1 if skipped else 0
                 window.skipped, state.skipped_steps = window.skipped + skipped, state.skipped_steps + skipped
                 if skips_in_a_row >= FP16_MAX_SKIPS_IN_A_ROW:
-                    raise PocketGPTError(
-                        f"{stage}: the fp16 loss or gradients stayed inf/nan for {skips_in_a_row} steps in a row "
-                        f"(up to step {state.step}; GradScaler skipped each). The last good checkpoint "
-                        f"({run.last_checkpoint()}) is kept. Lower learning_rate (now {cfg.learning_rate}) and "
-                        f"resume_from that folder.")
+                    raise run.diverged(f"the fp16 loss or gradients stayed inf/nan for {skips_in_a_row} steps in a "
+                                       f"row (up to step {state.step}; GradScaler skipped each)")
             # every log_interval steps a log row, every eval_interval steps an evaluation (and at the end)
-            last = state.step == state.max_steps
-            log_now, eval_now = state.step % cfg.log_interval == 0, state.step % cfg.eval_interval == 0 or last
+            log_now = state.step % cfg.log_interval == 0
+            eval_now = state.step % cfg.eval_interval == 0 or state.step == state.max_steps
             if log_now or eval_now:
                 row = run.close_window(window, state, budget, lr, hours())
                 row["grad_norm"] = round(float(grad_norm), 3)
                 budget.set_mark(state.step)
                 if eval_now:
                     started_eval = time.time()
-                    state.val_loss = evaluate(loss_fn, val_batches, acc.device, precision, loss_module.units)
+                    state.val_loss = evaluate(loss_fn, val_batches, acc.device, run.precision, units)
                     budget.eval_s = time.time() - started_eval
                     window.started += budget.eval_s  # tokens/s and the step time measure training alone
                     budget.pause(budget.eval_s)
@@ -417,44 +390,79 @@ def train(model, train_data, val_batches, cfg, work: Path, budget: Budget | None
                 run.add_row(state, row)
                 bar.set_postfix(loss=row["train_loss"], tok_s=f"{row['tokens_per_s']:,}")
                 run.say(log_line(row, state, budget, lr))
+        # the end, whatever stopped the loop: a final evaluation where the last row has none, and a checkpoint
+        if not state.log or state.log[-1]["step"] != state.step or state.log[-1].get("val_loss") is None:
+            if state.log and state.log[-1]["step"] == state.step:
+                row = state.log.pop()
+            else:  # a stop before max_steps: the train-loss window stays open and goes into the checkpoint,
+                # so a resumed run logs the same rows as one that was never interrupted
+                row = {"step": state.step, "tokens": state.tokens + int(run.totals(window, state)[-1]),
+                       "lr": f"{lr:.3e}", "elapsed_s": round(hours() * 3600, 1)}
+            state.val_loss = evaluate(loss_fn, val_batches, acc.device, run.precision, units)
+            row["val_loss"] = round(state.val_loss, 4)
+            run.add_row(state, row)
+        else:  # the last row has its evaluation; a finished run resumed again has nothing left to train
+            state.val_loss = state.log[-1]["val_loss"] if state.val_loss is None else state.val_loss
+            write_log(work / "log.csv", state.log, run.columns)  # also into a new folder resumed from a finished one
     except torch.cuda.OutOfMemoryError:
         raise out_of_memory(stage, cfg) from None
     finally:
         bar.close()
-    # the end, whatever stopped the loop: a final evaluation where the last row has none, and a checkpoint
-    if not state.log or state.log[-1]["step"] != state.step or state.log[-1].get("val_loss") is None:
-        if state.log and state.log[-1]["step"] == state.step:
-            row = state.log.pop()
-        else:  # a stop before max_steps: the train-loss window stays open and goes into the checkpoint,
-            # so a resumed run logs the same rows as one that was never interrupted
-            row = {"step": state.step, "tokens": state.tokens + int(run.totals(window, state)[-1]), "lr": f"{lr:.3e}",
-                   "elapsed_s": round(hours() * 3600, 1)}
-        try:
-            state.val_loss = evaluate(loss_fn, val_batches, acc.device, precision, loss_module.units)
-        except torch.cuda.OutOfMemoryError:
-            raise out_of_memory(stage, cfg) from None
-        row["val_loss"] = round(state.val_loss, 4)
-        run.add_row(state, row)
-    else:  # the last row has its evaluation; a finished run resumed again has nothing left to train
-        state.val_loss = state.log[-1]["val_loss"] if state.val_loss is None else state.val_loss
-        write_log(work / "log.csv", state.log, run.columns)  # also into a new folder resumed from a finished one
     state.hours = hours()
     run.save_checkpoint(state, window)
     if cfg.log_with:
         acc.end_training()
-    return final_numbers(run, state, window, budget, auto, stop_reason, compiled, first_step, session_started,
-                         val_tokens)
+    return final_numbers(run, state, window, auto, stop_reason, first_step, session_started, val_tokens)
+
+
+def start_run(model, train_data, cfg, work: Path, resume: dict | None, stage: str, loss_module, max_steps,
+              precision: str | None) -> tuple["Run", RunState]:
+    """The set-up of train(), in the order a resumed run must repeat: the process group (accelerate), the seed,
+    the optimizers, the checkpoint's state, compiling, the DDP wrap, then each process's random streams."""
+    precision, compiled = precision or choose_precision(cfg.precision), resolve_compile(cfg.compile)
+    # device placement and multi-process DDP (cpu=True lets torchrun run several CPU processes on gloo);
+    # precision is ours, explicit below
+    acc = Accelerator(cpu=not torch.cuda.is_available(), log_with=cfg.log_with,
+                      project_dir=str(work / "trackers") if cfg.log_with else None)
+    if cfg.log_with:  # the trackers get the config once and every log row (tensorboard: <stage>/trackers/<stage>)
+        acc.init_trackers(stage, config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                                         for k, v in dataclasses.asdict(cfg).items()})
+    set_seed(cfg.seed, device_specific=True)  # a dropout stream per process; rank 0 keeps the seed's
+    train_data.rank, train_data.world = acc.process_index, acc.num_processes
+    model.to(acc.device)
+    optimizers = make_optimizers(model, cfg, acc.device)
+    kinds = ["adamw", "muon"][:len(optimizers)]
+    scaler = torch.amp.GradScaler(acc.device.type, enabled=precision == "fp16")
+    state = RunState(max_steps=None if max_steps == "auto" else max_steps)
+    if resume:
+        state = restore_checkpoint(resume, model, optimizers, kinds, scaler, train_data)
+        state.max_steps = state.max_steps if max_steps == "auto" else max_steps  # a number given now is the plan
+    loss_module = loss_module or LMLoss(model)
+    loss_module.to(acc.device)
+    loss_fn = loss_module
+    if compiled:  # before the DDP wrap, as nanoGPT does; batches of varying shape (SFT, DPO) compile
+        # with dynamic shapes at once: a train and an eval graph, not a recompile per new shape (measured on 03)
+        loss_fn = torch.compile(loss_fn, dynamic=True if getattr(train_data, "variable_shapes", False) else None)
+    loss_fn, *optimizers = acc.prepare(loss_fn, *optimizers)
+    if resume:
+        note = restore_rng(resume["rng"] if isinstance(resume["rng"], list) else [resume["rng"]], acc)
+        if note and acc.is_main_process:
+            print(f"resume: {note}")
+    return Run(acc, model, loss_module, loss_fn, optimizers, kinds, scaler, train_data, cfg, stage, work, precision,
+               compiled), state
 
 
 class Run:
     """What the loop's periodic work needs, in one place: the process group, the model and its optimizers,
     the data position, the config and the stage folder; it writes log rows and checkpoints (rank 0)."""
 
-    def __init__(self, acc, model, optimizers, kinds, scaler, train_data, cfg, stage, work, precision, columns,
-                 flops, peak):
-        self.acc, self.model, self.optimizers, self.kinds, self.scaler = acc, model, optimizers, kinds, scaler
-        self.train_data, self.cfg, self.stage, self.work, self.precision = train_data, cfg, stage, work, precision
-        self.columns, self.flops = columns, flops
+    def __init__(self, acc, model, loss_module, loss_fn, optimizers, kinds, scaler, train_data, cfg, stage, work,
+                 precision, compiled):
+        self.acc, self.model, self.loss_module, self.loss_fn = acc, model, loss_module, loss_fn
+        self.optimizers, self.kinds, self.scaler, self.train_data = optimizers, kinds, scaler, train_data
+        self.cfg, self.stage, self.work, self.precision, self.compiled = cfg, stage, work, precision, compiled
+        self.columns = LOG_COLUMNS + list(loss_module.stat_names)
+        self.flops, peak = flops_per_token(model), peak_flops(acc.device, precision)
         self.peak = peak * acc.num_processes if peak else None
 
     def say(self, line: str) -> None:
@@ -471,15 +479,18 @@ class Run:
         path = self.work / "ckpt.pt"
         return str(path) if path.exists() else "none yet"
 
+    def diverged(self, what: str, fp32_hint: bool = False) -> PocketGPTError:
+        return PocketGPTError(f"{self.stage}: {what}. The last good checkpoint ({self.last_checkpoint()}) is kept. Lower "
+                              f"learning_rate (now {self.cfg.learning_rate})" + (" or use precision='fp32'" if fp32_hint
+                              else "") + ", and resume_from that folder.")
+
     def totals(self, window: LogWindow, state: RunState) -> list[float]:
         """The window's sums over all processes; a non-finite loss in fp32 or bf16 ends the run (fp16's
         GradScaler skips such steps, and counts them)."""
         totals = window.totals(self.acc)
         if totals[2] and self.precision != "fp16":
-            raise PocketGPTError(
-                f"{self.stage}: the training loss is inf or nan by step {state.step} ({int(totals[2])} such step(s) "
-                f"since the last log row). The last good checkpoint ({self.last_checkpoint()}) is kept. Lower "
-                f"learning_rate (now {self.cfg.learning_rate}) or use precision='fp32', and resume_from that folder.")
+            raise self.diverged(f"the training loss is inf or nan by step {state.step} ({int(totals[2])} such step(s) "
+                                f"since the last log row)", fp32_hint=True)
         return totals
 
     def close_window(self, window: LogWindow, state: RunState, budget: Budget, lr: float, hours: float) -> dict:
@@ -564,8 +575,8 @@ def log_line(row: dict, state: RunState, budget: Budget, lr: float) -> str:
             + f" | {duration(left)} left this session")
 
 
-def final_numbers(run: Run, state: RunState, window: LogWindow, budget: Budget, auto: bool, stop_reason: str,
-                  compiled: bool, first_step: int, session_started: float, val_tokens: int) -> dict:
+def final_numbers(run: Run, state: RunState, window: LogWindow, auto: bool, stop_reason: str, first_step: int,
+                  session_started: float, val_tokens: int) -> dict:
     """What train() returns: the run's numbers for metrics.json, and the trained model."""
     tokens = state.tokens + int(run.totals(window, state)[-1])  # the tokens of a window left open
     rates = [r["tokens_per_s"] for r in state.log if r.get("tokens_per_s")]
@@ -575,7 +586,7 @@ def final_numbers(run: Run, state: RunState, window: LogWindow, budget: Budget, 
             "final_train_loss": next((r["train_loss"] for r in reversed(log) if r.get("train_loss") is not None), None),
             "tokens_per_s": float(np.median(rates)) if rates else None,
             "mfu": float(np.median(mfus)) if mfus else None, "params": count_params(run.model),
-            "flops_per_token": run.flops, "precision": run.precision, "compiled": compiled,
+            "flops_per_token": run.flops, "precision": run.precision, "compiled": run.compiled,
             "skipped_steps": state.skipped_steps, "device": device_name(run.acc.device),
             "processes": run.acc.num_processes, "stop_reason": stop_reason,
             "finished": state.max_steps is not None and state.step >= state.max_steps, "hours": state.hours,

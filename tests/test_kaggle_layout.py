@@ -63,3 +63,35 @@ def test_two_attached_corpora_are_not_concatenated_in_silence(kaggle, demo_data,
     chosen = kaggle / "input" / "datasets" / "someone" / "my-data" / "corpus.txt"
     pg.build_tokenizer_stage(pg.make_config(pg.TokenizerConfig, "t4", vocab_size=400, corpus_path=str(chosen)))
     assert f"corpus_path={chosen}: {chosen} (0.2 MB)" in capsys.readouterr().out  # what was used, said before the work
+
+
+def test_a_notebook_on_kaggle_imports_the_package_from_the_code_dataset(tmp_path):
+    """On Kaggle the code dataset holds pocketgpt_utils.py and the package as a wheel (a dataset keeps no
+    folders): the notebooks' own first cell, run where Kaggle runs it (/kaggle/working, the repository
+    nowhere on the path), imports both from there."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from pocketgpt.common import HERE
+
+    code = tmp_path / "input" / "datasets" / "someone" / "pocketgpt-code"
+    code.mkdir(parents=True)
+    shutil.copy(HERE / "pocketgpt_utils.py", code)
+    src = tmp_path / "src"  # the sources the wheel is built from (setuptools writes build/ beside them)
+    shutil.copytree(HERE / "pocketgpt", src / "pocketgpt", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ["pocketgpt_utils.py", "pyproject.toml", "README.md", "requirements.txt"]:
+        shutil.copy(HERE / name, src)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(code),
+                    str(src)], check=True, capture_output=True)
+    first = json.loads((HERE / "notebooks" / "02_pretrain.ipynb").read_text())["cells"][1]["source"]
+    first = "".join(first).replace("/kaggle/input", str(tmp_path / "input"))
+    (tmp_path / "working").mkdir()
+    check = first + ("\nimport pocketgpt\nprint(pocketgpt.__file__)\nprint(pg.__file__)\n"
+                     "print(pg.make_config(pg.PretrainConfig, 't4', run_dir='.').n_embd)\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-c", check], cwd=tmp_path / "working", capture_output=True, text=True,
+                         env=env, check=True).stdout.split()
+    wheel = next(code.glob("pocketgpt-*.whl"))
+    assert out[0].startswith(str(wheel)) and out[1] == str(code / "pocketgpt_utils.py") and out[2] == "384"
