@@ -42,7 +42,7 @@ import sys
 
 # the names the notebooks and users call, by the module that holds each; anything else is the package's own
 NAMES = {
-    "common": ["PocketGPTError", "read_json", "find_stage"],
+    "common": ["PocketGPTError", "read_json", "find_stage", "stage_status"],
     "config": ["PROFILES", "resolve_profile", "make_config", "TokenizerConfig", "PretrainConfig", "SFTConfig",
                "ExportConfig"],
     "data": ["make_demo_data"],
@@ -53,7 +53,7 @@ NAMES = {
     "sft": ["run_sft_stage", "data_report_rows", "compare_answers"],
     "evaluate": ["sample_continuations", "quality_table", "plot_quality", "ask"],
     "export": ["run_export_stage", "report_rows", "export_checks", "show_report"],
-    "plots": ["plot_length_distributions", "plot_losses"],
+    "plots": ["plot_length_distributions", "plot_losses", "table", "metrics_rows"],
     "chat": ["chat"],
     "bench": ["bench"],
     "pipeline": ["run_pipeline"],

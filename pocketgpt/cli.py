@@ -88,7 +88,8 @@ def pipeline_command(args) -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     noise = ("Executing Cell", "Ending Cell", "Input Notebook", "Output Notebook", "Working directory",
-             "Executing notebook", "<IPython.core.display.")  # a figure's text stand-in
+             "Executing notebook", "<IPython.core.display.",  # a figure's text stand-in
+             "Alternative text is missing")  # nbconvert's note on our figures, once per page
 
     def keep(record) -> bool:  # a cell's output ends with its own newline: no blank line after each
         record.msg, record.args = record.getMessage().rstrip("\n"), ()

@@ -558,6 +558,29 @@ def stage_disk_full(e: Exception, stage: str, work: Path, resuming) -> DiskFullE
     return disk_full_error(what, where, needed, kept, next_step)
 
 
+def stage_status(folder) -> str:
+    """How a stage's run ended, in one line for the pipeline, the notebook and the report card: finished, or
+    stopped by its time budget at step N of M, and how to go on from there."""
+    folder = Path(folder)
+    if not (folder / "metrics.json").is_file():
+        return f"not finished: {folder} holds no metrics.json"
+    m, stage = read_json(folder / "metrics.json"), read_json(folder / "manifest.json")["stage"]
+    if "steps" not in m:  # 01 and 04 have no steps: a manifest means done
+        return "finished"
+    preference = m.get("preference")
+    phases = [("the SFT phase" if stage == "sft" and read_json(folder / "manifest.json")["params"].get("preference")
+               else "", m)] + ([("the preference phase", preference)] if preference else [])
+    stopped = next(((name, p) for name, p in phases if p["max_steps"] is None or p["steps"] < p["max_steps"]), None)
+    if stopped is None:
+        return "finished: " + ", ".join(f"{name + ' ' if name else ''}{p['steps']:,} steps" for name, p in phases)
+    name, p = stopped
+    why = "by its time budget" if p["stop_reason"] == "time_budget" else f"({p['stop_reason']})"
+    later = " ".join(list(STAGES)[list(STAGES).index(stage):])
+    return (f"stopped {why} at step {p['steps']:,} of {p['max_steps']:,}{' in ' + name if name else ''} "
+            f"(this session: {duration(p['session_hours'] * 3600)}); to continue, run {STAGES[stage]} again with "
+            f"resume_from='auto' (pipeline: --stages {later} -p resume_from auto)")
+
+
 def partial_dir(out_dir) -> Path:
     """Where a stage works until it is done: `<out_dir>.partial`."""
     out_dir = Path(out_dir)

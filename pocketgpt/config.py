@@ -10,6 +10,7 @@ Imports: common only (torch only to ask whether a GPU is here).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from pathlib import Path
 from typing import ClassVar
 
@@ -47,12 +48,16 @@ def resolve_profile(profile: str | None) -> tuple[str, str]:
 
 
 def make_config(cls, profile: str | None, **given):
-    """Build a stage's dataclass: explicit values, else the profile's, else the field default."""
-    profile, _ = resolve_profile(profile)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(given) - known
+    """Build a stage's dataclass: explicit values, else the profile's, else the field default. A name the
+    stage does not take is an error, with the names closest to it."""
+    known = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(given) - set(known))
     if unknown:
-        raise PocketGPTError(f"Unknown parameter(s) {sorted(unknown)} for {cls.__name__}.")
+        hints = [f"{name}: did you mean {' or '.join(close)}?" for name in unknown
+                 if (close := difflib.get_close_matches(name, known, n=3, cutoff=0.6))]
+        raise PocketGPTError(f"{cls.__name__} takes no parameter {', '.join(unknown)}"
+                             + (f" ({' '.join(hints)})" if hints else "") + f". Its parameters: {', '.join(known)}.")
+    profile, _ = resolve_profile(profile)
     values = {**PROFILES[profile].get(cls.stage, {}), **{k: v for k, v in given.items() if v is not None}}
     return cls(**{**values, "profile": profile})
 

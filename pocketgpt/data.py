@@ -137,6 +137,7 @@ def demo_data(run_dir) -> Path:
     return data
 
 
+DIALOG_FORMATS = ("csv", "json", "parquet", "arrow", "saved")  # dialogs and preference pairs: tables
 CORPUS_FORMATS = ("text", "json", "parquet", "csv", "arrow", "saved")
 
 

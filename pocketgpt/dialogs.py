@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from .common import BOS_ID, EOS_ID, PocketGPTError, attached_input, data_format, on_kaggle, progress
-from .data import data_files, demo_data, iter_table, open_table, row_place
+from .data import DIALOG_FORMATS, data_files, demo_data, iter_table, open_table, row_place
 from .tokenizer import encode_text
 
 CHAT_TEMPLATE = (  # the seed's format: <|bos|>Instruction: {prompt}\nResponse: {answer}<|eos|>, turn after turn;
@@ -26,7 +26,6 @@ CHAT_TEMPLATE = (  # the seed's format: <|bos|>Instruction: {prompt}\nResponse: 
     "{% if add_generation_prompt %}{{ 'Response:' }}{% endif %}")
 
 
-DIALOG_FORMATS = ("csv", "json", "parquet", "arrow", "saved")
 
 
 CHAT_ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant"}

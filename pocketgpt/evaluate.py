@@ -57,8 +57,9 @@ def eval_responses(model, tok, pairs, batch_size: int = 16) -> float:
     return evaluate(LMLoss(model, padded=True), DialogBatches(rows, batch_size, 0).eval_batches(10**9), model.device)
 
 
-def answer_table(model, tok, prompts, max_length: int = 384, seed: int = 1337) -> tuple[list[dict], dict]:
-    """Sampled (the seed's settings) and greedy answers, whether each ended with <|eos|>, and distinct-2."""
+def answer_table(model, tok, prompts, max_length: int = 384, seed: int = 1337) -> list[dict]:
+    """Sampled (the seed's settings) and greedy answers to a few instructions, and whether each ended with
+    <|eos|>: examples to read; the measures come from answer_quality, on the held-out sample."""
     rows = []
     for p in prompts:
         ids = chat_prompt_ids(tok, p)
@@ -68,9 +69,7 @@ def answer_table(model, tok, prompts, max_length: int = 384, seed: int = 1337) -
             row[mode] = tok.decode(new, skip_special_tokens=True).strip()
             row[f"{mode}_eos"] = bool(new) and new[-1] == EOS_ID
         rows.append(row)
-    summary = {f"{m}_eos_share": sum(r[f"{m}_eos"] for r in rows) / len(rows) for m in ["sampled", "greedy"]}
-    summary.update({f"{m}_distinct2": distinct_n([r[m] for r in rows]) for m in ["sampled", "greedy"]})
-    return rows, summary
+    return rows
 
 
 QUALITY_ROWS = 256  # held-out dialogs answered per model (all of them where there are fewer)
@@ -82,7 +81,7 @@ def repeated_ngram_share(words: list[str], n: int = 3) -> float:
     return 1 - len(set(grams)) / len(grams) if grams else 0.0
 
 
-def answer_quality(model, tok, pairs, seed: int = 1337) -> tuple[dict, list[dict]]:
+def answer_quality(model, tok, pairs, seed: int = 1337, name: str = "model") -> tuple[dict, list[dict]]:
     """How a model answers held-out instructions, against the reference answers: for greedy and sampled
     answers, ROUGE-L F1 (rouge-score; None where it is not installed), the share that end with <|eos|>,
     the share of repeated 3-grams inside an answer, distinct-2 across answers, the mean length in words."""
@@ -95,7 +94,7 @@ def answer_quality(model, tok, pairs, seed: int = 1337) -> tuple[dict, list[dict
     numbers = {"rows": len(pairs), "reference_words": float(np.mean([len(r.split()) for _, r in pairs]))}
     answers = [{"instruction": p, "reference": r} for p, r in pairs]
     for mode in ["greedy", "sampled"]:
-        new = generate_many(model, prompts, greedy=mode == "greedy", seed=seed)
+        new = generate_many(model, prompts, greedy=mode == "greedy", seed=seed, desc=f"{name}: {mode} answers")
         texts = [tok.decode(ids, skip_special_tokens=True).strip() for ids in new]
         numbers.update({
             f"{mode}_rougeL": float(np.mean([scorer.score(r, t)["rougeL"].fmeasure for (_, r), t in zip(pairs, texts)]))

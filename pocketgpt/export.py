@@ -19,6 +19,7 @@ from .batches import eval_sample
 from .common import (
     EOS_ID,
     PAD_ID,
+    STAGES,
     PocketGPTError,
     child_env,
     duration,
@@ -28,6 +29,7 @@ from .common import (
     read_json,
     size_of,
     stage_output,
+    stage_status,
     tensor_bytes,
     torch_file,
     write_file,
@@ -109,6 +111,7 @@ def model_card(report: dict, answers: list[dict]) -> str:
     """README.md of the exported folder: what it is, how it was made, its numbers, how to use it."""
     r = report
     sample = "\n".join(f"| {md_cell(a['instruction'])} | {md_cell(a['greedy'][:160])} |" for a in answers[:3])
+    q = r["quality"][r["exported_model"]]  # the exported model's answers, measured on the held-out sample
     return f"""# pocketGPT
 
 A small GPT-2 ({r['parameters'] / 1e6:.1f}M parameters, {r['n_layer']} layers, {r['n_embd']} wide, context
@@ -120,7 +123,7 @@ on {r['sft_rows']:,} instruction/response pairs (loss on the response only). Wei
 |---|---|
 | pretrain val loss | {r['pretrain_val_loss']:.3f} (perplexity {r['pretrain_perplexity']:.1f}, {r['pretrain_bits_per_byte']:.3f} bits/byte) |
 | SFT val loss on responses | {r['sft_response_loss']:.3f} (before SFT: {r['pretrain_response_loss']:.3f}) |
-| answers ending with `<|eos|>` (greedy) | {r['greedy_eos_share']:.0%} |
+| answers ending with `<|eos|>` (greedy, {q['rows']} held-out instructions) | {q['greedy_eos_share']:.0%} |
 
 ## Use it with transformers
 
@@ -174,6 +177,7 @@ def report_rows(r: dict) -> list[tuple[str, str]]:
             ("exported model", r.get("exported_model", "SFT") + (
                 f" (preference={pref['source']!r}: {pref['pairs']:,} pairs, beta {pref['beta']}, "
                 f"{pref['steps']:,} steps)" if pref else "")),
+            *[(f"{STAGES[s]}", status) for s, status in r.get("status", {}).items()],
             ("tokenizer", f"{r['vocab_size']:,} tokens, {r['bytes_per_token']:.2f} bytes/token on val"),
             ("time: tokenizer / pretrain / SFT", " / ".join(duration(r[f"{s}_minutes"] * 60) for s in ["tokenizer", "pretrain", "sft"])),
             ("pretrain tokens seen", f"{r['pretrain_tokens']:,} ({r['pretrain_steps']:,} steps, finished: {r['pretrain_finished']})"),
@@ -183,9 +187,7 @@ def report_rows(r: dict) -> list[tuple[str, str]]:
             ("SFT model on the same: val loss / perplexity / bits per byte", f"{r['sft_val_loss']:.3f} / {r['sft_perplexity']:.1f} / {r['sft_bits_per_byte']:.3f}"),
             ("SFT rows / tokens seen", f"{r['sft_rows']:,} / {r['sft_tokens']:,}"),
             ("response loss before / after SFT", f"{r['pretrain_response_loss']:.3f} / {r['sft_response_loss']:.3f} "
-             f"(on SFT's {r['heldout_rows']:,} held-out evaluation rows)"),
-            ("answers ending with <|eos|> (sampled / greedy)", f"{r['sampled_eos_share']:.0%} / {r['greedy_eos_share']:.0%}"),
-            ("distinct-2 (sampled / greedy)", f"{r['sampled_distinct2']:.2f} / {r['greedy_distinct2']:.2f}")]
+             f"(on SFT's {r['heldout_rows']:,} held-out evaluation rows)")]  # answer measures: the quality table
     for f in r.get("gguf", []):
         if "verify" not in f:  # never a nan: what was not checked, and the command that checks it
             size = f"{f['size_mb']:.1f} MB, " if f.get("file") else ""
@@ -248,8 +250,8 @@ def run_export_stage(cfg: ExportConfig) -> Path:
     heldout = [(r["prompt"], r["response"]) for r in read_json(sft / "heldout.json")]
     n_windows = read_json(pre / "manifest.json")["params"].get("eval_windows", PretrainConfig.eval_windows)
     pre_eval = eval_val_split(pre_model, tok_dir, n_windows)
-    answers, summary = answer_table(sft_model, tok, DEFAULT_PROMPTS + list(cfg.prompts or []),
-                                    sft_model.config.n_positions, cfg.seed)
+    answers = answer_table(sft_model, tok, DEFAULT_PROMPTS + list(cfg.prompts or []), sft_model.config.n_positions,
+                           cfg.seed)
     meta, pre_m, sft_m = read_json(tok_dir / "meta.json"), read_json(pre / "metrics.json"), read_json(sft / "metrics.json")
     c = sft_model.config
     report = {
@@ -263,7 +265,8 @@ def run_export_stage(cfg: ExportConfig) -> Path:
         "heldout_rows": len(heldout), "pretrain_response_loss": eval_responses(pre_model, tok, heldout),
         "sft_response_loss": eval_responses(sft_phase_model, tok, heldout),
         "exported_model": "SFT + DPO" if tuned else "SFT",
-        **{f"sft_{k}": v for k, v in eval_val_split(sft_model, tok_dir, n_windows).items()}, **summary,
+        **{f"sft_{k}": v for k, v in eval_val_split(sft_model, tok_dir, n_windows).items()},
+        "status": {"tokenizer": stage_status(tok_dir), "pretrain": stage_status(pre), "sft": stage_status(sft)},
     }
     sample = [heldout[i] for i in eval_sample(len(heldout), QUALITY_ROWS)]
     quality, quality_answers = {}, {}
@@ -275,7 +278,7 @@ def run_export_stage(cfg: ExportConfig) -> Path:
                                                           "steps", "final_val_loss", "finished"]}
         models.append(("SFT + DPO", sft_model, eval_responses(sft_model, tok, heldout)))
     for name, model, loss in models:
-        quality[name], quality_answers[name] = answer_quality(model, tok, sample, cfg.seed)
+        quality[name], quality_answers[name] = answer_quality(model, tok, sample, cfg.seed, name)
         quality[name]["response_loss"] = loss
     report["quality"] = quality
     inputs = {"tokenizer": tok_dir, "pretrain": pre, "sft": sft}

@@ -530,6 +530,7 @@ def export_gguf_files(folder, out_dir, types, prompts, texts) -> list[dict]:
         row = {"type": ftype, "file": path.name, "size_mb": path.stat().st_size / 1e6}
         problem = llama_cpp_problem(path)
         if problem is None:
+            print(f"GGUF {ftype}: {row['size_mb']:.1f} MB, checking it against Hugging Face in llama.cpp", flush=True)
             row["verify"] = verify_gguf(path, folder, chat, probes, n_generate)
             speed = generation_speed(path, folder, chat[0])
             row["tokens_per_s"], row["hf_tokens_per_s"] = speed["llama_cpp_tokens_per_s"], speed["hf_tokens_per_s"]

@@ -5,13 +5,15 @@ Imports: common, data (papermill and nbconvert where a function needs them).
 from __future__ import annotations
 
 import ast
+import difflib
+import json
 import os
 import time
 from pathlib import Path
 
-from .common import HERE, STAGES, PocketGPTError, default_run_dir, write_file
+from .common import HERE, STAGES, PocketGPTError, default_run_dir, duration, stage_status, write_file
 from .config import resolve_profile
-from .data import demo_data
+from .data import CORPUS_FORMATS, DIALOG_FORMATS, data_files, demo_data
 
 
 def parse_value(text: str):
@@ -60,10 +62,53 @@ DATA_FILES = {"corpus": "corpus.txt", "dialogs": "dialogs.csv"}
 DATA_STAGES = {"corpus": "tokenizer", "dialogs": "sft"}  # the stage that reads each
 
 
-def pipeline_inputs(run_dir, corpus=None, dialogs=None, stages=None) -> dict:
-    """corpus_path and dialogs_path for the notebooks. Your own corpus with the demo dialogs (or
-    the reverse) is never chosen in silence: give both, or neither (the demo data), or say `demo`
-    for the one you want from the demo data."""
+def notebook_parameters(notebook: Path) -> list[str]:
+    """The names a notebook's cell tagged `parameters` assigns (what papermill can set), read without a kernel."""
+    cells = json.loads(Path(notebook).read_text(encoding="utf-8"))["cells"]
+    cell = next(c for c in cells if "parameters" in c.get("metadata", {}).get("tags", []))
+    return [t.id for node in ast.parse("".join(cell["source"])).body for t in node.targets]
+
+
+PATH_KEYWORDS = ("auto", "self", "demo")  # values of path parameters that are not paths
+
+
+def is_path_parameter(name: str) -> bool:
+    return name.endswith(("_dir", "_path")) or name in ("resume_from", "preference")
+
+
+def where_typed(value):
+    """A path as the user meant it where they typed it (the notebooks run in notebooks/): absolute."""
+    if not isinstance(value, (str, Path)) or str(value) in PATH_KEYWORDS or Path(value).is_absolute():
+        return value
+    return str(Path(value).absolute())
+
+
+def check_parameters(params: dict, stages=None) -> dict:
+    """`-p NAME VALUE` checked before any kernel starts: a name that no notebook of this run takes stops with
+    the closest names and the notebooks that take them (papermill would drop it in silence); a path is made
+    absolute (where_typed)."""
+    takes = {}  # name -> the notebooks that take it
+    for stage, name in STAGES.items():
+        for param in notebook_parameters(HERE / "notebooks" / f"{name}.ipynb"):
+            takes.setdefault(param, []).append((stage, name))
+    problems = []
+    for name in params:
+        if name not in takes:
+            close = [f"{c} ({', '.join(n for _, n in takes[c])})" for c in difflib.get_close_matches(name, takes, n=3)]
+            problems.append(f"-p {name}: no notebook takes it" + (f"; did you mean {' or '.join(close)}?" if close else ""))
+        elif stages and not any(stage in stages for stage, _ in takes[name]):
+            problems.append(f"-p {name}: only {', '.join(n for _, n in takes[name])} takes it, and --stages "
+                            f"{' '.join(stages)} does not run it")
+    if problems:
+        raise PocketGPTError("; ".join(problems) + ". Nothing was run. Each notebook's parameters are in its cell tagged "
+                           "`parameters` (README, Parameters).")
+    return {k: where_typed(v) if is_path_parameter(k) else v for k, v in params.items()}
+
+
+def check_data(corpus=None, dialogs=None, stages=None) -> None:
+    """Your own corpus with the demo dialogs (or the reverse) is never chosen in silence: give both, or
+    neither (the demo data), or say `demo` for the one you want from the demo data; and a file given is
+    there (checked before any kernel starts)."""
     given = {"corpus": corpus, "dialogs": dialogs}
     needed = {k for k, stage in DATA_STAGES.items() if not stages or stage in stages}
     if any(v not in (None, "demo") for v in given.values()):
@@ -72,22 +117,32 @@ def pipeline_inputs(run_dir, corpus=None, dialogs=None, stages=None) -> dict:
                 other = next(k for k in given if k != key)
                 raise PocketGPTError(f"--{other} was given without --{key}: pass --{key} PATH (your "
                                      f"{DATA_FILES[key]}), or --{key} demo to use the demo {DATA_FILES[key]}.")
-    out = {}
-    for key in needed:
-        path = given[key] if given[key] not in (None, "demo") else demo_data(run_dir) / DATA_FILES[key]
-        out[f"{key}_path"] = str(path)
-    return out
+    for key, formats in [("corpus", CORPUS_FORMATS), ("dialogs", DIALOG_FORMATS)]:
+        if key in needed and given[key] not in (None, "demo"):
+            data_files(given[key], f"--{key}", formats, "Check the path (relative paths are from where you run this).")
+
+
+def pipeline_inputs(run_dir, corpus=None, dialogs=None, stages=None) -> dict:
+    """corpus_path and dialogs_path for the notebooks (check_data first): yours, or the demo data's."""
+    check_data(corpus, dialogs, stages)
+    needed = {k for k, stage in DATA_STAGES.items() if not stages or stage in stages}
+    given = {"corpus": corpus, "dialogs": dialogs}
+    return {f"{key}_path": str(where_typed(given[key]) if given[key] not in (None, "demo")
+                               else demo_data(run_dir) / DATA_FILES[key]) for key in sorted(needed)}
 
 
 def run_pipeline(profile: str | None = None, run_dir=None, corpus=None, dialogs=None, params=None,
                  stages=None, log_output: bool = True) -> Path:
-    """Run the notebooks that exist, 01 -> 04, each reading the folder the previous one wrote."""
+    """Run the notebooks that exist, 01 -> 04, each reading the folder the previous one wrote. The
+    parameters and the data are checked first, before a kernel (or torch) starts."""
+    params = check_parameters(params or {}, stages)
+    check_data(corpus, dialogs, stages)
     profile, why = resolve_profile(profile)
     print(f"profile {profile!r}: {why}", flush=True)
     run_dir = Path(run_dir or default_run_dir(profile)).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     parameters = {"profile": profile, "run_dir": str(run_dir), **pipeline_inputs(run_dir, corpus, dialogs, stages),
-                  **(params or {})}
+                  **params}
     (run_dir / "notebooks").mkdir(exist_ok=True)
     for stage, name in STAGES.items():
         notebook = HERE / "notebooks" / f"{name}.ipynb"
@@ -96,5 +151,6 @@ def run_pipeline(profile: str | None = None, run_dir=None, corpus=None, dialogs=
         started = time.time()
         print(f"== {name} ==", flush=True)
         run_notebook(notebook, run_dir / "notebooks" / f"{name}.ipynb", parameters, log_output)
-        print(f"== {name} done in {time.time() - started:.0f}s ==", flush=True)
+        folder = Path(parameters.get("out_dir") or run_dir / stage)
+        print(f"== {name} done in {duration(time.time() - started)}: {stage_status(folder)} ==", flush=True)
     return run_dir

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import write_file
+from .common import read_json, stage_status, write_file
 from .train import read_log
 
 
@@ -74,3 +74,61 @@ def plot_losses(logs: dict, out_png=None, show: bool = True):
         ax.legend()
     fig.tight_layout()
     return finish_figure(fig, out_png, show)
+
+
+# -----------------------------------------------------------------------------
+# Tables that fit the page
+
+class Table:
+    """Rows (dicts) shown as a table: in a notebook or its saved HTML the columns share the page, long cells
+    wrap (an unbroken one too) and a newline in a cell is a line break; in a terminal or a pipeline's log,
+    plain text with each cell cut short."""
+
+    def __init__(self, rows: list[dict], columns: list[str] | None = None):
+        self.rows = list(rows)
+        self.columns = columns or list(dict.fromkeys(k for r in self.rows for k in r))
+
+    def cell(self, row: dict, column: str) -> str:
+        value = row.get(column, "")
+        return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+    def _repr_html_(self) -> str:
+        import html
+
+        style = ("<style>table.pocketgpt{table-layout:auto;max-width:100%}table.pocketgpt th,table.pocketgpt td"
+                 "{text-align:left;vertical-align:top;white-space:pre-wrap;overflow-wrap:anywhere;max-width:40em}</style>")
+        head = "".join(f"<th>{html.escape(c)}</th>" for c in self.columns)
+        body = "\n".join("<tr>" + "".join(f"<td>{html.escape(self.cell(r, c))}</td>" for c in self.columns) + "</tr>"
+                         for r in self.rows)
+        return f"{style}<table class=\"pocketgpt\"><thead><tr>{head}</tr></thead><tbody>\n{body}\n</tbody></table>"
+
+    def __repr__(self) -> str:
+        cut = lambda text: text.replace("\n", " / ")[:70] + ("..." if len(text) > 70 else "")  # noqa: E731
+        cells = [[cut(c) for c in self.columns]] + [[cut(self.cell(r, c)) for c in self.columns] for r in self.rows]
+        widths = [max(len(row[i]) for row in cells) for i in range(len(self.columns))]
+        return "\n".join("  ".join(text.ljust(w) for text, w in zip(row, widths)).rstrip() for row in cells)
+
+
+def table(rows, columns: list[str] | None = None) -> Table:
+    """A notebook's table: rows (dicts), or a dict shown as measure / value rows."""
+    if isinstance(rows, dict):
+        rows = [{"measure": k, "value": v} for k, v in rows.items()]
+    return Table(rows, columns)
+
+
+def metrics_rows(stage_dir) -> list[dict]:
+    """A training stage's metrics.json as a small table: how it ended, and its key numbers."""
+    m = read_json(Path(stage_dir) / "metrics.json")
+    numbers = [("how it ended", stage_status(stage_dir)), ("steps", f"{m['steps']:,} of {m['max_steps']:,}"),
+               ("tokens trained on", f"{m['tokens']:,}"), ("final train loss", m.get("final_train_loss")),
+               ("final val loss", m.get("final_val_loss")),
+               ("tokens/s (median of the log rows)", f"{m['tokens_per_s']:,.0f}" if m.get("tokens_per_s") else None),
+               ("MFU", f"{m['mfu']:.1%}" if m.get("mfu") else None), ("precision", m["precision"]),
+               ("device", f"{m['device']}, {m['processes']} process(es)"), ("hours, all sessions", f"{m['hours']:.3f}"),
+               ("epochs of the training data", f"{m['epochs']:.2f}" if "epochs" in m else None)]
+    if m.get("preference"):
+        p = m["preference"]
+        numbers += [("preference phase: steps", f"{p['steps']:,} of {p['max_steps']:,}"),
+                    ("preference phase: final val loss", p.get("final_val_loss")),
+                    ("exported model", m.get("exported_model"))]
+    return [{"measure": k, "value": f"{v:.4f}" if isinstance(v, float) else v} for k, v in numbers if v is not None]

@@ -105,9 +105,14 @@ def test_report_card_has_every_number(run):
     assert 0 < m["pretrain_bits_per_byte"] < 8
     assert m["sft_response_loss"] < m["pretrain_response_loss"]  # SFT taught the response format
     answers = pg.read_json(run / "export" / "answers.json")
-    assert m["greedy_eos_share"] == sum(a["greedy_eos"] for a in answers) / len(answers)
-    assert m["sampled_distinct2"] == distinct_n([a["sampled"] for a in answers])
     report = (run / "export" / "report.md").read_text()
+    # each answer measure once, with the rows it stands on: the quality table's, never the few example answers'
+    assert "answers ending with <|eos|> (sampled / greedy)" not in report and "greedy_eos_share" not in m
+    assert report.count("answers that end with <\\|eos\\|>, greedy") == 1
+    assert f"## Answer quality on {m['quality']['SFT']['rows']} held-out instructions" in report
+    card = (run / "export" / "pocketGPT" / "README.md").read_text()
+    assert f"(greedy, {m['quality']['SFT']['rows']} held-out instructions) | {m['quality']['SFT']['greedy_eos_share']:.0%}" in card
+    assert all(isinstance(a["greedy_eos"], bool) for a in answers)  # the examples say, each, whether they ended
     for text in ["pretrain val loss", "response loss before / after SFT", "What is a tensor?", "losses.png"]:
         assert text in report
     assert [a["instruction"] for a in answers][-1] == "What is a tensor?"

@@ -67,7 +67,7 @@ def check_readable(nb_path):
     assert all(src.startswith("data:image/") for src in sources), [s[:60] for s in sources if not s.startswith("data:")]
 
 
-def test_pipeline_runs_all_four_notebooks(demo_data, tmp_path, monkeypatch):
+def test_pipeline_runs_all_four_notebooks(demo_data, tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("TQDM_DISABLE", raising=False)  # the notebooks show their progress, as for a user
     params = {**TINY, "max_steps": 40, "epochs": 1, "prompts": ["What is a tensor?"], "preference": "self"}
     run = pg.run_pipeline("demo", tmp_path / "run", demo_data / "corpus.txt", demo_data / "dialogs.csv", params,
@@ -91,9 +91,21 @@ def test_pipeline_runs_all_four_notebooks(demo_data, tmp_path, monkeypatch):
     assert pg.read_json(run / "sft" / "metrics.json")["preference"]["finished"]
     # the report card in 04 renders: its tables and both figures (not links relative to the export folder)
     html = (run / "notebooks" / "04_eval_export.html").read_text()
-    assert html.count("data:image/png;base64") >= 4 and "answers ending with" in html
+    assert html.count("data:image/png;base64") >= 4 and "answers that end with" in html
     export = pg.read_json(run / "export" / "metrics.json")
     assert export["exported_model"] == "SFT + DPO" and set(export["quality"]) == {"pretrained", "SFT", "SFT + DPO"}
+    # how each stage ended, where the user looks: the pipeline's line per stage, the notebook, the report card
+    out = capsys.readouterr().out
+    assert "== 02_pretrain done in " in out and ": finished: 40 steps ==" in out
+    assert "finished: the SFT phase " in out and ", the preference phase " in out
+    assert ("02_pretrain", "finished: 40 steps") in pg.report_rows(export)
+    nb02 = nbformat.read(str(run / "notebooks" / "02_pretrain.ipynb"), as_version=4)
+    assert "finished: 40 steps" in "".join(o.get("text", "") for c in nb02.cells for o in c.get("outputs", []))
+    assert 'class="pocketgpt"' in (run / "notebooks" / "03_sft.html").read_text()  # tables that wrap
+    # 04 is not silent while it answers hundreds of held-out instructions: a few progress lines, with time left
+    nb04 = "".join(o.get("text", "") for c in nbformat.read(str(run / "notebooks" / "04_eval_export.ipynb"),
+                                                             as_version=4).cells for o in c.get("outputs", []))
+    assert "SFT: greedy answers: 100%" in nb04 and " left" in nb04
 
 
 def test_a_failing_stage_stops_the_pipeline_with_stage_cell_and_error(demo_data, tmp_path):
@@ -160,3 +172,80 @@ def test_ci_runs_exactly_the_readmes_set_up_and_test_commands():
     assert ci == block
     assert any("pip install -r requirements.txt -r requirements-dev.txt" in line for line in block)
     assert any(line.startswith("HF_HUB_OFFLINE=1") and "pytest" in line for line in block)
+
+
+# --- a newcomer's first hour ------------------------------------------------------------------------
+
+def test_relative_paths_mean_what_they_mean_where_they_were_typed(demo_data, tmp_path):
+    """`pipeline --corpus mydata/corpus.txt` from the user's folder: the notebooks run in notebooks/, where
+    that path means nothing; every path given is made absolute where it was typed."""
+    import shutil
+    import subprocess
+    import sys
+
+    (tmp_path / "mydata").mkdir()
+    for name in ["corpus.txt", "dialogs.csv"]:
+        shutil.copy(demo_data / name, tmp_path / "mydata" / name)
+    cmd = [sys.executable, str(HERE / "pocketgpt_utils.py"), "pipeline", "--profile", "demo", "--run-dir", "myrun",
+           "--corpus", "mydata/corpus.txt", "--dialogs", "mydata/dialogs.csv", "--stages", "tokenizer",
+           "-p", "vocab_size", "512", "-p", "out_dir", "myrun/tok"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = pg.read_json(tmp_path / "myrun" / "tok" / "manifest.json")
+    assert manifest["inputs"]["corpus"]["path"] == str(tmp_path / "mydata" / "corpus.txt")
+    assert "== 01_tokenizer done in " in proc.stdout and ": finished ==" in proc.stdout
+
+
+def test_a_misspelled_parameter_stops_before_any_kernel_with_the_closest_names(tmp_path, capsys):
+    argv = ["pipeline", "--profile", "demo", "--run-dir", str(tmp_path / "run"), "-p", "max_step", "3000"]
+    assert pg.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "-p max_step: no notebook takes it; did you mean max_steps (02_pretrain)" in err and "Nothing was run" in err
+    assert not (tmp_path / "run").exists()  # no run folder, no notebook, no kernel
+    assert pg.main(["pipeline", "--profile", "demo", "--run-dir", str(tmp_path / "run"), "--stages", "sft",
+                    "-p", "n_layer", "2"]) == 1
+    assert "-p n_layer: only 02_pretrain takes it, and --stages sft does not run it" in capsys.readouterr().err
+    assert pg.main(["stage", "pretrain", "--profile", "demo", "-p", "max_step", "3"]) == 1
+    assert "PretrainConfig takes no parameter max_step (max_step: did you mean max_steps" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_every_notebook_parameter_reaches_its_stage(path):
+    """A parameter a notebook declares but does not pass on would be dropped in silence: each one is a field of
+    its stage's config and goes into make_config (profile, run_dir and seed included)."""
+    import dataclasses
+
+    nb = nbformat.read(str(path), as_version=4)
+    i = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
+    declared = {t.id for node in ast.parse(nb.cells[i].source).body for t in node.targets}
+    call = next(n for n in ast.walk(ast.parse(nb.cells[i + 1].source))
+                if isinstance(n, ast.Call) and getattr(n.func, "attr", "") == "make_config")
+    passed = {k.arg for k in call.keywords} | {"profile"}
+    config = getattr(pg, call.args[0].attr)
+    assert declared == passed, (declared ^ passed)
+    assert declared <= {f.name for f in dataclasses.fields(config)}
+
+
+def test_help_and_a_misspelled_parameter_answer_without_importing_torch(tmp_path):
+    """The command line's help and its checks come before the heavy imports: a fresh process answers them
+    with neither torch nor papermill loaded."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nsys.path.insert(0, sys.argv[1])\nfrom pocketgpt.cli import main\n"
+            "try:\n    main(['pipeline', '--help'])\nexcept SystemExit:\n    pass\n"
+            "rc = main(['pipeline', '--profile', 'demo', '--run-dir', sys.argv[2], '-p', 'max_step', '3000'])\n"
+            "print(rc, 'torch' in sys.modules, 'papermill' in sys.modules, 'transformers' in sys.modules)\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(HERE), str(tmp_path / "run")], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.stdout.strip().splitlines()[-1] == "1 False False False", proc.stdout + proc.stderr
+    assert "every format" in proc.stdout or ".jsonl/.json, .parquet" in proc.stdout  # --corpus: what the README says
+    assert "did you mean max_steps" in proc.stderr
+
+
+def test_a_table_fits_the_page_long_cells_wrap_and_newlines_break_lines():
+    t = pg.table([{"instruction": "Explain dropout.", "after": "line one\nline two " + "x" * 300}])
+    html = t._repr_html_()
+    assert "white-space:pre-wrap" in html and "overflow-wrap:anywhere" in html
+    assert "line one\nline two" in html and "\\n" not in html  # a newline shown as a line break, not as \n
+    assert "line one / line two" in repr(t) and len(repr(t).splitlines()[1]) < 100  # the terminal's: cut short

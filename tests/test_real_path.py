@@ -339,6 +339,10 @@ def test_a_budget_that_binds_in_either_phase_leaves_a_model_04_uses_and_a_rerun_
                                                 tokenizer_dir=str(tokenizer_stage), pretrain_dir=str(pretrained)))
     report = pg.read_json(export / "metrics.json")
     assert report["exported_model"] == "SFT" and set(report["quality"]) == {"pretrained", "SFT"}
+    where = "" if phase == "sft" else " in the preference phase"
+    said = f"stopped by its time budget at step {stopped['steps']:,} of {stopped['max_steps']:,}{where}"
+    assert pg.stage_status(out).startswith(said) and "run 03_sft again with resume_from='auto'" in pg.stage_status(out)
+    assert ("03_sft", pg.stage_status(out)) in pg.report_rows(report)  # the report card says so, with the way on
     assert torch.equal(pg.load_model(export / "pocketGPT").transformer.wte.weight, sft_model.transformer.wte.weight)
     # the next session, with a plan that ends soon after the stop: the rest of the interrupted phase (and, after
     # the SFT phase, the whole preference phase)
@@ -399,8 +403,7 @@ def test_the_export_killed_at_a_random_moment_is_redone_whole_by_a_rerun(tokeniz
     assert not (tmp_path / "export" / "manifest.json").exists()
     run_stage("export", 1, params(tmp_path / "export"))
     ref, again = (pg.read_json(tmp_path / d / "metrics.json") for d in ("ref", "export"))
-    for k in ["pretrain_val_loss", "sft_val_loss", "pretrain_response_loss", "sft_response_loss", "quality",
-              "greedy_eos_share", "sampled_distinct2"]:
+    for k in ["pretrain_val_loss", "sft_val_loss", "pretrain_response_loss", "sft_response_loss", "quality", "status"]:
         assert again[k] == ref[k], k
     assert (tmp_path / "export" / "pocketGPT.zip").read_bytes()[:4] == b"PK\x03\x04"
     assert not (tmp_path / "export.partial").exists()
