@@ -44,6 +44,7 @@ def parser() -> argparse.ArgumentParser:
     st.add_argument("name", choices=list(STAGES))
     st.add_argument("--profile", choices=sorted(PROFILES), help="default: t4 on a GPU, demo on a CPU")
     st.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"))
+    st.add_argument("--config", help="the whole configuration as JSON (what a notebook's launch hands its workers)")
     c = sub.add_parser("chat", help="talk to an exported model (its folder or a .gguf) in the terminal")
     c.add_argument("path", help="04's export folder, its pocketGPT/ folder, or a pocketGPT-*.gguf")
     c.add_argument("--prompt", help="answer this one instruction and exit (for scripts)")
@@ -106,7 +107,10 @@ def stage_command(args) -> None:
     from .pipeline import parse_value
 
     cls, module, function = STAGE_RUNNERS[args.name]
-    cfg = config.make_config(getattr(config, cls), args.profile, **{k: parse_value(v) for k, v in args.param})
+    if args.config:  # handed over whole by launch(): every field as the notebook resolved it
+        cfg = getattr(config, cls)(**json.loads(open(args.config, encoding="utf-8").read())["config"])
+    else:
+        cfg = config.make_config(getattr(config, cls), args.profile, **{k: parse_value(v) for k, v in args.param})
     note = launcher_mismatch()
     if note and is_main_process():
         print(f"note: {note}", flush=True)

@@ -108,6 +108,7 @@ class TrainConfig(StageConfig):
     learning_rate: float = 6e-4           # AdamW's peak (embeddings, biases, norms; every weight with adamw)
     muon_lr: float = 1.2e-3               # Muon's peak, scaled per matrix to AdamW's update size (match_rms_adamw)
     muon_split_qkv: bool = True           # Muon orthogonalizes GPT-2's fused Q|K|V as three blocks (measured better)
+    newton_schulz: str = "auto"           # Muon's Newton-Schulz: auto (bf16 where native, else fp32) | bf16 | fp32
     min_lr: float = 6e-5                  # the end of the schedule (Muon's ends at the same fraction of its peak)
     schedule: str = "wsd"                 # wsd: warmup, constant, then a linear decay; cosine: warmup, then cosine
     decay_fraction: float = 0.2           # wsd: the share of max_steps spent decaying
@@ -120,6 +121,7 @@ class TrainConfig(StageConfig):
     precision: str = "auto"               # auto | fp32 | bf16 | fp16
     compile: str | bool = "auto"          # auto = on a GPU
     log_with: str | list | None = None    # accelerate's trackers to send every log row to: tensorboard, wandb, trackio, ...
+    processes: int | None = None          # None: one per GPU here (one on a CPU); a number: that many (CPUs: over gloo)
     weight_decay: float = 0.1
     grad_clip: float = 1.0
 
@@ -169,6 +171,8 @@ def check_trackers(log_with) -> None:
 def check_training_params(cfg) -> None:
     if cfg.log_with:
         check_trackers(cfg.log_with)
+    if cfg.processes is not None and not (isinstance(cfg.processes, int) and cfg.processes >= 1):
+        raise PocketGPTError(f"processes={cfg.processes!r}: use None (one per GPU here) or a positive number.")
     for name in ["batch_size", "grad_accum_steps", "log_interval", "eval_interval"]:
         if int(getattr(cfg, name)) < 1:
             raise PocketGPTError(f"{name}={getattr(cfg, name)} must be a positive integer.")
@@ -178,6 +182,8 @@ def check_training_params(cfg) -> None:
         raise PocketGPTError(f"precision={cfg.precision!r}: use 'auto', 'fp32', 'bf16' or 'fp16'.")
     if not 0 < cfg.max_hours:
         raise PocketGPTError(f"max_hours={cfg.max_hours} must be positive.")
+    if cfg.newton_schulz not in ("auto", "bf16", "fp32"):
+        raise PocketGPTError(f"newton_schulz={cfg.newton_schulz!r}: use 'auto', 'bf16' or 'fp32'.")
     if cfg.optimizer not in ("muon", "adamw"):
         raise PocketGPTError(f"optimizer={cfg.optimizer!r}: use 'muon' or 'adamw'.")
     if cfg.schedule not in ("wsd", "cosine"):

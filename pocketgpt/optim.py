@@ -1,6 +1,6 @@
 """Optimizers and the learning-rate schedule: Muon for the blocks' matrices, AdamW for the rest; WSD or cosine.
 
-Imports: nothing of the package (pure functions of a step and a config).
+Imports: device (the precision of Newton-Schulz).
 """
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import math
 
 import torch
 from torch import nn
+
+from .device import newton_schulz_precision
 
 
 def lr_at(step: int, cfg, max_steps: int | None = None, warmup_steps: int | None = None) -> float:
@@ -33,11 +35,13 @@ def lr_at(step: int, cfg, max_steps: int | None = None, warmup_steps: int | None
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
 
 
-def orthogonalize(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
-    """Newton-Schulz: g's nearest semi-orthogonal matrix, roughly (U S' V^T with S' ~ 1), in bf16.
+def orthogonalize(g: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Newton-Schulz: g's nearest semi-orthogonal matrix, roughly (U S' V^T with S' ~ 1), in `dtype`.
 
-    The quintic iteration and coefficients of torch.optim.Muon (Keller Jordan's), in public ops."""
-    x = g.bfloat16()
+    The quintic iteration and coefficients of torch.optim.Muon (Keller Jordan's), in public ops. bf16 as
+    torch's, where the device computes it natively; fp32 elsewhere (device.newton_schulz_dtype): a T4 only
+    emulates bf16, and fp16 is known to be unstable for this iteration."""
+    x = g.to(dtype)
     if g.size(0) > g.size(1):
         x = x.T
     x = x / x.norm().clamp(min=1e-7)
@@ -57,9 +61,9 @@ class Muon(torch.optim.Optimizer):
     HF's Conv1D (in x out) layout needs no special case."""
 
     def __init__(self, params, lr: float, weight_decay: float = 0.0, momentum: float = 0.95, nesterov: bool = True,
-                 split_qkv: bool = True):
+                 split_qkv: bool = True, newton_schulz: str = "bf16"):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
-                                      split_qkv=split_qkv))
+                                      split_qkv=split_qkv, newton_schulz=newton_schulz))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -71,11 +75,13 @@ class Muon(torch.optim.Optimizer):
                 buf.lerp_(p.grad, 1 - group["momentum"])
                 update = p.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
                 long = int(p.size(1) >= p.size(0))
+                # a checkpoint from before the choice ran bf16; a resumed run keeps the precision it started with
+                dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[group.get("newton_schulz", "bf16")]
                 if group["split_qkv"] and p.size(long) == 3 * p.size(1 - long):  # Q|K|V side by side
-                    update = torch.cat([orthogonalize(b) for b in update.chunk(3, dim=long)], dim=long)
+                    update = torch.cat([orthogonalize(b, dtype=dtype) for b in update.chunk(3, dim=long)], dim=long)
                     scale = 0.2 * p.size(1 - long) ** 0.5  # each block is square
                 else:
-                    update, scale = orthogonalize(update), 0.2 * max(p.shape) ** 0.5
+                    update, scale = orthogonalize(update, dtype=dtype), 0.2 * max(p.shape) ** 0.5
                 p.mul_(1 - group["lr"] * group["weight_decay"])
                 p.add_(update, alpha=-group["lr"] * scale)
 
@@ -96,7 +102,8 @@ def make_optimizers(model, cfg, device) -> list:
         [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": cfg.weight_decay},
          {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}],
         lr=cfg.learning_rate, betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda")
-    muon = Muon(hidden, lr=cfg.muon_lr, weight_decay=cfg.weight_decay, split_qkv=cfg.muon_split_qkv) if hidden else None
+    muon = Muon(hidden, lr=cfg.muon_lr, weight_decay=cfg.weight_decay, split_qkv=cfg.muon_split_qkv,
+                newton_schulz=newton_schulz_precision(cfg.newton_schulz, device)) if hidden else None
     optimizers = [adamw] + ([muon] if muon else [])
     for opt in optimizers:
         for group in opt.param_groups:

@@ -46,6 +46,7 @@ from .model import LMLoss, count_params, flops_per_token
 from .optim import lr_at, make_optimizers, set_lr
 from .tokenizer import save_tokenizer
 
+STARTED = "processes train together"  # what launch() waits to see before a failure is no longer a start-up one
 PLAN_PROBE_STEPS = (5, 20)  # max_steps="auto" times this session's steps 6..20, then plans
 FP16_MAX_SKIPS_IN_A_ROW = 25  # GradScaler halves its scale at each skip: 25 in a row means the run diverged
 LOG_COLUMNS = ["step", "tokens", "train_loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "mfu", "elapsed_s",
@@ -312,6 +313,9 @@ def train(model, train_data, val_batches, cfg, work: Path, budget: Budget | None
     auto = max_steps == "auto"  # this session plans max_steps to what fits its budget, decay included
     run, state = start_run(model, train_data, cfg, work, resume, stage, loss_module, max_steps, precision)
     acc, loss_fn, units = run.acc, run.loss_fn, run.loss_module.units
+    if run.newton_schulz and state.step == 0:  # the precision Muon orthogonalizes in, said once per run
+        run.say(f"Muon: Newton-Schulz in {run.newton_schulz}" + (" (this device has no native bf16)"
+                                                                  if run.newton_schulz == "fp32" else ""))
     budget.begin()
     session_started, first_step, hours_before = time.time(), state.step, state.hours
     val_tokens = sum(int((y != -100).sum()) for _, y in val_batches)
@@ -319,6 +323,7 @@ def train(model, train_data, val_batches, cfg, work: Path, budget: Budget | None
     if state.window:  # a checkpoint taken mid-window
         window.restore(state.window, acc.is_main_process)
     last_ckpt, session_tokens, skips_in_a_row = time.time(), 0, 0
+    said_plan = state.max_steps or 0  # the plan the last plan line gave
     scale = run.scaler.get_scale() if run.scaler.is_enabled() else None
     stop_reason, lr = "max_steps", lr_at(state.step, cfg, state.max_steps, warmup_steps)
 
@@ -341,7 +346,9 @@ def train(model, train_data, val_batches, cfg, work: Path, budget: Budget | None
                                                   time.time() - last_ckpt > cfg.checkpoint_minutes * 60, behind)
             if behind and not out_of_time:  # slower than planned: end sooner, still on a decayed last step
                 state.max_steps = bar.total = run.plan(budget, state.step, val_tokens)
-                run.say(f"re-planned: {plan_line(budget, state, cfg)}")
+                if state.max_steps < 0.95 * said_plan:  # a line when the plan has moved, not at every small step
+                    said_plan = state.max_steps
+                    run.say(f"re-planned: {plan_line(budget, state, cfg)}")
             if out_of_time:
                 stop_reason = "time_budget"
                 break
@@ -358,12 +365,14 @@ def train(model, train_data, val_batches, cfg, work: Path, budget: Budget | None
             loss, stats, grad_norm, real = train_step(acc, loss_fn, run.optimizers, run.scaler, batches, cfg.grad_clip,
                                                       run.precision)
             state.step += 1
+            if state.step == first_step + 1 and acc.num_processes > 1:  # past the process group's first all-reduce
+                run.say(f"{stage}: {acc.num_processes} {STARTED}")
             window.add(loss, stats, real)
             session_tokens += real
             bar.update(1)
             # max_steps="auto": the plan, once this session's first steps are timed
             if auto and state.max_steps is None and budget.probe(state.step, first_step, session_tokens, acc):
-                state.max_steps = bar.total = run.plan(budget, state.step, val_tokens)
+                state.max_steps = bar.total = said_plan = run.plan(budget, state.step, val_tokens)
                 run.say(plan_line(budget, state, cfg))
             # fp16: the GradScaler's scale drops exactly when it skipped the step (one GPU sync per step, fp16 only)
             if scale is not None:
@@ -463,6 +472,8 @@ class Run:
         self.cfg, self.stage, self.work, self.precision, self.compiled = cfg, stage, work, precision, compiled
         self.columns = LOG_COLUMNS + list(loss_module.stat_names)
         self.flops, peak = flops_per_token(model), peak_flops(acc.device, precision)
+        self.newton_schulz = next((g.get("newton_schulz", "bf16") for o in optimizers for g in o.param_groups
+                                   if "split_qkv" in g), None)  # Muon's groups; None without Muon
         self.peak = peak * acc.num_processes if peak else None
 
     def say(self, line: str) -> None:
@@ -591,6 +602,7 @@ def final_numbers(run: Run, state: RunState, window: LogWindow, auto: bool, stop
             "processes": run.acc.num_processes, "stop_reason": stop_reason,
             "finished": state.max_steps is not None and state.step >= state.max_steps, "hours": state.hours,
             "max_steps": state.max_steps, "planned": auto, "optimizers": run.kinds,
+            "newton_schulz": run.newton_schulz,
             "session_hours": (time.time() - session_started) / 3600, "session_steps": state.step - first_step,
             "is_main_process": run.acc.is_main_process, "model": run.model}
 

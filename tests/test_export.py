@@ -221,7 +221,7 @@ def test_llama_cpp_chat_formats_with_the_template_the_gguf_carries(run, llama_ru
     from llama_cpp import Llama
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-    folder, tok = run / "export" / "pocketGPT", pg.load_tokenizer(run / "export" / "pocketGPT")
+    tok = pg.load_tokenizer(run / "export" / "pocketGPT")
     want = list(tok.apply_chat_template(CONVERSATION, add_generation_prompt=True, tokenize=True, return_dict=False))
     for row in pg.read_json(run / "export" / "metrics.json")["gguf"]:
         assert row["verify"]["chat_template"] and row["verify"]["chat_prompt_ids_equal"]  # 04's own check

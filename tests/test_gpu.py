@@ -156,19 +156,20 @@ def test_a_gpu_trained_model_exports_and_the_seeds_code_runs_it_on_the_cpu(token
 
 LAUNCH_CELLS = r'''
 import json, sys
-import ipykernel  # noqa: F401  (in a notebook's kernel pg.launch starts one process per GPU)
+import ipykernel  # noqa: F401  (a notebook's kernel)
 import torch
 import pocketgpt_utils as pg
 cfg = pg.make_config(pg.PretrainConfig, "demo", **json.loads(sys.argv[1]))
 pg.describe_pretrain(cfg)  # the cell before the launch, as in 02
-assert not torch.cuda.is_initialized(), "CUDA started before pg.launch: notebook_launcher could not fork"
+torch.zeros(1).cuda()  # what the image, an import or an earlier cell may do: the fork of notebook_launcher failed here
+assert torch.cuda.is_initialized()
 pg.launch(pg.run_pretrain_stage, cfg)
 '''
 
 
-def test_launch_in_a_notebook_trains_on_every_gpu(tokenizer_stage, tmp_path):
-    """02's two cells in a fresh process that has a notebook's kernel loaded: nothing touches CUDA before
-    pg.launch, which uses notebook_launcher on several GPUs (Kaggle's T4 x2) and calls the stage on one."""
+def test_launch_from_a_kernel_that_has_initialised_cuda_trains_on_every_gpu(tokenizer_stage, tmp_path):
+    """02's cells in a fresh process with a notebook's kernel loaded and CUDA already initialised (Kaggle's
+    "Cannot re-initialize CUDA in forked subprocess"): pg.launch starts fresh processes, one per GPU."""
     pytest.importorskip("ipykernel")
     params = {k: v for k, v in TINY.items() if k != "vocab_size"}
     params.update(tokenizer_dir=str(tokenizer_stage), run_dir=str(tmp_path), max_steps=20, eval_windows=16,
@@ -179,7 +180,7 @@ def test_launch_in_a_notebook_trains_on_every_gpu(tokenizer_stage, tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     m = pg.read_json(tmp_path / "pretrain" / "metrics.json")
     assert m["finished"] and m["processes"] == torch.cuda.device_count()
-    assert torch.cuda.get_device_name(0) in m["device"]
+    assert torch.cuda.get_device_name(0) in m["device"] and "fork" not in proc.stdout + proc.stderr
 
 
 def test_a_batch_too_large_for_the_gpu_says_what_to_lower(tokenizer_stage, tmp_path):

@@ -424,3 +424,25 @@ def test_a_launcher_that_starts_fewer_processes_than_asked_is_said(tokenizer_sta
         said = "note: the launcher was asked for 2 processes (--num_processes 2) and started 1" in proc.stdout
         assert said == (processes == 1), proc.stdout[-2000:]
         assert proc.stdout.count("done: ") == 1  # rank 0 alone reports
+
+
+def test_newton_schulz_runs_in_fp32_on_a_gpu_without_native_bf16(tokenizer_stage, tmp_path, monkeypatch, capsys):
+    """A T4 only emulates bf16: Muon orthogonalizes in fp32 there, bf16 from compute capability 8.0 (and on a
+    CPU, where bf16 measured faster); the run says which in its log and metrics."""
+    import pocketgpt.device as device
+
+    cfg = pg.make_config(pg.PretrainConfig, "demo", run_dir="/tmp/unused", **{k: v for k, v in TINY.items() if k != "vocab_size"})
+    model = build_model(TINY["vocab_size"], cfg)
+    assert make_optimizers(model, cfg, torch.device("cpu"))[1].param_groups[0]["newton_schulz"] == "bf16"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 5))  # a T4
+    assert device.newton_schulz_precision("auto", torch.device("cuda")) == "fp32"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))  # an H100
+    assert device.newton_schulz_precision("auto", torch.device("cuda")) == "bf16"
+    monkeypatch.undo()
+    g = torch.randn(32, 96)
+    q = orthogonalize(g, dtype=torch.float32)
+    assert q.dtype == torch.float32 and not torch.equal(q, orthogonalize(g).float())  # fp32's rounding, not bf16's
+    capsys.readouterr()
+    out = pg.run_pretrain_stage(pretrain_cfg(tokenizer_stage, tmp_path, max_steps=4, newton_schulz="fp32"))
+    assert pg.read_json(out / "metrics.json")["newton_schulz"] == "fp32"
+    assert "Muon: Newton-Schulz in fp32 (this device has no native bf16)" in capsys.readouterr().out
