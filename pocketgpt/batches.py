@@ -6,6 +6,7 @@ Imports: common, tokenizer.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +52,14 @@ class TokenWindows:
         """Inputs and targets (the same tokens moved by one) of the windows numbered idx."""
         rows = np.stack([self.data[i * self.T:i * self.T + self.T + 1] for i in idx]).astype(np.int64)
         return torch.from_numpy(rows[:, :-1].copy()), torch.from_numpy(rows[:, 1:].copy())
+
+    def epochs_done(self) -> float:
+        """Passes over the training windows so far (1.5: one and a half)."""
+        return self.epoch + self.index / self.n
+
+    def steps_for(self, epochs: float, accum: int) -> int:
+        """Optimizer steps that take `epochs` passes over the windows (global batches of B per process)."""
+        return max(1, math.ceil(epochs * self.n / (self.B * self.world * accum)))
 
     def state(self) -> dict:
         return {"epoch": self.epoch, "index": self.index}
@@ -133,6 +142,10 @@ class DialogBatches:
         if self.index == len(self.batches()):
             self.epoch, self.index = self.epoch + 1, 0
         return self.collate(idx[self.rank::self.world])
+
+    def epochs_done(self) -> float:
+        """Passes over the training rows so far."""
+        return self.epoch + self.index / len(self)
 
     def state(self) -> dict:
         return {"epoch": self.epoch, "index": self.index, "world": self.world}

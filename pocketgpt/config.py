@@ -139,10 +139,13 @@ class PretrainConfig(TrainConfig):
     n_embd: int = 384
     n_positions: int = 384
     eval_windows: int = 1024              # val windows in the fixed evaluation sample (all of val when it has fewer)
+    max_epochs: float = 4                 # max_steps="auto" plans no more passes over train.bin than this
 
     def __post_init__(self):
         super().__post_init__()
         check_model_shape(self)
+        if not self.max_epochs > 0:
+            raise PocketGPTError(f"max_epochs={self.max_epochs} must be positive (a large number: no limit).")
 
 
 def check_model_shape(cfg) -> None:
@@ -221,8 +224,8 @@ class SFTConfig(TrainConfig):
     preference: str | None = None         # a second phase, DPO: None (off); "self": the SFT model's own answers
                                           # as the rejected ones; or a file of prompt, chosen, rejected
     beta: float = 0.1                     # DPO: how far the tuned model may move from the SFT model (lower: farther)
-    rpo_alpha: float = 0.0                # DPO: plus this much of the chosen answers' NLL (RPO)
-    preference_learning_rate: float = 5e-5
+    rpo_alpha: float = 1.0                # DPO: plus this much of the chosen answers' NLL (RPO; 0: plain DPO)
+    preference_learning_rate: float = 1e-4  # with beta 0.1 and rpo_alpha 1: the best measured (README, Preference tuning)
     preference_epochs: float = 1
     preference_rows: int = 2000           # "self": pairs built from this many training prompts
 

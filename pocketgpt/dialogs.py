@@ -273,3 +273,15 @@ def chat_prompt_ids(tok, prompt) -> list[int]:
     *before, last = prompt_turns(prompt)
     turns = [i for ids, _ in dialog_ids(tok, list(zip(before[0::2], before[1::2]))) for i in ids] if before else []
     return [*turns, BOS_ID, *encode_text(tok, [chat_prompt(last).removeprefix("<|bos|>")])[0]]
+
+
+def distinct_n(texts, n: int = 2) -> float:
+    """Unique n-grams / all n-grams over the answers: low values mean the model repeats itself."""
+    grams = [tuple(w[i:i + n]) for t in texts for w in [t.split()] for i in range(len(w) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def repeated_ngram_share(words: list[str], n: int = 3) -> float:
+    """Share of an answer's n-grams that repeat an earlier one: "the layer of the layer of the layer" is high."""
+    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    return 1 - len(set(grams)) / len(grams) if grams else 0.0

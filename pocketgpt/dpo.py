@@ -10,12 +10,13 @@ import dataclasses
 import difflib
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .batches import PairBatches, eval_sample
-from .common import PAD_ID, PocketGPTError, is_main_process, read_json, world_size, write_json
+from .common import EOS_ID, PAD_ID, PocketGPTError, is_main_process, read_json, world_size, write_json
 from .data import split_of
 from .dialogs import (
     CHAT_ROLES,
@@ -25,6 +26,7 @@ from .dialogs import (
     dialog_key,
     encode_dialogs,
     message_parts,
+    repeated_ngram_share,
     table_rows,
 )
 from .model import generate_many
@@ -212,12 +214,62 @@ def run_preference_phase(cfg, sft_model, tok, dialogs, work: Path, resume_dir: P
                                min_lr=cfg.preference_learning_rate / 10, weight_decay=0.0)
     policy = copy.deepcopy(sft_model).train()
     resume = load_checkpoint(resume_dir / "preference") if resume_dir and (resume_dir / "preference" / "ckpt.pt").is_file() else None
-    result = train(policy, train_data, PairBatches(val_rows, cfg.batch_size, cfg.seed).eval_batches(len(val_rows)), dcfg,
-                   folder, budget, resume, stop_at_step, stage="preference",
-                   loss_module=DPOLoss(policy, sft_model, cfg.beta, cfg.rpo_alpha), max_steps=steps,
-                   warmup_steps=max(1, steps // 10))
+    val_batches = PairBatches(val_rows, cfg.batch_size, cfg.seed).eval_batches(len(val_rows))
+    loss = DPOLoss(policy, sft_model, cfg.beta, cfg.rpo_alpha)
+    result = train(policy, train_data, val_batches, dcfg, folder, budget, resume, stop_at_step, stage="preference",
+                   loss_module=loss, max_steps=steps, warmup_steps=max(1, steps // 10))
     result.update(pairs=len(pairs), train_pairs=len(train_rows), val_pairs=len(val_rows),
                   skipped_near_identical=skipped, beta=cfg.beta, rpo_alpha=cfg.rpo_alpha,
-                  learning_rate=cfg.preference_learning_rate,
-                  source=cfg.preference)
+                  learning_rate=cfg.preference_learning_rate, source=cfg.preference,
+                  **heldout_pair_stats(loss, val_batches), **answers_against_reference(policy, sft_model, tok, val_rows))
+    result["warning"] = memorised_warning(result, cfg)
+    if result["warning"] and is_main_process():
+        print(f"warning: {result['warning']}", flush=True)
     return result
+
+
+def memorised_warning(stats: dict, cfg) -> str | None:
+    """What to say when the phase ranks (nearly) all its held-out pairs right while its answers got worse than
+    the SFT model's (fewer end with <|eos|>, or more repeat themselves): it learned the pairs, not better
+    answers (seen on other data: eos 65% -> 5%, repeated 3-grams 72% -> 97%, held-out DPO loss 0.005)."""
+    degraded = stats["heldout_eos_share_change"] <= -0.1 or stats["heldout_repeated_3gram_change"] >= 0.1
+    if stats["heldout_reward_accuracy"] < 0.95 or not degraded:
+        return None
+    return (f"the preference phase ranks {stats['heldout_reward_accuracy']:.0%} of its held-out pairs right while its "
+            f"greedy answers to their prompts got worse than the SFT model's (ending with <|eos|>: "
+            f"{stats['heldout_eos_share_change']:+.0%}, repeated 3-grams: {stats['heldout_repeated_3gram_change']:+.0%}): "
+            f"it learned its pairs, not better answers. Lower preference_learning_rate (now "
+            f"{cfg.preference_learning_rate}) or raise rpo_alpha (now {cfg.rpo_alpha}).")
+
+
+def answers_against_reference(policy, reference, tok, rows, n: int = 32) -> dict:
+    """Greedy answers of the tuned model and of the SFT model to (up to n of) the held-out pairs' prompts: the
+    change in the share that end with <|eos|> and in the share of repeated 3-grams (positive: more)."""
+    prompts = [ids[:labels.count(-100)] for (ids, labels), _ in rows[:n]]
+    measures = []
+    for model in (policy, reference):
+        new = generate_many(model, prompts, greedy=True)
+        texts = [tok.decode(ids, skip_special_tokens=True).split() for ids in new]
+        measures.append((float(np.mean([bool(ids) and ids[-1] == EOS_ID for ids in new])),
+                         float(np.mean([repeated_ngram_share(t) for t in texts]))))
+    (eos, repeats), (ref_eos, ref_repeats) = measures
+    return {"heldout_eos_share_change": eos - ref_eos, "heldout_repeated_3gram_change": repeats - ref_repeats}
+
+
+def heldout_pair_stats(loss: "DPOLoss", batches) -> dict:
+    """On the held-out pairs: the share the tuned model ranks right (its implicit reward), and how far the chosen
+    answers' per-token log-likelihood moved from the SFT model's (negative: the phase pushed them down)."""
+    device = next(loss.model.parameters()).device
+    right = moved = pairs = tokens = 0
+    was_training = loss.model.training
+    loss.model.eval()
+    with torch.no_grad():
+        for x, y in batches:
+            x, y = x.to(device), y.to(device)
+            n = x.size(0) // 2
+            policy, reference = answer_logprob(loss.model, x, y), answer_logprob(loss.reference, x, y)
+            chosen, rejected = policy[:n] - reference[:n], policy[n:] - reference[n:]
+            right += int((chosen > rejected).sum())
+            moved, tokens, pairs = moved + float(chosen.sum()), tokens + int((y[:n] != -100).sum()), pairs + n
+    loss.model.train(was_training)
+    return {"heldout_reward_accuracy": right / max(pairs, 1), "heldout_chosen_logprob_change": moved / max(tokens, 1)}

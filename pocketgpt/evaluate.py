@@ -2,7 +2,7 @@
 
 Owns: val loss, perplexity and bits per byte; the response loss; answer quality (ROUGE-L, eos share,
 repetition, distinct-2, length) of greedy and sampled answers; ask() for the notebook.
-Imports: common, tokenizer, model, batches, train, plots, dialogs.
+Imports: common, tokenizer, model, batches, train, plots, dialogs, dpo.
 """
 from __future__ import annotations
 
@@ -10,11 +10,13 @@ import math
 from pathlib import Path
 
 import numpy as np
+import torch
 from transformers import TextStreamer
 
-from .batches import DialogBatches, TokenWindows
+from .batches import DialogBatches, TokenWindows, pad_rows
 from .common import BOS_ID, EOS_ID, read_json, watched
-from .dialogs import chat_prompt_ids, encode_dialogs
+from .dialogs import chat_prompt_ids, distinct_n, encode_dialogs, repeated_ngram_share
+from .dpo import answer_logprob
 from .model import LMLoss, generate, generate_many, load_model
 from .plots import finish_figure
 from .tokenizer import encode_text, load_tokenizer
@@ -29,12 +31,6 @@ def sample_continuations(model_dir, prompts, max_new_tokens: int = 40) -> list[d
         ids = generate(model, tok, [BOS_ID, *encode_text(tok, [p])[0]], max_new_tokens)
         rows.append({"prompt": p, "continuation": tok.decode(ids, skip_special_tokens=True)})
     return rows
-
-
-def distinct_n(texts, n: int = 2) -> float:
-    """Unique n-grams / all n-grams over the answers: low values mean the model repeats itself."""
-    grams = [tuple(w[i:i + n]) for t in texts for w in [t.split()] for i in range(len(w) - n + 1)]
-    return len(set(grams)) / len(grams) if grams else 0.0
 
 
 def eval_val_split(model, tokenizer_dir, n_windows: int, batch_size: int = 8) -> dict:
@@ -75,12 +71,6 @@ def answer_table(model, tok, prompts, max_length: int = 384, seed: int = 1337) -
 QUALITY_ROWS = 256  # held-out dialogs answered per model (all of them where there are fewer)
 
 
-def repeated_ngram_share(words: list[str], n: int = 3) -> float:
-    """Share of an answer's n-grams that repeat an earlier one: "the layer of the layer of the layer" is high."""
-    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
-    return 1 - len(set(grams)) / len(grams) if grams else 0.0
-
-
 def answer_quality(model, tok, pairs, seed: int = 1337, name: str = "model") -> tuple[dict, list[dict]]:
     """How a model answers held-out instructions, against the reference answers: for greedy and sampled
     answers, ROUGE-L F1 (rouge-score; None where it is not installed), the share that end with <|eos|>,
@@ -91,7 +81,8 @@ def answer_quality(model, tok, pairs, seed: int = 1337, name: str = "model") -> 
     except ImportError:
         scorer = None
     prompts = [chat_prompt_ids(tok, p) for p, _ in pairs]
-    numbers = {"rows": len(pairs), "reference_words": float(np.mean([len(r.split()) for _, r in pairs]))}
+    numbers = {"rows": len(pairs), "reference_words": float(np.mean([len(r.split()) for _, r in pairs])),
+               **answer_ranking(model, tok, pairs)}
     answers = [{"instruction": p, "reference": r} for p, r in pairs]
     for mode in ["greedy", "sampled"]:
         new = generate_many(model, prompts, greedy=mode == "greedy", seed=seed, desc=f"{name}: {mode} answers")
@@ -109,8 +100,64 @@ def answer_quality(model, tok, pairs, seed: int = 1337, name: str = "model") -> 
     return numbers, answers
 
 
+RANKING_CANDIDATES = 8  # K: each question's own answer among 7 others; chance is 1/8
+
+
+def first_place_share(scores: np.ndarray) -> float:
+    """The share of rows (questions) whose column 0 (the true answer) scores highest; a tie at the top shares
+    the first place, so a model that scores every answer alike is at chance, 1/K, exactly."""
+    top = scores.max(axis=1, keepdims=True)
+    tied = (scores == top).sum(axis=1)
+    return float(np.mean(np.where(scores[:, 0] == top[:, 0], 1.0 / tied, 0.0)))
+
+
+def wilson_interval(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95% Wilson score interval of a share p measured on n items."""
+    centre, spread = (p + z * z / (2 * n)) / (1 + z * z / n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, centre - spread / (1 + z * z / n)), min(1.0, centre + spread / (1 + z * z / n))
+
+
+def answer_logprobs(model, tok, pairs, batch_size: int = 32) -> np.ndarray:
+    """Each (prompt, answer)'s mean per-token log-likelihood of its answer (and <|eos|>), as SFT encodes the row;
+    NaN where the prompt alone does not fit the context."""
+    index = []  # the pair each encoded row came from
+    _, rows, _ = encode_dialogs(tok, pairs, model.config.n_positions, "truncate", kept_index=index)
+    out = np.full(len(pairs), np.nan)
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))  # similar lengths together: little padding
+    with torch.no_grad():
+        for start in range(0, len(order), batch_size):
+            part = order[start:start + batch_size]
+            x, y = pad_rows([rows[i] for i in part])
+            x, y = x.to(model.device), y.to(model.device)
+            mean = answer_logprob(model, x, y) / (y != -100).sum(1).clamp(min=1)
+            for i, value in zip(part, mean.float().cpu().tolist()):
+                out[index[i]] = value
+    return out
+
+
+def answer_ranking(model, tok, pairs, k: int = RANKING_CANDIDATES, seed: int = 0) -> dict:
+    """Does the model prefer each question's own answer? For every held-out question, the mean per-token
+    log-likelihood of its reference answer against k-1 reference answers of other questions (other texts;
+    seeded, so every model is asked the same), and the share where its own ranks first, with a 95% interval.
+    A measure a small model moves when ROUGE-L of its generated answers does not."""
+    rng = np.random.default_rng(seed)
+    answers = [a for _, a in pairs]
+    k = min(k, len(set(answers)))
+    candidates = []
+    for i, (_, answer) in enumerate(pairs):
+        others = [j for j, other in enumerate(answers) if other != answer]
+        candidates.append([i, *rng.choice(others, size=k - 1, replace=False).tolist()])
+    scores = answer_logprobs(model, tok, [(pairs[i][0], answers[j]) for c in candidates for j in c]).reshape(-1, k)
+    scores = scores[~np.isnan(scores).any(axis=1)]  # a question whose prompt does not fit is left out
+    share = first_place_share(scores)
+    low, high = wilson_interval(share, len(scores))
+    return {"ranking_top1": share, "ranking_low": low, "ranking_high": high, "ranking_k": k,
+            "ranking_questions": len(scores), "ranking_chance": 1 / k}
+
+
 QUALITY_MEASURES = [  # key, label, format
     ("response_loss", "response loss on all held-out rows (lower is better)", "{:.3f}"),
+    ("ranking_top1", "its own answer ranked first of K by likelihood (95% interval; chance 1/K)", "{:.1%}"),
     ("greedy_rougeL", "ROUGE-L F1 against the reference, greedy", "{:.3f}"),
     ("sampled_rougeL", "ROUGE-L F1 against the reference, sampled", "{:.3f}"),
     ("greedy_eos_share", "answers that end with <|eos|>, greedy", "{:.0%}"),
@@ -132,6 +179,9 @@ def quality_table(quality: dict) -> list[dict]:
         for name, numbers in quality.items():
             value = numbers.get(key)
             row[name] = fmt.format(value) if value is not None else "skipped: pip install rouge-score"
+            if key == "ranking_top1" and value is not None:
+                row[name] += (f" ({numbers['ranking_low']:.1%}-{numbers['ranking_high']:.1%}; K={numbers['ranking_k']}, "
+                              f"{numbers['ranking_questions']} questions)")
         rows.append(row)
     reference = next(iter(quality.values()))
     rows.append({"measure": "words per reference answer", **{n: f"{reference['reference_words']:.1f}" for n in quality}})

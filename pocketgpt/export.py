@@ -176,11 +176,14 @@ def report_rows(r: dict) -> list[tuple[str, str]]:
     rows = [("hardware", r["device"]), ("parameters", f"{r['parameters']:,}"),
             ("exported model", r.get("exported_model", "SFT") + (
                 f" (preference={pref['source']!r}: {pref['pairs']:,} pairs, beta {pref['beta']}, "
-                f"{pref['steps']:,} steps)" if pref else "")),
+                f"{pref['steps']:,} steps)" if pref else "") + (f"; warning: {pref['warning']}" if pref and pref.get("warning")
+                                                                else "")),
             *[(f"{STAGES[s]}", status) for s, status in r.get("status", {}).items()],
             ("tokenizer", f"{r['vocab_size']:,} tokens, {r['bytes_per_token']:.2f} bytes/token on val"),
             ("time: tokenizer / pretrain / SFT", " / ".join(duration(r[f"{s}_minutes"] * 60) for s in ["tokenizer", "pretrain", "sft"])),
-            ("pretrain tokens seen", f"{r['pretrain_tokens']:,} ({r['pretrain_steps']:,} steps, finished: {r['pretrain_finished']})"),
+            ("pretrain tokens seen", f"{r['pretrain_tokens']:,} ({r['pretrain_steps']:,} steps, "
+             + (f"{r['pretrain_epochs']:.2f} epochs of the train split, " if r.get("pretrain_epochs") is not None else "")
+             + f"finished: {r['pretrain_finished']})"),
             ("val sample (02 and 04 alike)", f"{r['pretrain_tokens_evaluated']:,} tokens of the {r['pretrain_val_split_tokens']:,}-token val split"
              + (" (all of it)" if r["pretrain_whole_split"] else ", a fixed sample spread over it")),
             ("pretrain val loss / perplexity / bits per byte", f"{r['pretrain_val_loss']:.3f} / {r['pretrain_perplexity']:.1f} / {r['pretrain_bits_per_byte']:.3f}"),
@@ -260,7 +263,8 @@ def run_export_stage(cfg: ExportConfig) -> Path:
         "vocab_size": c.vocab_size, "bytes_per_token": meta["val_bytes_per_token"],
         "tokenizer_minutes": stage_hours(tok_dir) * 60, "pretrain_minutes": stage_hours(pre) * 60,
         "sft_minutes": stage_hours(sft) * 60, "pretrain_tokens": pre_m["tokens"], "pretrain_steps": pre_m["steps"],
-        "pretrain_finished": pre_m["finished"], **{f"pretrain_{k}": v for k, v in pre_eval.items()},
+        "pretrain_finished": pre_m["finished"], "pretrain_epochs": pre_m.get("epochs"),
+        **{f"pretrain_{k}": v for k, v in pre_eval.items()},
         "sft_rows": sft_m.get("data_train_rows", 0), "sft_tokens": sft_m["tokens"],
         "heldout_rows": len(heldout), "pretrain_response_loss": eval_responses(pre_model, tok, heldout),
         "sft_response_loss": eval_responses(sft_phase_model, tok, heldout),
@@ -275,7 +279,7 @@ def run_export_stage(cfg: ExportConfig) -> Path:
     if tuned:
         pref = read_json(sft / "metrics.json").get("preference", {})
         report["preference"] = {k: pref.get(k) for k in ["source", "beta", "rpo_alpha", "learning_rate", "pairs",
-                                                          "steps", "final_val_loss", "finished"]}
+                                                          "steps", "final_val_loss", "finished", "warning"]}
         models.append(("SFT + DPO", sft_model, eval_responses(sft_model, tok, heldout)))
     for name, model, loss in models:
         quality[name], quality_answers[name] = answer_quality(model, tok, sample, cfg.seed, name)

@@ -47,8 +47,9 @@ def finish_figure(fig, out_png=None, show: bool = True):
 
 
 def plot_losses(logs: dict, out_png=None, show: bool = True):
-    """Train and val loss against tokens seen, one panel per stage; saved as PNG when asked.
-    show=False closes the figure, so a stage that only saves it does not draw it in the notebook."""
+    """Train and val loss against tokens seen, one panel per stage, pretraining's epoch boundaries dotted (an
+    over-trained run shows at a glance); saved as PNG when asked. show=False closes the figure, so a stage that
+    only saves it does not draw it in the notebook."""
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(logs), figsize=(7 * len(logs), 4.2), squeeze=False)
@@ -67,6 +68,12 @@ def plot_losses(logs: dict, out_png=None, show: bool = True):
             twin.set_ylim(0, 1)
             twin.set_ylabel("reward accuracy")
             twin.legend(loc="upper right")
+        metrics = Path(path).parent / "metrics.json"
+        epoch = read_json(metrics).get("train_tokens_available") if metrics.is_file() else None
+        if epoch and rows:  # pretraining: one pass over train.bin is this many tokens
+            for k in range(1, int(rows[-1]["tokens"] // epoch) + 1):
+                ax.axvline(k * epoch, color="grey", linestyle=":", linewidth=1)
+            name = f"{name}: {rows[-1]['tokens'] / epoch:.2f} epochs (dotted: each epoch's end)"
         ax.set_title(name)
         ax.set_xlabel("tokens seen")
         ax.set_ylabel("loss (nats/token)")
@@ -130,5 +137,8 @@ def metrics_rows(stage_dir) -> list[dict]:
         p = m["preference"]
         numbers += [("preference phase: steps", f"{p['steps']:,} of {p['max_steps']:,}"),
                     ("preference phase: final val loss", p.get("final_val_loss")),
+                    ("preference phase: held-out pairs ranked right", f"{p['heldout_reward_accuracy']:.0%}"
+                     if p.get("heldout_reward_accuracy") is not None else None),
+                    ("preference phase: warning", p.get("warning")),
                     ("exported model", m.get("exported_model"))]
     return [{"measure": k, "value": f"{v:.4f}" if isinstance(v, float) else v} for k, v in numbers if v is not None]

@@ -54,7 +54,7 @@ def run_pretrain_stage(cfg: PretrainConfig, stop_at_step: int | None = None, pre
     inputs = {"tokenizer": tok_dir, **({"resumed_from": resume_dir / "ckpt.pt"} if resume else {})}
     with stage_output(cfg.out_dir, "pretrain", dataclasses.asdict(cfg), inputs, resume_dir) as work:
         result = train(model, train_data, val_data.eval_batches(cfg.eval_windows), cfg, work, budget, resume,
-                       stop_at_step, precision=precision)
+                       stop_at_step, precision=precision, max_epochs=cfg.max_epochs)
         if not result.pop("is_main_process"):
             return Path(cfg.out_dir)
         model = result.pop("model")

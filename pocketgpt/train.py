@@ -177,6 +177,7 @@ class RunState:
     hours: float = 0.0              # training hours of every session so far (for the report, not the budget)
     skipped_steps: int = 0          # fp16 steps the GradScaler skipped
     max_steps: int | None = None    # the plan: the run's max_steps, or what max_steps="auto" planned (None: not yet)
+    data_limited: bool = False      # max_steps="auto" planned no more than max_epochs of the data (the budget had room)
     val_loss: float | None = None   # the last evaluation's loss
     window: dict | None = None      # the log window open when the checkpoint was taken (LogWindow.saved)
 
@@ -298,12 +299,14 @@ class LogWindow:
 
 def train(model, train_data, val_batches, cfg, work: Path, budget: Budget | None = None, resume: dict | None = None,
           stop_at_step: int | None = None, stage: str = "pretrain", loss_module: nn.Module | None = None,
-          max_steps: int | str | None = None, warmup_steps: int | None = None, precision: str | None = None) -> dict:
+          max_steps: int | str | None = None, warmup_steps: int | None = None, precision: str | None = None,
+          max_epochs: float | None = None) -> dict:
     """The loop every stage trains with. Returns the final numbers; writes log.csv and ckpt.pt into `work`.
 
     Stops at max_steps (cfg's unless given: SFT counts its epochs), or when this session's `budget` would run
     out, keeping back the time the final evaluation, checkpoint and save need. With max_steps="auto" it
-    plans as many steps as fit, decay included, and shortens the plan if it falls behind. `stop_at_step`
+    plans as many steps as fit, decay included, but no more than `max_epochs` passes over the data take (the
+    plan is then data-limited and the stage ends early), and shortens the plan if it falls behind. `stop_at_step`
     cuts a run short for the resume tests; `loss_module` is what trains `model` (LMLoss by default, DPOLoss
     for preference tuning); `precision`: one already chosen (the tests run a T4's fp16 on a CPU).
     """
@@ -372,8 +375,11 @@ def train(model, train_data, val_batches, cfg, work: Path, budget: Budget | None
             bar.update(1)
             # max_steps="auto": the plan, once this session's first steps are timed
             if auto and state.max_steps is None and budget.probe(state.step, first_step, session_tokens, acc):
-                state.max_steps = bar.total = said_plan = run.plan(budget, state.step, val_tokens)
-                run.say(plan_line(budget, state, cfg))
+                fit = run.plan(budget, state.step, val_tokens)
+                data = max(state.step + 1, train_data.steps_for(max_epochs, cfg.grad_accum_steps)) if max_epochs else fit
+                state.max_steps = bar.total = said_plan = min(fit, data)
+                state.data_limited = data < fit
+                run.say(plan_line(budget, state, cfg, (max_epochs, train_data.n * train_data.T) if data < fit else None))
             # fp16: the GradScaler's scale drops exactly when it skipped the step (one GPU sync per step, fp16 only)
             if scale is not None:
                 skipped, scale = run.scaler.get_scale() < scale, run.scaler.get_scale()
@@ -398,7 +404,7 @@ def train(model, train_data, val_batches, cfg, work: Path, budget: Budget | None
                     row["val_loss"] = round(state.val_loss, 4)
                 run.add_row(state, row)
                 bar.set_postfix(loss=row["train_loss"], tok_s=f"{row['tokens_per_s']:,}")
-                run.say(log_line(row, state, budget, lr))
+                run.say(log_line(row, state, budget, lr, train_data.epochs_done()))
         # the end, whatever stopped the loop: a final evaluation where the last row has none, and a checkpoint
         if not state.log or state.log[-1]["step"] != state.step or state.log[-1].get("val_loss") is None:
             if state.log and state.log[-1]["step"] == state.step:
@@ -421,7 +427,8 @@ def train(model, train_data, val_batches, cfg, work: Path, budget: Budget | None
     run.save_checkpoint(state, window)
     if cfg.log_with:
         acc.end_training()
-    return final_numbers(run, state, window, auto, stop_reason, first_step, session_started, val_tokens)
+    return {**final_numbers(run, state, window, auto, stop_reason, first_step, session_started, val_tokens),
+            "max_epochs": max_epochs if auto else None, "data_limited": state.data_limited}
 
 
 def start_run(model, train_data, cfg, work: Path, resume: dict | None, stage: str, loss_module, max_steps,
@@ -563,18 +570,23 @@ def restore_checkpoint(ckpt: dict, model, optimizers, kinds, scaler, train_data)
     return RunState.from_checkpoint(ckpt)
 
 
-def plan_line(budget: Budget, state: RunState, cfg) -> str:
+def plan_line(budget: Budget, state: RunState, cfg, data_limit: tuple | None = None) -> str:
+    """The plan in a line; `data_limit` (max_epochs, train tokens) when the data, not the budget, sets it."""
     tokens_per_step = budget.tokens_per_s * budget.step_s
-    end = datetime.fromtimestamp(time.time() + (state.max_steps - state.step) * budget.step_s).strftime("%H:%M")
+    seconds = (state.max_steps - state.step) * budget.step_s
+    end = datetime.fromtimestamp(time.time() + seconds).strftime("%H:%M")
     decay = (f"the last {max(1, round(cfg.decay_fraction * state.max_steps)):,} decaying" if cfg.schedule == "wsd"
              else "cosine decay")
     total = tokens_per_step * state.max_steps
     total = f"{total / 1e6:,.1f}M" if total >= 1e6 else f"{total:,.0f}"
-    return (f"plan (max_steps='auto'): {state.max_steps:,} steps, about {total} tokens, {decay}; ends about {end}, "
-            f"inside this session's {duration(budget.max_hours * 3600)}")
+    limited = (f"data-limited: {data_limit[0]:g} epochs of {data_limit[1] / 1e6:,.1f}M tokens, about "
+               f"{duration(time.time() - budget.started + seconds)} of this {duration(budget.max_hours * 3600)} "
+               f"session; a larger corpus or model would use the rest. " if data_limit else "")
+    return (f"plan (max_steps='auto'): {limited}{state.max_steps:,} steps, about {total} tokens, {decay}; ends about "
+            f"{end}, inside this session's {duration(budget.max_hours * 3600)}")
 
 
-def log_line(row: dict, state: RunState, budget: Budget, lr: float) -> str:
+def log_line(row: dict, state: RunState, budget: Budget, lr: float, epochs: float) -> str:
     left = max(0.0, budget.deadline - time.time())
     left = min((state.max_steps - state.step) * budget.step_s, left) if state.max_steps is not None else left
     return (f"step {state.step}/{state.max_steps if state.max_steps is not None else 'auto'}"
@@ -583,7 +595,7 @@ def log_line(row: dict, state: RunState, budget: Budget, lr: float) -> str:
             + f" lr {lr:.2e} gnorm {row.get('grad_norm') or 0:.2f} {row['tokens_per_s']:,} tok/s"
             + (f" mfu {row['mfu']:.1%}" if row.get("mfu") else "")
             + (f" skipped {row['skipped_steps']}" if row.get("skipped_steps") else "")
-            + f" | {duration(left)} left this session")
+            + f" epoch {epochs:.2f} | {duration(left)} left this session")
 
 
 def final_numbers(run: Run, state: RunState, window: LogWindow, auto: bool, stop_reason: str, first_step: int,

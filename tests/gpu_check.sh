@@ -119,6 +119,24 @@ if [[ "$GPU" == 1 && " $PARTS " == *" bench "* ]]; then
     done
 fi
 
+# --- 3b. what the other issues need from a GPU: Newton-Schulz in bf16 and fp32; the t4 profile at a 1024 context
+if [[ "$GPU" == 1 && " $PARTS " == *" bench "* ]]; then
+    limit=$(( $(left) < 75 ? $(left) - 15 : 60 ))
+    if (( limit >= 20 )); then
+        say "Newton-Schulz precision (at most ${limit}s)"
+        timeout "$limit" "$PY" tools/ns_precision.py --profile t4 --repeat 5 > "$WORK/ns_precision.jsonl" \
+            2> "$WORK/ns_precision.log" || say "ns_precision: exit $?"
+    fi
+    for batch in 32 16 8; do  # the t4 micro-batch at n_positions=1024: the largest that fits 16 GB
+        limit=$(( $(left) < 75 ? $(left) - 15 : 60 ))
+        (( limit < 20 )) && break
+        say "bench t4 at n_positions 1024, batch_size $batch (at most ${limit}s)"
+        timeout "$limit" "$PY" pocketgpt_utils.py bench --profile t4 -p n_positions 1024 -p batch_size "$batch" \
+            -p precision fp16 -p compile False --steps 3 > "$WORK/ctx1024_b$batch.out" 2>> "$WORK/ctx1024.log" || true
+        grep '^{' "$WORK/ctx1024_b$batch.out" | tail -n 1 > "$WORK/ctx1024_b$batch.json" || true
+    done
+fi
+
 # --- 4. one JSON of figures ----------------------------------------------------------------------
 "$PY" -c 'import glob, json, os, sys, xml.etree.ElementTree as ET
 work, out, gpu, rc, secs = sys.argv[1], sys.argv[2], sys.argv[3] == "1", int(sys.argv[4]), int(sys.argv[5])
@@ -158,6 +176,10 @@ if gpu:
     figures["t4_memory"] = t4.get("t4_memory")
 else:
     figures["note"] = "no CUDA GPU here: the GPU tests skipped and nothing was benchmarked"
+figures["newton_schulz"] = [json.loads(l) for l in lines(f"{work}/ns_precision.jsonl") if l.startswith("{")]
+figures["t4_context_1024"] = {os.path.basename(p)[9:-5]: {k: read(p, {}).get(k) for k in ("tokens_per_s", "fits_t4",
+                              "peak_reserved_gib", "t4_memory")} for p in sorted(glob.glob(f"{work}/ctx1024_b*.json"))
+                              if os.path.getsize(p)}
 figures["seconds"] = secs
 json.dump(figures, open(out, "w"), indent=1)
 print(json.dumps(figures, indent=1))' "$WORK" "$FIGURES" "$GPU" "$tests_rc" "$SECONDS"

@@ -324,3 +324,30 @@ def test_a_llama_cpp_that_crashes_on_this_cpu_skips_the_gguf_run_checks_and_says
     assert ("GGUF f16", f"{rows[0]['size_mb']:.1f} MB, {rows[0]['skipped']}") in pg.report_rows(report)
     with pytest.raises(pg.PocketGPTError, match=r"llama.cpp crashed on this CPU \(SIGILL\).*Or chat with the export folder"):
         open_chat(tmp_path / rows[0]["file"])
+
+
+def test_answer_ranking_counts_the_true_answer_first_and_a_model_that_cannot_tell_is_at_chance(run):
+    """Answer ranking: the share of questions whose own reference answer is likelier, per token, than K-1 other
+    answers. Known cases: the true answer likeliest gives 1; all alike gives 1/K (ties share the first place);
+    and a real model whose every next-token distribution is the same (no weights in its head) is at chance."""
+    import torch
+
+    from pocketgpt.evaluate import answer_ranking, first_place_share, wilson_interval
+
+    scores = np.array([[-1.0, -2.0, -3.0], [-0.5, -0.9, -4.0]])  # column 0: the true answer
+    assert first_place_share(scores) == 1.0 and first_place_share(np.zeros((5, 8))) == pytest.approx(1 / 8)
+    assert first_place_share(np.array([[-2.0, -1.0], [-1.0, -1.0]])) == pytest.approx(0.25)
+    low, high = wilson_interval(0.5, 100)
+    assert low == pytest.approx(0.404, abs=1e-3) and high == pytest.approx(0.596, abs=1e-3)
+    model, tok = pg.load_model(run / "sft" / "model"), pg.load_tokenizer(run / "sft" / "model")
+    heldout = [(r["prompt"], r["response"]) for r in pg.read_json(run / "sft" / "heldout.json")]
+    with torch.no_grad():
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.zero_()  # every position's logits 0: one distribution, whatever the text
+    r = answer_ranking(model, tok, heldout)
+    assert r["ranking_top1"] == pytest.approx(1 / r["ranking_k"]) and r["ranking_questions"] > 10
+    trained = answer_ranking(pg.load_model(run / "sft" / "model"), tok, heldout)
+    assert trained == answer_ranking(pg.load_model(run / "sft" / "model"), tok, heldout)  # the same candidates
+    quality = pg.read_json(run / "export" / "metrics.json")["quality"]
+    assert quality["SFT"]["ranking_k"] == 8 and 0 <= quality["SFT"]["ranking_low"] <= quality["SFT"]["ranking_top1"]
+    assert "ranked first of K" in (run / "export" / "report.md").read_text()

@@ -305,7 +305,8 @@ def test_max_steps_auto_fills_one_session_and_ends_annealed(tokenizer_stage, tmp
     budget_h = 12 / 3600  # room for the plan, and for re-plans on a machine half as fast
     started = time.time()
     out = pg.run_pretrain_stage(pretrain_cfg(tokenizer_stage, tmp_path, max_steps="auto", max_hours=budget_h,
-                                             log_interval=20, eval_interval=100, warmup_steps=10))
+                                             log_interval=20, eval_interval=100, warmup_steps=10,
+                                             max_epochs=1000))  # the budget, not the tiny corpus, sets the plan
     wall = time.time() - started
     m, rows = pg.read_json(out / "metrics.json"), read_log(out / "log.csv")
     assert m["planned"] and m["finished"] and m["stop_reason"] == "max_steps" and m["steps"] == m["max_steps"]
@@ -446,3 +447,31 @@ def test_newton_schulz_runs_in_fp32_on_a_gpu_without_native_bf16(tokenizer_stage
     out = pg.run_pretrain_stage(pretrain_cfg(tokenizer_stage, tmp_path, max_steps=4, newton_schulz="fp32"))
     assert pg.read_json(out / "metrics.json")["newton_schulz"] == "fp32"
     assert "Muon: Newton-Schulz in fp32 (this device has no native bf16)" in capsys.readouterr().out
+
+
+def test_a_plan_that_the_data_limits_ends_decayed_early_and_a_resumed_session_keeps_it(tokenizer_stage, tmp_path, capsys):
+    """max_steps="auto" on a corpus far too small for its budget: the plan is max_epochs' worth of steps (not
+    what the clock would allow), says it is data-limited, ends decayed there, well inside the budget; a session
+    stopped on the way and resumed keeps the same limit."""
+    budget_h = 120 / 3600
+    kw = dict(max_steps="auto", max_hours=budget_h, max_epochs=1, log_interval=20, eval_interval=1000, warmup_steps=5)
+    windows = TokenWindows(tokenizer_stage / "train.bin", TINY["n_positions"], TINY["batch_size"], 0, TINY["vocab_size"])
+    limit = windows.steps_for(1, 1)
+    started = time.time()
+    out = pg.run_pretrain_stage(pretrain_cfg(tokenizer_stage, tmp_path / "a", **kw))
+    wall = time.time() - started
+    m, rows = pg.read_json(out / "metrics.json"), read_log(out / "log.csv")
+    assert m["data_limited"] and m["max_steps"] == m["steps"] == limit and m["finished"] and m["stop_reason"] == "max_steps"
+    assert rows[-1]["lr"] == pytest.approx(pg.PROFILES["demo"]["pretrain"]["min_lr"])  # decayed at the data's end
+    said = capsys.readouterr().out
+    assert "plan (max_steps='auto'): data-limited: 1 epochs of " in said and "a larger corpus or model would use the rest" in said
+    assert " epoch 0." in said and wall < 0.5 * budget_h * 3600  # the stage ended early
+    fig = pg.plot_losses({"pretrain": out / "log.csv"}, show=False)
+    assert fig.axes[0].get_title().startswith("pretrain: 1.00 epochs (dotted: each epoch's end)")
+    epoch = m["train_tokens_available"]  # one pass over train.bin: a dotted line where it ends
+    assert [list(line.get_xdata()) for line in fig.axes[0].lines if line.get_linestyle() == ":"] == [[epoch, epoch]]
+    part = pg.run_pretrain_stage(pretrain_cfg(tokenizer_stage, tmp_path / "b", **kw), stop_at_step=limit // 2)
+    again = pg.run_pretrain_stage(pretrain_cfg(tokenizer_stage, tmp_path / "b", resume_from=str(part), **kw))
+    m2 = pg.read_json(again / "metrics.json")
+    assert m2["steps"] == m2["max_steps"] == limit and m2["finished"]
+    assert m2["final_val_loss"] == pytest.approx(m["final_val_loss"], abs=2e-4)

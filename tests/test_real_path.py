@@ -364,7 +364,7 @@ def test_a_session_that_slows_down_after_planning_still_ends_decayed(tokenizer_s
     own last, decayed step inside the budget, not cut off on the budget in the middle of its plateau."""
     budget_s = 24
     params = pretrain_params(tokenizer_stage, tmp_path, max_steps="auto", max_hours=budget_s / 3600,
-                             log_interval=100_000, eval_interval=100_000, warmup_steps=10)
+                             log_interval=100_000, eval_interval=100_000, warmup_steps=10, max_epochs=1000)
     proc = start_stage("pretrain", params)
     lines = []
     for line in proc.stdout:

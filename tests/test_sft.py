@@ -334,3 +334,23 @@ def test_a_preference_pair_too_long_for_the_context_is_left_out_and_the_rest_sta
         (c, c_labels), (r, r_labels) = row
         assert tok.decode([t for t, lab in zip(c, c_labels) if lab != -100], skip_special_tokens=True).strip() == pair["chosen"]
         assert tok.decode([t for t, lab in zip(r, r_labels) if lab != -100], skip_special_tokens=True).strip() == pair["rejected"]
+
+
+def test_a_preference_phase_that_memorises_its_pairs_says_so(pretrain_stage, tmp_path, demo_data):
+    """Held-out pairs ranked right while the answers get worse than the SFT model's (fewer end, more repeat):
+    the phase warns, with what to change. The rule on known numbers, then the phase measuring and reporting them
+    with the defaults a user gets (RPO, a low rate)."""
+    from pocketgpt.dpo import memorised_warning
+
+    cfg = pg.make_config(pg.SFTConfig, "demo", run_dir=str(tmp_path), rpo_alpha=0.0, preference_learning_rate=5e-4)
+    worse = {"heldout_reward_accuracy": 1.0, "heldout_eos_share_change": -0.6, "heldout_repeated_3gram_change": 0.25}
+    said = memorised_warning(worse, cfg)
+    assert said.startswith("the preference phase ranks 100% of its held-out pairs right while its greedy answers")
+    assert "(ending with <|eos|>: -60%, repeated 3-grams: +25%)" in said and "raise rpo_alpha (now 0.0)" in said
+    assert memorised_warning({**worse, "heldout_reward_accuracy": 0.8}, cfg) is None  # not saturated
+    assert memorised_warning({**worse, "heldout_eos_share_change": 0.2, "heldout_repeated_3gram_change": 0.0}, cfg) is None
+    out = pg.run_sft_stage(sft_cfg(pretrain_stage, tmp_path / "run", demo_data / "dialogs.csv", max_steps=6,
+                                   preference="self", preference_rows=96, batch_size=8))
+    p = pg.read_json(out / "metrics.json")["preference"]
+    assert {"heldout_reward_accuracy", "heldout_eos_share_change", "heldout_repeated_3gram_change", "warning"} <= set(p)
+    assert p["rpo_alpha"] == 1.0 and p["learning_rate"] == 1e-4  # the best measured, as a user gets them
