@@ -13,6 +13,7 @@ the ones above it:
     optim      Muon, AdamW, the WSD / cosine schedule
     batches    pretraining windows, SFT rows, DPO pairs; the fixed evaluation samples
     train      the loop every stage trains with: its budget (max_hours), log window and resumable state
+    launch     a stage on every GPU from a notebook: torchrun as the kernel's child, never a fork
     plots      the figures
     dialogs    the seed's chat template, the four dialog layouts, their ids
     pretrain   02, whole
@@ -24,7 +25,6 @@ the ones above it:
     export     04, whole: the report card and the pocketGPT folder
     chat       a conversation with an export folder or a GGUF, in the terminal
     bench      tokens/s and MFU of the training step, against a plain PyTorch GPT
-    launch     a stage on every GPU from a notebook
     pipeline   notebooks 01 -> 04 under papermill
     cli        the commands below
 

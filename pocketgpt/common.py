@@ -88,7 +88,7 @@ def read_json(path) -> dict:
 
 
 def is_main_process() -> bool:
-    """Rank 0, or the only process: torchrun, `accelerate launch` and notebook_launcher set RANK."""
+    """Rank 0, or the only process: torchrun and `accelerate launch` (and so pg.launch's workers) set RANK."""
     return int(os.environ.get("RANK", "0")) == 0
 
 

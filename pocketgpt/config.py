@@ -33,8 +33,7 @@ def resolve_profile(profile: str | None) -> tuple[str, str]:
     """None means `t4` where there is a GPU and `demo` on a CPU; returns the name and why.
 
     A user who attaches a corpus and presses Run All on a T4 must get the 27M model, not the
-    1.3M-parameter demo (torch.cuda.is_available() does not start CUDA, so notebook_launcher
-    can still fork the GPU processes after it)."""
+    1.3M-parameter demo."""
     if profile is not None:
         if profile not in PROFILES:
             raise PocketGPTError(f"profile={profile!r} is unknown: use one of {sorted(PROFILES)}, "

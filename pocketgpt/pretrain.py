@@ -1,13 +1,11 @@
 """Stage 2: pretraining, whole (02_pretrain). The loop itself is train.train.
 
-Imports: common, config, tokenizer, device, model, batches, train, plots.
+Imports: common, config, tokenizer, device, model, batches, train, launch, plots.
 """
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-
-import torch
 
 from .batches import TokenWindows
 from .common import (
@@ -23,6 +21,7 @@ from .common import (
 )
 from .config import PretrainConfig
 from .device import cpu_has_native_bf16
+from .launch import processes_for
 from .model import build_model, count_params, flops_per_token
 from .plots import plot_losses
 from .tokenizer import load_tokenizer
@@ -66,18 +65,18 @@ def run_pretrain_stage(cfg: PretrainConfig, stop_at_step: int | None = None, pre
 
 
 def describe_pretrain(cfg: PretrainConfig) -> dict:
-    """What is about to be trained: size, FLOPs per token, tokens per step, data. Touches no GPU
-    (notebook_launcher needs CUDA untouched before it starts the processes)."""
+    """What is about to be trained: size, FLOPs per token, tokens per step (over the processes launch
+    will start), data, and how many passes over it max_epochs allows."""
     tok_dir = find_stage("tokenizer", cfg.tokenizer_dir, cfg.run_dir)
     meta = read_json(tok_dir / "meta.json")
     model = build_model(meta["vocab_size"], cfg)
-    gpus = torch.cuda.device_count()
-    tokens_per_step = cfg.batch_size * cfg.grad_accum_steps * cfg.n_positions * max(gpus, 1)
+    processes, why = processes_for(cfg)
+    tokens_per_step = cfg.batch_size * cfg.grad_accum_steps * cfg.n_positions * processes
     return {"tokenizer": str(tok_dir), "vocab_size": meta["vocab_size"], "parameters": count_params(model),
             "flops_per_token": flops_per_token(model), "tokens_per_step": tokens_per_step,
             "train_tokens": meta["train_tokens"], "val_tokens": meta["val_tokens"],
             "epochs_at_max_steps": (round(tokens_per_step * cfg.max_steps / meta["train_tokens"], 2)
-                                    if isinstance(cfg.max_steps, int) else "auto: set by this session's budget"),
-            "optimizer": cfg.optimizer,
-            "schedule": cfg.schedule,
-            "gpus": gpus, "cpu_native_bf16": cpu_has_native_bf16()}
+                                    if isinstance(cfg.max_steps, int) else
+                                    f"auto: what this session's budget allows, at most {cfg.max_epochs:g} epochs"),
+            "optimizer": cfg.optimizer, "schedule": cfg.schedule,
+            "processes": f"{processes} ({why})", "cpu_native_bf16": cpu_has_native_bf16()}

@@ -17,7 +17,7 @@ done
 echo "== B: kill -9 at ~25 s (checkpoint every 6 s), then resume_from=auto; against an uninterrupted run"
 $PY pocketgpt_utils.py stage pretrain --profile demo $common -p run_dir $D/b -p max_hours 1 -p checkpoint_minutes 0.1 > $D/b1.log 2>&1 &
 pid=$!; sleep 25; kill -9 $pid; wait $pid 2>/dev/null; echo "killed; left: $(ls $D/b)"; ls -la $D/b/pretrain.partial/ckpt.pt 2>/dev/null
-$PY -c "import pocketgpt_utils as pg; print('checkpoint step', pg.load_checkpoint('$D/b/pretrain.partial')['step'])"
+$PY -c "from pocketgpt.train import load_checkpoint; print('checkpoint step', load_checkpoint('$D/b/pretrain.partial')['state']['step'])"
 t=$(date +%s.%N); $PY pocketgpt_utils.py stage pretrain --profile demo $common -p run_dir $D/b -p max_hours 1 -p checkpoint_minutes 0.1 -p resume_from auto > $D/b2.log 2>&1; echo "rc=$? wall=$(echo "$(date +%s.%N) - $t" | bc)"; grep -m1 resum $D/b2.log
 m $D/b/pretrain/metrics.json
 t=$(date +%s.%N); $PY pocketgpt_utils.py stage pretrain --profile demo $common -p run_dir $D/full -p max_hours 1 > $D/full.log 2>&1; echo "uninterrupted rc=$? wall=$(echo "$(date +%s.%N) - $t" | bc)"
@@ -28,6 +28,6 @@ $TR pocketgpt_utils.py stage pretrain --profile demo $common -p run_dir $D/c -p 
 $TR pocketgpt_utils.py stage pretrain --profile demo $common -p run_dir $D/c -p max_hours 0.0056 -p resume_from auto > $D/c2.log 2>&1; echo "rc=$?"; m $D/c/pretrain/metrics.json
 $PY pocketgpt_utils.py stage pretrain --profile demo $common -p run_dir $D/c -p max_hours 1 -p resume_from auto > $D/c3.log 2>&1; echo "rc=$?"; grep -m2 "resum\|process" $D/c3.log; m $D/c/pretrain/metrics.json
 $PY -c "
-import pocketgpt_utils as pg
-rows=pg.read_log('$D/c/pretrain/log.csv'); s=[int(r['step']) for r in rows]
+from pocketgpt.train import read_log
+rows=read_log('$D/c/pretrain/log.csv'); s=[int(r['step']) for r in rows]
 print('log rows', len(rows), 'steps unique and sorted', s==sorted(set(s)), 'header lines', open('$D/c/pretrain/log.csv').read().count('step,tokens'))"
