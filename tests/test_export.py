@@ -327,27 +327,56 @@ def test_a_llama_cpp_that_crashes_on_this_cpu_skips_the_gguf_run_checks_and_says
 
 
 def test_answer_ranking_counts_the_true_answer_first_and_a_model_that_cannot_tell_is_at_chance(run):
-    """Answer ranking: the share of questions whose own reference answer is likelier, per token, than K-1 other
-    answers. Known cases: the true answer likeliest gives 1; all alike gives 1/K (ties share the first place);
-    and a real model whose every next-token distribution is the same (no weights in its head) is at chance."""
+    """Answer ranking: the share of held-out answers that are likelier, per token, after their own question than
+    after K-1 other questions. Known cases: the true pairing likeliest gives 1; all alike gives 1/K (ties share the
+    first place); a model that predicts the tokens already in its context ranks answers that repeat their question
+    first; a real model whose every next-token distribution is the same is at chance; and so is a model
+    that reads only the previous token (a bigram model: it cannot see the question), however differently likely
+    the answers themselves are -- ranking K answers for one question would score that model on the answers'
+    own likelihood, not on whether it knows which answer belongs to which question."""
+    from types import SimpleNamespace
+
     import torch
+    import torch.nn.functional as F
 
-    from pocketgpt.evaluate import answer_ranking, first_place_share, wilson_interval
+    from pocketgpt.dialogs import encode_dialogs
+    from pocketgpt.evaluate import answer_ranking, first_place_share, mean_logprobs, wilson_interval
 
-    scores = np.array([[-1.0, -2.0, -3.0], [-0.5, -0.9, -4.0]])  # column 0: the true answer
+    scores = np.array([[-1.0, -2.0, -3.0], [-0.5, -0.9, -4.0]])  # column 0: the true pairing
     assert first_place_share(scores) == 1.0 and first_place_share(np.zeros((5, 8))) == pytest.approx(1 / 8)
     assert first_place_share(np.array([[-2.0, -1.0], [-1.0, -1.0]])) == pytest.approx(0.25)
     low, high = wilson_interval(0.5, 100)
     assert low == pytest.approx(0.404, abs=1e-3) and high == pytest.approx(0.596, abs=1e-3)
-    model, tok = pg.load_model(run / "sft" / "model"), pg.load_tokenizer(run / "sft" / "model")
+    tok = pg.load_tokenizer(run / "sft" / "model")
     heldout = [(r["prompt"], r["response"]) for r in pg.read_json(run / "sft" / "heldout.json")]
+
+    def cache_model(input_ids, attention_mask, use_cache):  # each position: the tokens it has seen so far
+        seen = (F.one_hot(input_ids, len(tok)).float() * attention_mask[..., None]).cumsum(1)
+        return SimpleNamespace(last_hidden_state=seen / seen.sum(-1, keepdim=True))
+
+    copier = SimpleNamespace(transformer=cache_model, lm_head=lambda h: 20 * h, device=torch.device("cpu"),
+                             config=SimpleNamespace(n_positions=128))
+    echoes = [(question, f"{question} {question}") for question, _ in heldout]  # answers that repeat their question
+    r = answer_ranking(copier, tok, echoes)
+    assert r["ranking_top1"] > 0.9 and r["ranking_low"] > r["ranking_chance"] and r["ranking_answers"] == len(heldout), r
+    flat = pg.load_model(run / "sft" / "model")
     with torch.no_grad():
-        model.transformer.ln_f.weight.zero_()
-        model.transformer.ln_f.bias.zero_()  # every position's logits 0: one distribution, whatever the text
-    r = answer_ranking(model, tok, heldout)
-    assert r["ranking_top1"] == pytest.approx(1 / r["ranking_k"]) and r["ranking_questions"] > 10
+        flat.transformer.ln_f.weight.zero_()
+        flat.transformer.ln_f.bias.zero_()  # every position's logits 0: one distribution, whatever the text
+    r = answer_ranking(flat, tok, heldout)
+    assert r["ranking_top1"] == pytest.approx(1 / r["ranking_k"]) and r["ranking_answers"] > 10
+    bigram = pg.load_model(run / "sft" / "model")
+    with torch.no_grad():
+        bigram.transformer.wpe.weight.zero_()  # no positions,
+        for block in bigram.transformer.h:     # no attention: each position sees its own token only
+            block.attn.c_proj.weight.zero_()
+            block.attn.c_proj.bias.zero_()
+    own = mean_logprobs(bigram, encode_dialogs(tok, heldout, bigram.config.n_positions, "truncate")[1])
+    assert np.ptp(own) > 0.1  # the answers themselves are not alike to it
+    r = answer_ranking(bigram, tok, heldout)
+    assert r["ranking_top1"] == pytest.approx(1 / r["ranking_k"])
     trained = answer_ranking(pg.load_model(run / "sft" / "model"), tok, heldout)
     assert trained == answer_ranking(pg.load_model(run / "sft" / "model"), tok, heldout)  # the same candidates
     quality = pg.read_json(run / "export" / "metrics.json")["quality"]
     assert quality["SFT"]["ranking_k"] == 8 and 0 <= quality["SFT"]["ranking_low"] <= quality["SFT"]["ranking_top1"]
-    assert "ranked first of K" in (run / "export" / "report.md").read_text()
+    assert "likeliest after its own question of K" in (run / "export" / "report.md").read_text()

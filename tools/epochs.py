@@ -2,6 +2,7 @@
 
     python tools/epochs.py run --out runs/epochs [--corpus demo|alt] [--width 48] [--epochs 1 2 4 8 16]
     python tools/epochs.py table --out runs/epochs
+    python tools/epochs.py plot --out runs/epochs --png docs/epochs.png
 
 Each run trains the same small GPT-2 (2 layers, `width` wide, context 128, the demo recipe: Muon + WSD) on
 the corpus's whole train split for E epochs, with the schedule max_steps="auto" gives a run (warmup, stable,
@@ -62,18 +63,49 @@ def table(out: Path) -> None:
               + (f"{(r['val_loss'] / half['val_loss'] - 1) * 100:+.1f}% |" if half else "|"))
 
 
+def plot(out: Path, png: Path) -> None:
+    """Held-out loss against epochs, one line per corpus (log-2 epoch axis), saved as `png`."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [json.loads(line) for line in open(out / "results.jsonl")]
+    latest = {(r["corpus"], r["width"], r["epochs"]): r for r in rows}
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for corpus, width in sorted({(c, w) for c, w, _ in latest}):
+        pts = sorted((e, r["val_loss"]) for (c, w, e), r in latest.items() if (c, w) == (corpus, width))
+        if len(pts) < 2:
+            continue  # a single run is no curve
+        r = latest[(corpus, width, pts[0][0])]
+        ax.plot([e for e, _ in pts], [v for _, v in pts], marker="o",
+                label=f"{corpus} corpus, {r['params'] / 1e6:.2f}M params, {r['tokens_per_param_per_epoch']:.1f} tok/param/epoch")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted({e for _, _, e in latest}), [str(e) for e in sorted({e for _, _, e in latest})])
+    ax.set_xlabel("epochs over the train split (each run decayed at its own end)")
+    ax.set_ylabel("held-out loss")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=110)
+    print(f"wrote {png}")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["run", "table"])
+    p.add_argument("what", choices=["run", "table", "plot"])
     p.add_argument("--out", default="runs/epochs")
     p.add_argument("--corpus", default="demo", choices=["demo", "alt"])
     p.add_argument("--width", type=int, default=48)
+    p.add_argument("--png", default="docs/epochs.png")
     p.add_argument("--epochs", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.what == "table":
         table(out)
+        return 0
+    if args.what == "plot":
+        plot(out, Path(args.png))
         return 0
     for epochs in args.epochs:
         run(out, args.corpus, args.width, epochs)

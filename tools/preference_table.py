@@ -44,7 +44,7 @@ def main(argv=None) -> int:
         m = pg.read_json(out / "metrics.json")["preference"]
         rows.append(("SFT + DPO", beta, lr, rpo, {**scores(out / "model", tok, sample, heldout),
                                                    "warning": m.get("warning")}))
-    print("| model | beta | lr | rpo_alpha | ranked first of 8 (95% interval) | response loss | greedy ROUGE-L | "
+    print("| model | beta | lr | rpo_alpha | answer likeliest after its own question, of 8 (95% interval) | response loss | greedy ROUGE-L | "
           "greedy ends with eos | greedy repeated 3-grams | warned |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name, beta, lr, rpo, q in rows:
