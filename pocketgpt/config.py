@@ -138,7 +138,7 @@ class PretrainConfig(TrainConfig):
     n_embd: int = 384
     n_positions: int = 384
     eval_windows: int = 1024              # val windows in the fixed evaluation sample (all of val when it has fewer)
-    max_epochs: float = 4                 # max_steps="auto" plans no more passes over train.bin than this
+    max_epochs: float = 16                # max_steps="auto" plans no more passes over train.bin than this (README: why 16)
 
     def __post_init__(self):
         super().__post_init__()

@@ -55,6 +55,8 @@ def table(out: Path) -> None:
     print("| corpus | model | tokens/param per epoch | epochs | tokens | val loss | vs 1 epoch | vs half as many |")
     print("|---|---|---|---|---|---|---|---|")
     for (corpus, width, epochs), r in sorted(latest.items()):
+        if sum((c, w) == (corpus, width) for c, w, _ in latest) < 2:
+            continue  # a single run is no curve (as in the plot)
         one = latest.get((corpus, width, 1))
         half = latest.get((corpus, width, epochs // 2)) if epochs > 1 else None
         print(f"| {corpus} | {r['params'] / 1e6:.2f}M ({width} wide) | {r['tokens_per_param_per_epoch']:.1f} | {epochs} | "
