@@ -169,7 +169,7 @@ def answer_ranking(model, tok, pairs, k: int = RANKING_CANDIDATES, seed: int = 0
 
 QUALITY_MEASURES = [  # key, label, format
     ("response_loss", "response loss on all held-out rows (lower is better)", "{:.3f}"),
-    ("ranking_top1", "answer likeliest after its own question of K (95% interval; chance 1/K)", "{:.1%}"),
+    ("ranking_top1", "answer likeliest after its own question, of K (chance 1/K; 95% CI)", "{:.1%}"),
     ("greedy_rougeL", "ROUGE-L F1 against the reference, greedy", "{:.3f}"),
     ("sampled_rougeL", "ROUGE-L F1 against the reference, sampled", "{:.3f}"),
     ("greedy_eos_share", "answers that end with <|eos|>, greedy", "{:.0%}"),

@@ -379,4 +379,4 @@ def test_answer_ranking_counts_the_true_answer_first_and_a_model_that_cannot_tel
     assert trained == answer_ranking(pg.load_model(run / "sft" / "model"), tok, heldout)  # the same candidates
     quality = pg.read_json(run / "export" / "metrics.json")["quality"]
     assert quality["SFT"]["ranking_k"] == 8 and 0 <= quality["SFT"]["ranking_low"] <= quality["SFT"]["ranking_top1"]
-    assert "likeliest after its own question of K" in (run / "export" / "report.md").read_text()
+    assert "likeliest after its own question, of K (chance 1/K; 95% CI)" in (run / "export" / "report.md").read_text()
