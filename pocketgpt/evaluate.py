@@ -105,8 +105,8 @@ RANKING_CANDIDATES = 8  # K: each answer's own question among 7 others; chance i
 
 def first_place_share(scores: np.ndarray, tol: float = 1e-5) -> float:
     """The share of rows whose column 0 (the true pairing) scores highest; a tie at the top (within `tol` nats
-    per token: float32's rounding of a mean, not a preference) shares the first place, so a model that scores every candidate alike is at
-    chance, 1/K, exactly."""
+    per token: float32's rounding of a mean, not a preference) shares the first place, so a model that scores
+    every candidate alike is at chance, 1/K, exactly."""
     tied = scores >= scores.max(axis=1, keepdims=True) - tol
     return float(np.mean(np.where(tied[:, 0], 1.0 / tied.sum(axis=1), 0.0)))
 
@@ -150,13 +150,12 @@ def answer_ranking(model, tok, pairs, k: int = RANKING_CANDIDATES, seed: int = 0
         others = [j for j, other in enumerate(questions) if other != question]
         candidates.append([i, *rng.choice(others, size=k - 1, replace=False).tolist()])
     encoded = dialog_ids(tok, [(questions[j], pairs[c[0]][1]) for c in candidates for j in c])
-    rows, keep = [], []
+    rows = []
     for g in range(len(candidates)):
         group = encoded[g * k:(g + 1) * k]
         room = min(model.config.n_positions + 1 - labels.count(-100) for _, labels in group)  # answer tokens that fit
         if room < 1:
             continue  # a question that leaves no room for the answer: this answer is left out
-        keep.append(g)
         for ids, labels in group:
             n = labels.count(-100) + room
             rows.append((ids[:n], labels[:n]))

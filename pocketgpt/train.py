@@ -579,7 +579,8 @@ def plan_line(budget: Budget, state: RunState, cfg, data_limit: tuple | None = N
              else "cosine decay")
     total = tokens_per_step * state.max_steps
     total = f"{total / 1e6:,.1f}M" if total >= 1e6 else f"{total:,.0f}"
-    limited = (f"data-limited: {data_limit[0]:g} epoch{'' if data_limit[0] == 1 else 's'} of {data_limit[1] / 1e6:,.1f}M tokens, about "
+    epochs = f"{data_limit[0]:g} epoch{'' if data_limit[0] == 1 else 's'}" if data_limit else ""
+    limited = (f"data-limited: {epochs} of {data_limit[1] / 1e6:,.1f}M tokens, about "
                f"{duration(time.time() - budget.started + seconds)} of this {duration(budget.max_hours * 3600)} "
                f"session; a larger corpus or model would use the rest. " if data_limit else "")
     return (f"plan (max_steps='auto'): {limited}{state.max_steps:,} steps, about {total} tokens, {decay}; ends about "
