@@ -360,8 +360,8 @@ def test_a_budget_that_binds_in_either_phase_leaves_a_model_04_uses_and_a_rerun_
 
 
 def test_a_session_that_slows_down_after_planning_still_ends_decayed(tokenizer_stage, tmp_path):
-    """T4s drop their clocks under load; here the machine gets busy (CPU hogs) right after the plan is made,
-    with no log row for the loop to notice it at. The run shortens its plan as it goes and still ends on its
+    """T4s drop their clocks under load; here the run stalls and the machine gets busy (CPU hogs) right after the
+    plan is made, with no log row for the loop to notice it at. The run shortens its plan as it goes and still ends on its
     own last, decayed step inside the budget, not cut off on the budget in the middle of its plateau."""
     budget_s = 24
     params = pretrain_params(tokenizer_stage, tmp_path, max_steps="auto", max_hours=budget_s / 3600,
@@ -372,6 +372,11 @@ def test_a_session_that_slows_down_after_planning_still_ends_decayed(tokenizer_s
         lines.append(line)
         if line.startswith("plan (max_steps='auto')"):
             break
+    # the slowdown: a 4 s stall (the process stopped, as a VM or a throttled GPU stalls), then CPU hogs; the stall
+    # makes it certain even where the machine was already busy when the plan was made
+    os.killpg(proc.pid, signal.SIGSTOP)
+    time.sleep(4)
+    os.killpg(proc.pid, signal.SIGCONT)
     hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2 * os.cpu_count())]
     try:
         out = "".join(lines) + proc.communicate(timeout=300)[0]
