@@ -101,8 +101,11 @@ def test_a_worker_killed_with_sigkill_ends_the_launch_with_its_rank_and_signal(t
 
 
 INTERRUPTED = r'''
-import json, sys
+import json, signal, sys
 import torch
+# a notebook kernel always turns the stop button (SIGINT) into KeyboardInterrupt, as ipykernel does; a process
+# started in a shell's background (CI's, nohup ... &) would otherwise inherit SIGINT ignored and never hear it
+signal.signal(signal.SIGINT, signal.default_int_handler)
 import pocketgpt_utils as pg
 torch.ones(64, 64) @ torch.ones(64, 64)  # torch work in the kernel before the launch: threads started
 cfg = pg.make_config(pg.PretrainConfig, "demo", **json.loads(sys.argv[1]))
