@@ -285,3 +285,12 @@ def repeated_ngram_share(words: list[str], n: int = 3) -> float:
     """Share of an answer's n-grams that repeat an earlier one: "the layer of the layer of the layer" is high."""
     grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
     return 1 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+def eos_and_repeats(new: list[list[int]], texts: list[str]) -> tuple[float, float]:
+    """Of generated answers (their new ids and decoded texts): the share that end with <|eos|>, and the mean share
+    of repeated 3-grams inside one -- how 04 scores answers and how the preference phase compares its own."""
+    import numpy as np
+
+    return (float(np.mean([bool(ids) and ids[-1] == EOS_ID for ids in new])),
+            float(np.mean([repeated_ngram_share(t.split()) for t in texts])))

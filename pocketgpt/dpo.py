@@ -10,13 +10,12 @@ import dataclasses
 import difflib
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .batches import PairBatches, eval_sample
-from .common import EOS_ID, PAD_ID, PocketGPTError, is_main_process, read_json, world_size, write_json
+from .common import PAD_ID, PocketGPTError, is_main_process, read_json, world_size, write_json
 from .data import split_of
 from .dialogs import (
     CHAT_ROLES,
@@ -25,8 +24,8 @@ from .dialogs import (
     conversation_texts,
     dialog_key,
     encode_dialogs,
+    eos_and_repeats,
     message_parts,
-    repeated_ngram_share,
     table_rows,
 )
 from .model import generate_many
@@ -249,9 +248,7 @@ def answers_against_reference(policy, reference, tok, rows, n: int = 32) -> dict
     measures = []
     for model in (policy, reference):
         new = generate_many(model, prompts, greedy=True)
-        texts = [tok.decode(ids, skip_special_tokens=True).split() for ids in new]
-        measures.append((float(np.mean([bool(ids) and ids[-1] == EOS_ID for ids in new])),
-                         float(np.mean([repeated_ngram_share(t) for t in texts]))))
+        measures.append(eos_and_repeats(new, [tok.decode(ids, skip_special_tokens=True) for ids in new]))
     (eos, repeats), (ref_eos, ref_repeats) = measures
     return {"heldout_eos_share_change": eos - ref_eos, "heldout_repeated_3gram_change": repeats - ref_repeats}
 

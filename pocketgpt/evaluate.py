@@ -15,7 +15,7 @@ from transformers import TextStreamer
 
 from .batches import DialogBatches, TokenWindows, pad_rows
 from .common import BOS_ID, EOS_ID, read_json, watched
-from .dialogs import chat_prompt_ids, dialog_ids, distinct_n, encode_dialogs, repeated_ngram_share
+from .dialogs import chat_prompt_ids, dialog_ids, distinct_n, encode_dialogs, eos_and_repeats
 from .dpo import answer_logprob
 from .model import LMLoss, generate, generate_many, load_model
 from .plots import finish_figure
@@ -87,11 +87,12 @@ def answer_quality(model, tok, pairs, seed: int = 1337, name: str = "model") -> 
     for mode in ["greedy", "sampled"]:
         new = generate_many(model, prompts, greedy=mode == "greedy", seed=seed, desc=f"{name}: {mode} answers")
         texts = [tok.decode(ids, skip_special_tokens=True).strip() for ids in new]
+        eos, repeats = eos_and_repeats(new, texts)
         numbers.update({
             f"{mode}_rougeL": float(np.mean([scorer.score(r, t)["rougeL"].fmeasure for (_, r), t in zip(pairs, texts)]))
             if scorer else None,
-            f"{mode}_eos_share": float(np.mean([bool(ids) and ids[-1] == EOS_ID for ids in new])),
-            f"{mode}_repeated_3gram_share": float(np.mean([repeated_ngram_share(t.split()) for t in texts])),
+            f"{mode}_eos_share": eos,
+            f"{mode}_repeated_3gram_share": repeats,
             f"{mode}_distinct2": distinct_n(texts),
             f"{mode}_words": float(np.mean([len(t.split()) for t in texts])),
         })

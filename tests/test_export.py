@@ -14,8 +14,8 @@ from conftest import TINY
 import pocketgpt_utils as pg
 from pocketgpt.chat import fit_conversation, open_chat
 from pocketgpt.common import BOS_ID, HERE, library_versions
-from pocketgpt.dialogs import chat_prompt_ids
-from pocketgpt.evaluate import QUALITY_ROWS, distinct_n, repeated_ngram_share
+from pocketgpt.dialogs import chat_prompt_ids, distinct_n, repeated_ngram_share
+from pocketgpt.evaluate import QUALITY_ROWS
 from pocketgpt.export import DEFAULT_PROMPTS, report_markdown
 from pocketgpt.gguf import (
     GGUF_TOLERANCES,
