@@ -11,7 +11,7 @@ import importlib
 import json
 import sys
 
-from .common import STAGES, PocketGPTError, is_main_process, launcher_mismatch
+from .common import STAGES, PocketGPTError, is_main_process, launcher_mismatch, report_launch_event
 from .config import PROFILES
 
 STAGE_RUNNERS = {  # stage -> (its config, the module and function that run it)
@@ -115,7 +115,7 @@ def stage_command(args) -> None:
     if note and is_main_process():
         print(f"note: {note}", flush=True)
     out = getattr(importlib.import_module(f".{module}", __package__), function)(cfg)
-    if is_main_process():
+    if not report_launch_event("done", out=str(out)) and is_main_process():  # launch() says it in its own words
         print(f"done: {out}")
 
 

@@ -92,6 +92,22 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+LAUNCH_EVENTS = "POCKETGPT_LAUNCH_EVENTS"  # launch() -> its workers: the folder they report events into
+
+
+def report_launch_event(event: str, **info) -> bool:
+    """Tell launch(), when it started this process, that `event` happened ("started": the processes took their
+    first step together; "done": the stage finished): a file `<event>.json` in the folder it named, written by
+    rank 0. Processes talk in files, never in the words of a message, so a message can be reworded freely.
+    Returns whether a launcher was told (False when none started this process)."""
+    folder = os.environ.get(LAUNCH_EVENTS)
+    if not folder:
+        return False
+    if is_main_process():
+        write_json(Path(folder) / f"{event}.json", {"event": event, "at": now_iso(), **info})
+    return True
+
+
 def world_size() -> int:
     """How many processes train together (WORLD_SIZE, set by the launchers; 1 without one)."""
     return int(os.environ.get("WORLD_SIZE", "1"))

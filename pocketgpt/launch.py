@@ -17,11 +17,11 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-from .common import PocketGPTError, child_env, write_json
-from .train import STARTED
+from .common import LAUNCH_EVENTS, PocketGPTError, child_env, read_json, write_json
 
 
 def processes_for(cfg) -> tuple[int, str]:
@@ -57,33 +57,33 @@ class WorkersDidNotStart(PocketGPTError):
 
 def launch_workers(cfg, n: int) -> Path:
     """torchrun with n workers, each running `python -m pocketgpt_utils stage NAME --config FILE`; their files
-    (the config, torchrun's log, each worker's stderr) go to `<out_dir>.launch/`."""
+    (the config, torchrun's log, each worker's stderr, the events rank 0 reports: started.json, done.json) go to
+    `<out_dir>.launch/`."""
     folder = Path(cfg.out_dir).with_name(Path(cfg.out_dir).name + ".launch")
     folder.mkdir(parents=True, exist_ok=True)
     config = folder / "config.json"
     write_json(config, {"stage": cfg.stage, "config": dataclasses.asdict(cfg)})
     logs = folder / f"logs-{time.strftime('%Y%m%d-%H%M%S')}"
+    events = Path(tempfile.mkdtemp(prefix="events-", dir=folder))  # this launch's own: nothing left from another
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
            "--log-dir", str(logs), "--redirects", "2",  # each worker's stderr to its own file: its error is its own
            "-m", "pocketgpt_utils", "stage", cfg.stage, "--config", str(config)]
     with open(folder / "torchrun.log", "w") as torchrun_log:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=torchrun_log, text=True, start_new_session=True,
-                                env={**child_env(), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": os.environ.get(
-                                    "OMP_NUM_THREADS", str(max(1, (os.cpu_count() or n) // n)))})
-        started = False
+                                env={**child_env(), LAUNCH_EVENTS: str(events), "PYTHONUNBUFFERED": "1",
+                                     "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS",
+                                                                       str(max(1, (os.cpu_count() or n) // n)))})
         try:
             for line in proc.stdout:  # rank 0's lines, as they come (the others print nothing)
-                started = started or STARTED in line
-                if not line.startswith("done: "):
-                    print(line, end="", flush=True)
+                print(line, end="", flush=True)
             returncode = proc.wait()
         except BaseException:  # the stop button (KeyboardInterrupt), or anything else: no worker outlives the cell
             stop(proc)
             raise
-    if returncode == 0:
-        return Path(cfg.out_dir)
+    if returncode == 0 and (events / "done.json").exists():
+        return Path(read_json(events / "done.json")["out"])
     rank, what = worker_failure((folder / "torchrun.log").read_text(errors="replace"), logs)
-    if not started and not what.startswith("error: "):
+    if not (events / "started.json").exists() and not what.startswith("error: "):
         raise WorkersDidNotStart(
             f"Starting {n} processes failed before their first step together: process {rank} {what}. That is the "
             f"process group starting up (NCCL on GPUs, gloo on a CPU), not your data or parameters. If it is NCCL, "

@@ -35,6 +35,7 @@ from .common import (
     csv_text,
     duration,
     is_number,
+    report_launch_event,
     tensor_bytes,
     torch_file,
     watched,
@@ -46,7 +47,6 @@ from .model import LMLoss, count_params, flops_per_token
 from .optim import lr_at, make_optimizers, set_lr
 from .tokenizer import save_tokenizer
 
-STARTED = "processes train together"  # what launch() waits to see before a failure is no longer a start-up one
 PLAN_PROBE_STEPS = (5, 20)  # max_steps="auto" times this session's steps 6..20, then plans
 FP16_MAX_SKIPS_IN_A_ROW = 25  # GradScaler halves its scale at each skip: 25 in a row means the run diverged
 LOG_COLUMNS = ["step", "tokens", "train_loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "mfu", "elapsed_s",
@@ -369,7 +369,8 @@ def train(model, train_data, val_batches, cfg, work: Path, budget: Budget | None
                                                       run.precision)
             state.step += 1
             if state.step == first_step + 1 and acc.num_processes > 1:  # past the process group's first all-reduce
-                run.say(f"{stage}: {acc.num_processes} {STARTED}")
+                run.say(f"{stage}: {acc.num_processes} processes train together")
+                report_launch_event("started", processes=acc.num_processes)  # launch(): no longer a start-up failure
             window.add(loss, stats, real)
             session_tokens += real
             bar.update(1)

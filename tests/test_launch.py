@@ -158,3 +158,21 @@ def test_processes_that_cannot_start_together_leave_the_session_on_one(tokenizer
     assert "NCCL_P2P_DISABLE=1" in said and "This session continues on one process." in said
     m = pg.read_json(out / "metrics.json")
     assert m["finished"] and m["processes"] == 1
+
+
+def test_the_launcher_hears_its_workers_in_files_not_in_the_words_they_print(tokenizer_stage, tmp_path, monkeypatch,
+                                                                              capsys):
+    """Whether the processes had started together is told by a file rank 0 writes, not read off its output: a run
+    whose folder's name holds the words of that message ("processes train together", printed in the resume
+    line before the process group starts) still counts as a start-up failure when the group cannot start, so
+    the session goes on on one process; and the stage's "done: " line is the launcher's to say."""
+    first = pg.run_pretrain_stage(pretrain_cfg(tokenizer_stage, tmp_path / "first", max_steps=4, processes=None))
+    earlier = tmp_path / "2 processes train together" / "pretrain"
+    shutil.copytree(first, earlier)
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "no-such-interface0")
+    out = pg.launch(pg.run_pretrain_stage, pretrain_cfg(tokenizer_stage, tmp_path / "second", max_steps=6,
+                                                        resume_from=str(earlier)))
+    said = capsys.readouterr().out
+    assert f"resuming {earlier}" in said and "This session continues on one process." in said
+    m = pg.read_json(out / "metrics.json")
+    assert m["finished"] and m["processes"] == 1 and m["steps"] == 6

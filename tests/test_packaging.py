@@ -1,0 +1,47 @@
+"""The package's metadata: `pip install -e .` on someone's GPU machine takes ranges the code supports (never the
+CPU build of torch pinned here, never pytest); requirements.txt stays the exact set CI installs and tests."""
+import re
+import tomllib
+from pathlib import Path
+
+from packaging.requirements import Requirement
+
+HERE = Path(__file__).resolve().parents[1]
+TEST_TOOLS = {"pytest", "llama-cpp-python", "tensorboard"}
+
+
+def pinned(*files) -> dict[str, str]:
+    """name -> version of every `name==version` line in the requirements files."""
+    pins = {}
+    for name in files:
+        for line in (HERE / name).read_text().splitlines():
+            m = re.match(r"\s*([A-Za-z0-9_.\-]+)==([^\s#]+)", line)
+            if m:
+                pins[m[1].lower()] = m[2]
+    return pins
+
+
+def project() -> dict:
+    return tomllib.loads((HERE / "pyproject.toml").read_text())["project"]
+
+
+def test_the_runtime_dependencies_are_ranges_that_the_pinned_set_satisfies_and_no_test_tool():
+    deps = [Requirement(d) for d in project()["dependencies"]]
+    pins = pinned("requirements.txt")
+    names = {d.name.lower() for d in deps}
+    assert not names & TEST_TOOLS, "a test tool is a runtime dependency"
+    assert names == set(pins) - TEST_TOOLS, "pyproject.toml and requirements.txt name different packages"
+    for d in deps:
+        assert d.specifier and not any(s.operator == "==" for s in d.specifier), f"{d}: a range, not a pin"
+        assert d.specifier.contains(pins[d.name.lower()]), f"{d} does not admit the tested {pins[d.name.lower()]}"
+        assert any(s.operator == ">=" for s in d.specifier), f"{d}: say the lowest version that works"
+    torch = next(d for d in deps if d.name == "torch")
+    assert torch.specifier.contains("2.10.0"), "Kaggle's image carries torch 2.10"
+
+
+def test_the_test_tools_are_an_extra_that_the_dev_pins_satisfy():
+    extra = [Requirement(d) for d in project()["optional-dependencies"]["test"]]
+    pins = pinned("requirements.txt", "requirements-dev.txt")
+    assert {d.name.lower() for d in extra} == TEST_TOOLS
+    for d in extra:
+        assert d.specifier.contains(pins[d.name.lower()]), f"{d} does not admit the tested {pins[d.name.lower()]}"
