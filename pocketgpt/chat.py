@@ -1,6 +1,6 @@
 """Chat: talk to an exported model (its folder through transformers, or a GGUF through llama.cpp) in a terminal.
 
-Imports: common, tokenizer, model, dialogs, gguf.
+Imports: common, config, tokenizer, model, dialogs, gguf.
 """
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch
 from transformers import TextStreamer
 
 from .common import PocketGPTError
+from .config import SEED
 from .dialogs import CHAT_TEMPLATE
 from .gguf import LLAMA_SKIPPED, llama_chat_ids, llama_cpp_problem, load_llama
 from .model import SAMPLING, generate, load_model
@@ -115,7 +116,7 @@ def fit_conversation(bot, messages: list[dict], room: int) -> list[dict]:
 
 
 def chat(path, prompt: str | None = None, system: str | None = None, greedy: bool = False,
-         max_new_tokens: int | None = None, seed: int = 1337, stdin=None, out=None) -> int:
+         max_new_tokens: int | None = None, seed: int = SEED, stdin=None, out=None) -> int:
     """`python pocketgpt_utils.py chat PATH`: a conversation in the terminal (each answer streams;
     earlier turns stay in the prompt while they fit the context; /reset forgets them; an empty
     line is ignored; Ctrl-D or /quit ends), or with `prompt` one answer, printed, for scripts."""

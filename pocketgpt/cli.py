@@ -12,7 +12,7 @@ import json
 import sys
 
 from .common import STAGES, PocketGPTError, is_main_process, launcher_mismatch, report_launch_event
-from .config import PROFILES
+from .config import PROFILES, SEED
 
 STAGE_RUNNERS = {  # stage -> (its config, the module and function that run it)
     "tokenizer": ("TokenizerConfig", "tokenizer", "build_tokenizer_stage"),
@@ -51,7 +51,7 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--system", help="a system text put before the first instruction")
     c.add_argument("--greedy", action="store_true", help="always the likeliest token (default: the seed's sampling)")
     c.add_argument("--max-new-tokens", type=int, help="longest answer (default: half the context)")
-    c.add_argument("--seed", type=int, default=1337)
+    c.add_argument("--seed", type=int, default=SEED)
     b = sub.add_parser("bench", help="time the training step (tokens/s, MFU) on this device")
     b.add_argument("--profile", default="t4", choices=sorted(PROFILES))
     b.add_argument("--reference", action="store_true", help="also time a plain PyTorch GPT of the same shape")

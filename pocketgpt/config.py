@@ -16,6 +16,9 @@ from typing import ClassVar
 
 from .common import SPECIAL_TOKENS, PocketGPTError, data_format, default_run_dir
 
+SEED = 1337  # the default seed of everything seeded: the stages, sampling answers, the chat
+MODEL_SHAPE = ("n_layer", "n_head", "n_embd", "n_positions")  # what a checkpoint's weights must match to load
+
 PROFILES = {
     "t4": {},  # the dataclass defaults: the seed's 27M GPT-2, batches that fill a 16 GB T4
     "demo": {  # a tiny model that trains in minutes on a laptop CPU
@@ -68,7 +71,7 @@ class StageConfig:
     stage: ClassVar[str] = ""
     profile: str = "t4"
     run_dir: str | None = None
-    seed: int = 1337
+    seed: int = SEED
     out_dir: str | None = None
 
     def __post_init__(self):
@@ -148,7 +151,7 @@ class PretrainConfig(TrainConfig):
 
 
 def check_model_shape(cfg) -> None:
-    for name in ["n_layer", "n_head", "n_embd", "n_positions"]:
+    for name in MODEL_SHAPE:
         if int(getattr(cfg, name)) < 1:
             raise PocketGPTError(f"{name}={getattr(cfg, name)} must be a positive integer.")
     if cfg.n_embd % cfg.n_head:

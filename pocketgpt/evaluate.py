@@ -2,7 +2,7 @@
 
 Owns: val loss, perplexity and bits per byte; the response loss; answer quality (ROUGE-L, eos share,
 repetition, distinct-2, length) of greedy and sampled answers; ask() for the notebook.
-Imports: common, tokenizer, model, batches, train, plots, dialogs, dpo.
+Imports: common, config, tokenizer, model, batches, train, plots, dialogs, dpo.
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from transformers import TextStreamer
 
 from .batches import DialogBatches, TokenWindows, pad_rows
 from .common import BOS_ID, EOS_ID, read_json, watched
+from .config import SEED
 from .dialogs import chat_prompt_ids, dialog_ids, distinct_n, encode_dialogs, eos_and_repeats
 from .dpo import answer_logprob
 from .model import LMLoss, generate, generate_many, load_model
@@ -53,7 +54,7 @@ def eval_responses(model, tok, pairs, batch_size: int = 16) -> float:
     return evaluate(LMLoss(model, padded=True), DialogBatches(rows, batch_size, 0).eval_batches(10**9), model.device)
 
 
-def answer_table(model, tok, prompts, max_length: int = 384, seed: int = 1337) -> list[dict]:
+def answer_table(model, tok, prompts, max_length: int = 384, seed: int = SEED) -> list[dict]:
     """Sampled (the seed's settings) and greedy answers to a few instructions, and whether each ended with
     <|eos|>: examples to read; the measures come from answer_quality, on the held-out sample."""
     rows = []
@@ -71,7 +72,7 @@ def answer_table(model, tok, prompts, max_length: int = 384, seed: int = 1337) -
 QUALITY_ROWS = 256  # held-out dialogs answered per model (all of them where there are fewer)
 
 
-def answer_quality(model, tok, pairs, seed: int = 1337, name: str = "model") -> tuple[dict, list[dict]]:
+def answer_quality(model, tok, pairs, seed: int = SEED, name: str = "model") -> tuple[dict, list[dict]]:
     """How a model answers held-out instructions, against the reference answers: for greedy and sampled
     answers, ROUGE-L F1 (rouge-score; None where it is not installed), the share that end with <|eos|>,
     the share of repeated 3-grams inside an answer, distinct-2 across answers, the mean length in words."""

@@ -3,7 +3,7 @@
 Owns: building the seed's GPT-2 (tied embeddings, SDPA, fused tanh GELU), its FLOPs per token, the loss taken
 from the hidden states on pre-shifted targets (LMLoss), loading a saved folder and generating from it (one
 prompt, or many in left-padded batches) as the seed samples.
-Imports: common.
+Imports: common, config.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from .common import BOS_ID, EOS_ID, PAD_ID, PocketGPTError, progress, quiet_library_bars
+from .config import SEED
 
 
 def build_model(vocab_size: int, cfg):
@@ -90,7 +91,7 @@ def load_model(folder):
 
 
 def generate(model, tok, prompt_ids: list[int], max_new_tokens: int = 64, greedy: bool = False,
-             seed: int = 1337, streamer=None) -> list[int]:
+             seed: int = SEED, streamer=None) -> list[int]:
     """New token ids after the prompt (stopping at <|eos|>), sampled as the seed does or greedy.
 
     The model has n_positions positions; a prompt that leaves no room for an answer keeps its
@@ -111,7 +112,7 @@ def generate(model, tok, prompt_ids: list[int], max_new_tokens: int = 64, greedy
     return out[0, len(prompt_ids):].tolist()
 
 
-def generate_many(model, prompts_ids, greedy: bool, seed: int = 1337, batch_size: int = 32,
+def generate_many(model, prompts_ids, greedy: bool, seed: int = SEED, batch_size: int = 32,
                   desc: str | None = None) -> list[list[int]]:
     """New ids for many prompts at once, each cut after its <|eos|>: left-padded batches of prompts of
     similar length (GPT-2 takes its positions from the attention mask in generate()), each answer

@@ -19,7 +19,7 @@ from .common import (
     stage_output,
     write_json,
 )
-from .config import PretrainConfig
+from .config import MODEL_SHAPE, PretrainConfig
 from .device import cpu_has_native_bf16
 from .launch import processes_for
 from .model import build_model, count_params, flops_per_token
@@ -40,7 +40,7 @@ def run_pretrain_stage(cfg: PretrainConfig, stop_at_step: int | None = None, pre
     resume = load_checkpoint(resume_dir) if resume_dir else None
     if resume:
         old = resume["config"]
-        for name in ["n_layer", "n_head", "n_embd", "n_positions"]:
+        for name in MODEL_SHAPE:
             if old[name] != getattr(cfg, name):
                 raise PocketGPTError(f"resume_from={resume_dir}: that run has {name}={old[name]}, these parameters "
                                      f"say {getattr(cfg, name)}. Use the same model shape to resume.")

@@ -1,5 +1,7 @@
-"""The package's metadata: `pip install -e .` on someone's GPU machine takes ranges the code supports (never the
-CPU build of torch pinned here, never pytest); requirements.txt stays the exact set CI installs and tests."""
+"""The package: its metadata (`pip install -e .` on someone's GPU machine takes ranges the code supports, never
+the CPU build of torch pinned here, never pytest; requirements.txt stays the exact set CI installs and tests), and
+facts written once."""
+import ast
 import re
 import tomllib
 from pathlib import Path
@@ -45,3 +47,17 @@ def test_the_test_tools_are_an_extra_that_the_dev_pins_satisfy():
     assert {d.name.lower() for d in extra} == TEST_TOOLS
     for d in extra:
         assert d.specifier.contains(pins[d.name.lower()]), f"{d} does not admit the tested {pins[d.name.lower()]}"
+
+
+def test_the_seed_and_the_model_shape_are_written_once():
+    """The default seed (1337) is spelled in config.py alone, and so is the list of the model's shape parameters;
+    every other module imports them (SEED, MODEL_SHAPE)."""
+    shape = {"n_layer", "n_head", "n_embd", "n_positions"}
+    for path in sorted((HERE / "pocketgpt").glob("*.py")):
+        if path.name == "config.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            assert not (isinstance(node, ast.Constant) and node.value == 1337), f"{path.name}:{node.lineno}: use SEED"
+            if isinstance(node, (ast.List, ast.Tuple, ast.Set)):
+                names = {e.value for e in node.elts if isinstance(e, ast.Constant)}
+                assert not shape <= names, f"{path.name}:{node.lineno}: use MODEL_SHAPE"
