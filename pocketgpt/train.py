@@ -190,7 +190,8 @@ def why_unreadable(e: Exception) -> str:
     if isinstance(e, pickle.UnpicklingError):
         asked = re.search(r"GLOBAL ([\w.]+)", str(e))
         if asked:
-            return f"it asks for {asked.group(1)} when read, which is code, and a checkpoint holds only data"
+            return (f"it asks for {asked.group(1)} when read, and a checkpoint holds only data (tensors, numbers, "
+                    f"text, lists, dicts)")
         said = [line.strip() for line in str(e).splitlines() if line.strip() and not line.startswith(
             ("Weights only load failed", "Please file an issue", "Check the documentation"))]
         return f"it is not a PyTorch file that holds only data (torch: {' '.join(said)[-160:]})"

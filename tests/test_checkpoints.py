@@ -124,7 +124,7 @@ def test_a_file_that_is_not_a_pocketgpt_checkpoint_is_refused_in_one_message(tmp
         path.write_bytes(real.read_bytes()[: real.stat().st_size // 2])
     else:
         path.write_bytes(b"")
-    why = {"bare pickle": "it asks for posix.system when read, which is code",
+    why = {"bare pickle": "it asks for posix.system when read, and a checkpoint holds only data",
            "bare pickle 4": "it is not a PyTorch file that holds only data (torch: ", "state_dict": f"a dict of {len(model.state_dict())} entries",
            "other dict": "a dict of 2 entries (epoch, weights), not a pocketGPT checkpoint (no model, optimizer",
            "list": "holds a list, not a pocketGPT checkpoint", "truncated": "may be truncated",
