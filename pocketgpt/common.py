@@ -423,6 +423,16 @@ def csv_text(header, rows) -> str:
 # -----------------------------------------------------------------------------
 # Stage folders: a .partial renamed into place with its manifest, found by it
 
+def stage_manifest(folder, stage: str) -> dict | None:
+    """The manifest of `folder` when it says a finished `stage` wrote the folder, else None."""
+    try:
+        manifest = read_json(Path(folder) / "manifest.json")
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) and manifest.get("stage") == stage and manifest.get("finished_at") \
+        else None
+
+
 def find_stage(stage: str, path=None, run_dir=None) -> Path:
     """Find the folder a finished `stage` wrote, by its manifest.json.
 
@@ -443,11 +453,8 @@ def find_stage(stage: str, path=None, run_dir=None) -> Path:
     for root in roots:
         candidates = [root / "manifest.json"] + sorted(root.glob("**/manifest.json")) if root.is_dir() else []
         for m in candidates:
-            try:
-                manifest = read_json(m)
-            except (OSError, ValueError):
-                continue
-            if manifest.get("stage") == stage and manifest.get("finished_at"):
+            manifest = stage_manifest(m.parent, stage)
+            if manifest:
                 found.append((manifest["finished_at"], m.parent))
     if not found:
         hint = (f"attach the output of the {STAGES[stage]} notebook to this one" if on_kaggle()
@@ -616,17 +623,25 @@ def newest_ckpt_file(folder) -> Path:
     return max(found, key=lambda c: c.stat().st_mtime)
 
 
+def own_checkpoints(stage: str, out_dir) -> list[Path]:
+    """The folders of this stage's own output that a resume found without a path may start from: `out_dir`
+    when its manifest says it is a finished `stage` folder, and the .partial that stage_output makes beside it
+    (it has no manifest until it is renamed into place). A ckpt.pt anywhere else is never picked up."""
+    out_dir = Path(out_dir)
+    return [f for f in [out_dir] if stage_manifest(f, stage)] + [partial_dir(out_dir)]
+
+
 def resolve_resume(resume_from, stage: str, out_dir) -> Path | None:
     """The folder to resume from, or None for a fresh run.
 
-    "auto": the newer checkpoint of this stage's folder and its .partial (a run killed after it
-    resumed has a .partial newer than the finished folder it started from). A folder: that one,
+    "auto": the newer checkpoint of this stage's folder (by its manifest) and its .partial (a run killed
+    after it resumed has a .partial newer than the finished folder it started from). A folder: that one,
     or the .partial beside it when that is newer (after a crash only the .partial exists). None:
-    a fresh run here; on Kaggle, the newest of an attached earlier run and this session's own.
+    a fresh run here; on Kaggle, the newest of an attached earlier run (a finished folder of this stage, by its
+    manifest: find_stage) and this session's own. Whatever is found is read as data only (load_checkpoint).
     """
-    out_dir = Path(out_dir)
     if resume_from == "auto":
-        return newest_checkpoint([out_dir, partial_dir(out_dir)])
+        return newest_checkpoint(own_checkpoints(stage, out_dir))
     if resume_from:
         folder = Path(resume_from)
         found = newest_checkpoint([folder] if folder.name.endswith(".partial") else [folder, partial_dir(folder)])
@@ -639,7 +654,7 @@ def resolve_resume(resume_from, stage: str, out_dir) -> Path | None:
             attached = [find_stage(stage)]
         except PocketGPTError:
             attached = []
-        return newest_checkpoint(attached + [out_dir, partial_dir(out_dir)])
+        return newest_checkpoint(attached + own_checkpoints(stage, out_dir))
     return None
 
 

@@ -132,7 +132,7 @@ def write_gguf(hf_dir, out_path, ftype="f16"):
 
     if ftype not in GGUF_FTYPES:
         raise PocketGPTError(f"ftype must be one of {GGUF_FTYPES}, got {ftype!r}")
-    model = GPT2LMHeadModel.from_pretrained(hf_dir, dtype=torch.float32)
+    model = GPT2LMHeadModel.from_pretrained(hf_dir, dtype=torch.float32, use_safetensors=True)
     tokenizer = GPT2TokenizerFast.from_pretrained(hf_dir)
     cfg = model.config
     # llama.cpp's gpt2 graph is the plain GPT-2 block; refuse configs it would silently run wrong
@@ -339,7 +339,7 @@ def verify_gguf(gguf_path, hf_dir, prompts, tokenization_texts, n_generate=64):
     """
     ftype = gguf_ftype(gguf_path)
     tol = GGUF_TOLERANCES[ftype]
-    model = GPT2LMHeadModel.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    model = GPT2LMHeadModel.from_pretrained(hf_dir, dtype=torch.float32, use_safetensors=True).eval()
     tokenizer = GPT2TokenizerFast.from_pretrained(hf_dir)
     n_ctx = model.config.n_positions
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
@@ -418,7 +418,7 @@ def generation_speed(gguf_path, hf_dir, prompt, n_generate=128):
     Both produce exactly n_generate new tokens (eos ignored) from the same prompt with the
     same number of CPU threads; the time includes reading the prompt, as a user would wait it.
     """
-    model = GPT2LMHeadModel.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    model = GPT2LMHeadModel.from_pretrained(hf_dir, dtype=torch.float32, use_safetensors=True).eval()
     tokenizer = GPT2TokenizerFast.from_pretrained(hf_dir)
     ids = tokenizer.encode(prompt)
     n_generate = min(n_generate, model.config.n_positions - len(ids))

@@ -82,11 +82,17 @@ SAMPLING = dict(do_sample=True, top_p=0.9, temperature=0.8)  # the seed's sampli
 
 @quiet_library_bars()
 def load_model(folder):
-    """A saved model folder, with an error that names it when it is not one."""
+    """A saved model folder, its weights from model.safetensors (plain data, never a pickle: a pytorch_model.bin
+    beside it is not read), with an error that names the folder when it is not one."""
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise PocketGPTError(f"{folder} holds no config.json: point at a model folder a pocketGPT stage wrote.")
-    model = GPT2LMHeadModel.from_pretrained(str(folder))
+    if not (folder / "model.safetensors").is_file():
+        raise PocketGPTError(f"{folder} holds no model.safetensors, so it was not loaded: pocketGPT reads a model's "
+                             f"weights from safetensors only (a pytorch_model.bin is a pickle, which can run code "
+                             f"when read). Point at a model folder a pocketGPT stage wrote, or save this model with "
+                             f"save_pretrained, which writes model.safetensors.")
+    model = GPT2LMHeadModel.from_pretrained(str(folder), use_safetensors=True)
     return model.eval()
 
 

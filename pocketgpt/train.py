@@ -14,8 +14,11 @@ from __future__ import annotations
 import csv
 import dataclasses
 import math
+import pickle
 import random
+import re
 import time
+import warnings
 from contextlib import nullcontext
 from datetime import datetime
 from pathlib import Path
@@ -101,9 +104,20 @@ def evaluate(loss_fn, batches, device, precision: str = "fp32", units=LMLoss.uni
 
 
 def rng_state(device) -> dict:
-    """This process's random streams (dropout, sampling): each process has its own."""
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+    """This process's random streams (dropout, sampling): each process has its own. Kept in plain types and
+    tensors (numpy's key as a list of ints), so the checkpoint loads as data (load_checkpoint)."""
+    numpy_state = np.random.get_state(legacy=False)
+    numpy_state["state"] = {**numpy_state["state"], "key": numpy_state["state"]["key"].tolist()}
+    return {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def set_numpy_state(state) -> None:
+    """numpy's stream from a checkpoint: the dict rng_state keeps, or the tuple (with an array) of a checkpoint
+    written before it did."""
+    if isinstance(state, dict):
+        state = {**state, "state": {**state["state"], "key": np.asarray(state["state"]["key"], dtype=np.uint32)}}
+    np.random.set_state(state)
 
 
 def restore_rng(states: list, acc) -> str | None:
@@ -121,7 +135,7 @@ def restore_rng(states: list, acc) -> str | None:
     if rank < len(states):
         s = states[rank]
         random.setstate(s["python"])
-        np.random.set_state(s["numpy"])
+        set_numpy_state(s["numpy"])
         torch.set_rng_state(s["torch"])
         cuda = s.get("cuda")
         cuda = cuda[0] if isinstance(cuda, list) and cuda else cuda  # checkpoints before per-process states
@@ -132,17 +146,67 @@ def restore_rng(states: list, acc) -> str | None:
     return note
 
 
+CHECKPOINT_KEYS = ("model", "optimizer", "data", "rng", "config")  # what every pocketGPT checkpoint has held
+
+
+def legacy_numpy_globals() -> list:
+    """What a checkpoint written before rng_state kept plain types holds beyond them: numpy's random state, an
+    array of uint32 (numpy's array rebuilder, by the names numpy 1.x and 2.x pickle it under; ndarray; dtype and
+    the class of its uint32 instance, which is built). Nothing else of numpy, and nothing that runs code."""
+    reconstruct = np.zeros(1).__reduce__()[0]  # numpy's array rebuilder, wherever this numpy keeps it
+    return [np.ndarray, np.dtype, type(np.dtype(np.uint32)),
+            *[(reconstruct, f"{module}.multiarray._reconstruct") for module in ("numpy.core", "numpy._core")]]
+
+
 def load_checkpoint(folder) -> dict:
-    """ckpt.pt from a stage folder (finished, or the .partial a stopped run left)."""
+    """ckpt.pt from a stage folder (finished, or the .partial a stopped run left), read as data only.
+
+    torch.load with weights_only=True builds tensors, numbers, strings, lists, tuples and dicts (and the numpy
+    array of an older checkpoint's RNG state), never anything a pickle asks for beyond them: a file from
+    someone else (an attached Kaggle input) cannot run code here. What is not a pocketGPT checkpoint is
+    refused in one message."""
     path = Path(folder) / "ckpt.pt"
     if not path.is_file():
         raise PocketGPTError(f"resume_from={folder}: no ckpt.pt there. Point it at a pretrain/sft folder "
                              f"(or its .partial) written by an earlier run.")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)  # our own file: RNG states inside
+        with torch.serialization.safe_globals(legacy_numpy_globals()), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")  # a foreign pickle: refused below
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise PocketGPTError(f"{path} cannot be read ({type(e).__name__}: {e}); it may be truncated. "
-                             f"Resume from an earlier copy or start again.") from None
+        raise refused_checkpoint(path, why_unreadable(e)) from None
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        held = (f"a dict of {len(ckpt)} entries ({', '.join(map(str, list(ckpt)[:4]))}{', ...' if len(ckpt) > 4 else ''})"
+                if isinstance(ckpt, dict) else f"a {type(ckpt).__name__}")
+        raise refused_checkpoint(path, f"it holds {held}, not a pocketGPT checkpoint (no {', '.join(missing)}): "
+                                       f"perhaps another tool's file")
+    return ckpt
+
+
+def why_unreadable(e: Exception) -> str:
+    """Why torch.load(weights_only=True) refused a file, in our words: what a crafted pickle asks for (torch names
+    it), a pickle the data-only reader cannot follow, or a file that is not whole."""
+    if isinstance(e, pickle.UnpicklingError):
+        asked = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if asked:
+            return (f"it asks for {asked.group(1)} when read, and a checkpoint holds only data (tensors, numbers, "
+                    f"text, lists, dicts)")
+        said = [line.strip() for line in str(e).splitlines() if line.strip() and not line.startswith(
+            ("Weights only load failed", "Please file an issue", "Check the documentation"))]
+        return f"it is not a PyTorch file that holds only data (torch: {' '.join(said)[-160:]})"
+    if isinstance(e, (PermissionError, IsADirectoryError)):
+        return f"it cannot be read ({e.strerror or e})"
+    return f"it is not a whole PyTorch file ({type(e).__name__}{': ' if str(e) else ''}{str(e)[:160]}); it may be truncated"
+
+
+def refused_checkpoint(path: Path, why: str) -> PocketGPTError:
+    """The one message of a ckpt.pt that is not ours: which file, that nothing of it was loaded or run, why,
+    and what to do."""
+    why = " ".join(why.split())  # one line, whatever the library's message held
+    return PocketGPTError(f"{path} was not loaded (nothing in it was run): {why}. Resume only from a pretrain or sft "
+                          f"folder a pocketGPT run wrote: point resume_from at one; to start afresh instead, move "
+                          f"this file's folder away (on Kaggle: detach the input holding it).")
 
 
 def agree(acc, *flags: bool) -> list[bool]:
