@@ -92,8 +92,8 @@ def autocast(device, precision: str):
 
 
 # compile="auto" on a CPU: only in a session this long. Measured at the demo shape on a 2-core CPU (README):
-# compiling costs about 90 s and makes a step about 15% faster, so it repays itself after about 12 minutes of
-# steps, and the demo's 6-minute session loses time to it. One shape on one CPU: "auto" asks for ten times the
+# compiling costs about 90 s and makes a step about 15% faster, so it repays itself after about 10 minutes of
+# steps, and the demo's 6-minute session loses time to it. One shape on one CPU: "auto" asks for twelve times the
 # break-even before it counts on it.
 CPU_COMPILE_MIN_HOURS = 2.0
 

@@ -232,7 +232,8 @@ def try_micro_batch(run, batch, val_batch) -> tuple[BaseException | None, str | 
                 out = module(x.to(acc.device), y.to(acc.device))
             (out[0] if isinstance(out, tuple) else out).backward()
             del out, reserve
-            evaluate(module, [val_batch], acc.device, run.precision, run.loss_module.units)
+            if val_batch is not None:
+                evaluate(module, [val_batch], acc.device, run.precision, run.loss_module.units)
         if acc.device.type == "cuda":
             torch.cuda.synchronize()  # a kernel that fails to launch fails here, not at step 1
     except Exception as e:  # noqa: BLE001 - which failures are the compiler's is decided below
@@ -261,7 +262,8 @@ def fit_first_step(run, state: RunState, train_data, val_batch) -> None:
     micro = min(state.micro_batch or cfg.batch_size, cfg.batch_size)
     batch, too_big = train_data.largest_batch(), []
     while True:
-        oom, failure = try_micro_batch(run, train_data.split(batch, micro)[0], train_data.split(val_batch, micro)[0])
+        oom, failure = try_micro_batch(run, pieces_of(train_data, batch, micro)[0],
+                                       pieces_of(train_data, val_batch, micro)[0] if val_batch else None)
         oom_anywhere, failed_anywhere = agree(acc, oom is not None, failure is not None)
         if failed_anywhere:
             failure = next(f for f in (gather_object([failure]) if acc.num_processes > 1 else [failure]) if f)
@@ -290,11 +292,17 @@ def fit_first_step(run, state: RunState, train_data, val_batch) -> None:
     state.micro_batch, state.grad_accum_steps = micro, cfg.grad_accum_steps * pieces
 
 
+def pieces_of(train_data, batch, micro: int) -> list:
+    """A data batch in micro-batches of `micro` rows; whole where the micro-batch is the data's own batch size
+    (03's last batch of a chunk can hold a few rows more: it stays one micro-batch, as it always was)."""
+    return train_data.split(batch, micro) if micro < train_data.B else [batch]
+
+
 def micro_batches(train_data, batches: list, micro: int) -> tuple[list, list]:
     """The step's data batches in micro-batches of `micro` rows, each weighted by its share of the step."""
     pieces, weights = [], []
     for batch in batches:
-        split = train_data.split(batch, micro)
+        split = pieces_of(train_data, batch, micro)
         rows = sum(len(y) for _, y in split)
         pieces += split
         weights += [len(y) / rows / len(batches) for _, y in split]
@@ -465,8 +473,8 @@ def train(model, train_data, val_batches, cfg, work: Path, budget: Budget | None
         run.say(f"Muon: Newton-Schulz in {run.newton_schulz}" + (" (this device has no native bf16)"
                                                                   if run.newton_schulz == "fp32" else ""))
     # the session's first minutes: compile (or fall back), fit the micro-batch; the clock for the plan starts after
-    fit_first_step(run, state, train_data, max(val_batches, key=lambda b: b[0].numel()))
-    val_batches = [piece for b in val_batches for piece in train_data.split(b, state.micro_batch)]
+    fit_first_step(run, state, train_data, max(val_batches, key=lambda b: b[0].numel(), default=None))
+    val_batches = [piece for b in val_batches for piece in pieces_of(train_data, b, state.micro_batch)]
     budget.begin()
     session_started, first_step, hours_before = time.time(), state.step, state.hours
     val_tokens = sum(int((y != -100).sum()) for _, y in val_batches)

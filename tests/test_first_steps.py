@@ -14,8 +14,8 @@ from test_real_path import ENV, pretrain_params, stage_cmd
 import pocketgpt_utils as pg
 from pocketgpt.batches import DialogBatches, PairBatches
 from pocketgpt.common import HERE
-from pocketgpt.train import load_checkpoint, read_log
 from pocketgpt.device import CPU_COMPILE_MIN_HOURS
+from pocketgpt.train import PLAN_PROBE_STEPS, load_checkpoint, read_log
 
 BROKEN_COMPILER = {"CC": "/bin/false", "CXX": "/bin/false"}  # inductor finds no working C++ compiler
 # glibc as a fixed allocator: one arena (a thread's own 64 MB arena would move the address space about), and
@@ -139,3 +139,23 @@ def test_03s_largest_batch_is_the_one_tried_first_and_the_seeded_order_goes_on(t
 def tok_rows():
     rng = np.random.default_rng(0)
     return [(list(range(n)), list(range(n))) for n in rng.integers(3, 60, size=400)]
+
+
+# -----------------------------------------------------------------------------
+# The plan of max_steps="auto" is made after compiling and fitting
+
+def test_the_plan_times_steps_after_compiling_and_matches_the_steady_step_time(tokenizer_stage, tmp_path):
+    """compile=True with a working compiler on this CPU, and an evaluation among the steps the plan times (its
+    first run would compile the eval graph): the plan's step time is within 30% of the step time the log shows
+    after it."""
+    params = pretrain_params(tokenizer_stage, tmp_path, n_layer=1, compile=True, max_steps="auto", max_epochs=1000,
+                             max_hours=150 / 3600, log_interval=10, eval_interval=10, warmup_steps=5)
+    proc = run("pretrain", 1, params, {})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    m = pg.read_json(tmp_path / "pretrain" / "metrics.json")
+    assert m["compiled"] and m["planned"] and m["plan_step_s"]
+    tokens_per_step = params["batch_size"] * params["n_positions"]
+    steady = [tokens_per_step / r["tokens_per_s"] for r in read_log(tmp_path / "pretrain" / "log.csv")
+              if r["step"] > PLAN_PROBE_STEPS[1] and r["tokens_per_s"]]
+    assert len(steady) >= 2, proc.stdout
+    assert m["plan_step_s"] == pytest.approx(float(np.median(steady)), rel=0.3), (m["plan_step_s"], steady)
