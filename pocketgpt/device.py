@@ -92,9 +92,9 @@ def autocast(device, precision: str):
 
 
 # compile="auto" on a CPU: only in a session this long. Measured at the demo shape on a 2-core CPU (README):
-# compiling costs about 90 s and makes a step about 15% faster, so it repays itself after about 10 minutes of
-# steps, and the demo's 6-minute session loses time to it. One shape on one CPU: "auto" asks for twelve times the
-# break-even before it counts on it.
+# compiling costs 80-90 s and makes a step 1.2-1.5x faster, so it repays itself after 5 to 10 minutes of steps,
+# and the demo's 6-minute session trains no more steps with it. One shape on one busy CPU: "auto" asks for a
+# session ten times that long before it counts on it.
 CPU_COMPILE_MIN_HOURS = 2.0
 
 
