@@ -201,8 +201,9 @@ figures["t4_context_1024"] = {os.path.basename(p)[9:-5]: {k: read(p, {}).get(k) 
 fit = read(f"{work}/fit_run/pretrain/metrics.json", {})
 figures["t4_first_steps"] = {k: fit.get(k) for k in ("compiled", "compile_error", "micro_batch", "grad_accum_steps",
                              "precision", "tokens_per_s")} if fit else {"error": (lines(f"{work}/fit.log") or ["not run"])[-1]}
-if fit:  # the profile asks batch_size 32 x grad_accum_steps 4: a smaller micro-batch means the fit was needed
-    figures["t4_first_steps"]["fit_needed"] = fit.get("micro_batch") != 32
+if fit:  # a micro-batch smaller than the batch_size asked for: the fit was needed
+    asked = read(f"{work}/fit_run/pretrain/manifest.json", {}).get("params", {}).get("batch_size")
+    figures["t4_first_steps"].update(batch_size=asked, fit_needed=fit.get("micro_batch") != asked)
 figures["seconds"] = secs
 json.dump(figures, open(out, "w"), indent=1)
 print(json.dumps(figures, indent=1))' "$WORK" "$FIGURES" "$GPU" "$tests_rc" "$SECONDS"
