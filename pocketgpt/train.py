@@ -245,11 +245,11 @@ def try_micro_batch(run, batch, val_batch) -> tuple[BaseException | None, str | 
             raise
     for opt in run.optimizers:
         opt.zero_grad(set_to_none=True)
-    if oom is not None:
-        oom = MemoryError(short_error(oom))  # the message alone: the traceback holds the activations
-    gc.collect()
-    if acc.device.type == "cuda":
-        torch.cuda.empty_cache()
+    if oom is not None:  # the message alone: the traceback holds the activations, which go now
+        oom = MemoryError(short_error(oom))
+        gc.collect()
+        if acc.device.type == "cuda":
+            torch.cuda.empty_cache()
     return oom, failure
 
 
