@@ -53,6 +53,14 @@ class TokenWindows:
         rows = np.stack([self.data[i * self.T:i * self.T + self.T + 1] for i in idx]).astype(np.int64)
         return torch.from_numpy(rows[:, :-1].copy()), torch.from_numpy(rows[:, 1:].copy())
 
+    def largest_batch(self):
+        """A batch as large as any this data gives (every window is T long): train() tries it before the first
+        step, so a micro-batch that does not fit is found at once. The position does not move."""
+        return self.windows(np.arange(self.B) % self.n)
+
+    def split(self, batch, rows: int) -> list:
+        return split_rows(batch, rows)
+
     def epochs_done(self) -> float:
         """Passes over the training windows so far (1.5: one and a half)."""
         return self.epoch + self.index / self.n
@@ -136,6 +144,17 @@ class DialogBatches:
     def collate(self, idx):
         return pad_rows([self.rows[i] for i in idx])
 
+    def largest_batch(self):
+        """This process's share of the global batch that fills the most positions (rows x its longest row):
+        as long as their longest row, 03's batches peak in memory hours in; train() tries this one before
+        the first step. The position does not move: training goes on in the seeded order."""
+        def size(b):
+            return max(len(b[r::self.world]) for r in range(self.world)) * max(self.length(i) for i in b)
+        return self.collate(max(self.batches(), key=size)[self.rank::self.world])
+
+    def split(self, batch, rows: int) -> list:
+        return split_rows(batch, rows)
+
     def next_batch(self):
         idx = self.batches()[self.index]
         self.index += 1
@@ -172,6 +191,12 @@ class DialogBatches:
         return [self.collate(idx[i:i + self.B]) for i in range(0, len(idx), self.B)]
 
 
+def split_rows(batch, rows: int) -> list:
+    """A batch in micro-batches of `rows` rows (the last may have fewer)."""
+    x, y = batch
+    return list(zip(x.split(rows), y.split(rows)))
+
+
 def pad_rows(rows):
     """(ids, labels) rows as inputs and targets moved by one: inputs padded with <pad>, targets with -100."""
     width = max(len(ids) for ids, _ in rows) - 1
@@ -192,3 +217,10 @@ class PairBatches(DialogBatches):
 
     def collate(self, idx):
         return pad_rows([self.rows[i][0] for i in idx] + [self.rows[i][1] for i in idx])
+
+    def split(self, batch, rows: int) -> list:
+        """Micro-batches of `rows` pairs: each keeps its pairs' chosen rows, then their rejected ones."""
+        x, y = batch
+        n = len(x) // 2
+        return [(torch.cat([x[i:i + rows], x[n + i:n + i + rows]]), torch.cat([y[i:i + rows], y[n + i:n + i + rows]]))
+                for i in range(0, n, rows)]

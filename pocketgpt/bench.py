@@ -101,12 +101,12 @@ def bench(profile: str = "t4", params: dict | None = None, reference: bool = Fal
     params = dict(params or {})
     vocab_size = int(params.pop("vocab_size", make_config(TokenizerConfig, profile, run_dir="unused").vocab_size))
     cfg = make_config(PretrainConfig, profile, run_dir=str(HERE / "runs" / "bench"), **params)
-    precision, compiled = choose_precision(cfg.precision), resolve_compile(cfg.compile)
+    precision, compiled = choose_precision(cfg.precision), resolve_compile(cfg.compile, cfg.max_hours)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build_model(vocab_size, cfg)
     flops, peak = flops_per_token(model), peak_flops(device, precision)
     timers = {"ours": step_timer(LMLoss(model), cfg, vocab_size, precision, compiled)}
-    timers["ours"]()  # the first step compiles and allocates the optimizer's state
+    first_step_s = timers["ours"]()  # the first step compiles and allocates the optimizer's state
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     for _ in range(max(1, warmup - 1)):  # ours warms up alone: its peak memory is its own, not the reference's too
@@ -128,7 +128,9 @@ def bench(profile: str = "t4", params: dict | None = None, reference: bool = Fal
            "mfu": round(flops * tps["ours"] / peak, 4) if peak else None, "device": device_name(device),
            "precision": precision, "compiled": compiled, "batch": [cfg.batch_size, cfg.n_positions],
            "optimizer": cfg.optimizer,
-           "grad_accum_steps": cfg.grad_accum_steps, "steps": steps, "torch": torch.__version__, **memory}
+           "grad_accum_steps": cfg.grad_accum_steps, "steps": steps, "step_s": round(float(np.median(seconds["ours"])), 4),
+           "first_step_s": round(first_step_s, 2),  # compiling (with compile on) and the first allocations
+           "torch": torch.__version__, **memory}
     if reference:
         out["reference"] = {"params": sum(p.numel() for p in plain.parameters()), "tokens_per_s": round(tps["reference"]),
                             "mfu": round(flops * tps["reference"] / peak, 4) if peak else None}

@@ -19,7 +19,7 @@ from .config import SEED
 from .dialogs import chat_prompt_ids, dialog_ids, distinct_n, encode_dialogs, eos_and_repeats
 from .dpo import answer_logprob
 from .model import LMLoss, generate, generate_many, load_model
-from .plots import finish_figure
+from .plots import finish_figure, pyplot
 from .tokenizer import encode_text, load_tokenizer
 from .train import evaluate
 
@@ -203,7 +203,7 @@ def quality_table(quality: dict) -> list[dict]:
 
 def plot_quality(quality: dict, out_png=None, show: bool = True):
     """The answer measures of each model as grouped bars (all on a 0-1 scale)."""
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     keys = [k for k, _, _ in QUALITY_MEASURES if k.endswith(("rougeL", "eos_share", "3gram_share", "distinct2"))
             and all(q.get(k) is not None for q in quality.values())]

@@ -12,9 +12,28 @@ from .common import read_json, stage_status, write_file
 from .train import read_log
 
 
+INLINE_BACKEND = "module://matplotlib_inline.backend_inline"  # what a Jupyter kernel draws figures with
+
+
+def pyplot():
+    """matplotlib.pyplot, drawing inline in a notebook kernel whatever MPLBACKEND says: a headless server often
+    exports MPLBACKEND=Agg, the kernel inherits it, and the saved notebook would come out without its figures."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return plt
+    shell = get_ipython()
+    if getattr(shell, "kernel", None) is not None and matplotlib.get_backend() != INLINE_BACKEND:
+        shell.run_line_magic("matplotlib", "inline")
+    return plt
+
+
 def plot_length_distributions(stage_dir):
     """Histograms of document length in bytes and in tokens (log scale: corpora have long tails)."""
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     d = np.load(Path(stage_dir) / "doc_stats.npz")
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.5))
@@ -50,7 +69,7 @@ def plot_losses(logs: dict, out_png=None, show: bool = True):
     """Train and val loss against tokens seen, one panel per stage, pretraining's epoch boundaries dotted (an
     over-trained run shows at a glance); saved as PNG when asked. show=False closes the figure, so a stage that
     only saves it does not draw it in the notebook."""
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, len(logs), figsize=(7 * len(logs), 4.2), squeeze=False)
     for ax, (name, path) in zip(axes[0], logs.items()):

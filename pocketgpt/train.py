@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import gc
 import math
 import pickle
 import random
@@ -59,8 +60,11 @@ LOG_COLUMNS = ["step", "tokens", "train_loss", "val_loss", "lr", "grad_norm", "t
 # -----------------------------------------------------------------------------
 # One step, one evaluation, the random streams, the checkpoint file
 
-def train_step(acc, loss_fn, optimizers, scaler, batches, grad_clip: float, precision: str):
+def train_step(acc, loss_fn, optimizers, scaler, batches, grad_clip: float, precision: str, weights=None):
     """One optimizer step over the micro-batches; gradients sync across GPUs only on the last one.
+
+    `weights`: each micro-batch's share of the step (equal shares unless given: a data batch split into
+    smaller micro-batches gives each its share of that batch).
 
     fp16 needs the GradScaler: the loss is scaled up so small gradients survive in fp16, the
     gradients are unscaled before clipping, and a step with inf/nan gradients is skipped.
@@ -68,14 +72,15 @@ def train_step(acc, loss_fn, optimizers, scaler, batches, grad_clip: float, prec
     the gradient norm and the number of real (not padding) input tokens this process trained on.
     """
     total, stats, real = 0.0, 0.0, 0
-    for i, (x, y) in enumerate(batches):
+    weights = weights or [1 / len(batches)] * len(batches)
+    for i, ((x, y), w) in enumerate(zip(batches, weights)):
         sync = i == len(batches) - 1
         with nullcontext() if sync else acc.no_sync(loss_fn):
             with autocast(acc.device, precision):
                 out = loss_fn(x.to(acc.device, non_blocking=True), y.to(acc.device, non_blocking=True))
             loss, step_stats = out if isinstance(out, tuple) else (out, torch.zeros(0, device=acc.device))
-            scaler.scale(loss / len(batches)).backward()
-        total, stats = total + loss.detach(), stats + step_stats.float() / len(batches)
+            scaler.scale(loss * w).backward()
+        total, stats = total + loss.detach() * w, stats + step_stats.float() * w
         real += int((x != PAD_ID).sum())  # x is still on the CPU: no GPU sync
     for opt in optimizers:
         scaler.unscale_(opt)
@@ -85,7 +90,7 @@ def train_step(acc, loss_fn, optimizers, scaler, batches, grad_clip: float, prec
     scaler.update()
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
-    return total / len(batches), stats, grad_norm, real
+    return total, stats, grad_norm, real
 
 
 def evaluate(loss_fn, batches, device, precision: str = "fp32", units=LMLoss.units) -> float:
@@ -226,6 +231,148 @@ def out_of_memory(stage: str, cfg) -> PocketGPTError:
         f"with grad_accum_steps={cfg.grad_accum_steps * 2} (the same tokens per step).")
 
 
+def is_out_of_memory(e: BaseException) -> bool:
+    """A GPU's out-of-memory, or a CPU allocation that failed (torch's allocator, numpy or Python), itself or
+    as the cause of another error (a compiler that ran out while compiling)."""
+    while e is not None:
+        if isinstance(e, (torch.cuda.OutOfMemoryError, MemoryError)) or (
+                isinstance(e, RuntimeError) and "can't allocate memory" in str(e)):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def short_error(e: BaseException) -> str:
+    """An exception in one line: its type and the first line of its message (a compiler's can run to pages)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"[:300]
+
+
+class CompiledOrEager(nn.Module):
+    """The loss module through torch.compile, until a compile fails: then eager, with the same weights.
+
+    The DDP wrap goes around this module, so switching to eager needs no new wrap (and no new process group
+    collective). The compiled module is kept out of the registered submodules: the parameters appear once."""
+
+    def __init__(self, module: nn.Module, dynamic: bool | None):
+        super().__init__()
+        self.module = module
+        object.__setattr__(self, "compiled", torch.compile(module, dynamic=dynamic))
+
+    def forward(self, *args, **kwargs):
+        return (self.module if self.compiled is None else self.compiled)(*args, **kwargs)
+
+    def to_eager(self) -> None:
+        object.__setattr__(self, "compiled", None)
+        torch._dynamo.reset()  # drop the graphs (and guards) built so far
+
+
+# -----------------------------------------------------------------------------
+# The first minutes of a session: a compile that fails, a micro-batch that does not fit
+
+OPTIMIZER_STATE_COPIES = {"adamw": 2, "muon": 1}  # state tensors per parameter: AdamW's two moments, Muon's momentum
+
+
+def optimizer_state_bytes(optimizers, kinds) -> int:
+    """The bytes the optimizers will allocate at their first step (nothing once they have state: a resumed run)."""
+    return sum(OPTIMIZER_STATE_COPIES.get(kind, 2) * p.numel() * p.element_size()
+               for opt, kind in zip(optimizers, kinds) if not opt.state for g in opt.param_groups for p in g["params"])
+
+
+def try_micro_batch(run, batch, val_batch) -> tuple[BaseException | None, str | None]:
+    """A forward and backward pass on `batch` and an evaluation forward on `val_batch`, as the first step and the
+    first evaluation will run them (compiled where compile is on), holding the bytes the optimizers will take at
+    their first step. On the undistributed module: no process waits for another here. The gradients are
+    dropped and the random streams left as they were, so the run goes on as if this had not happened.
+    Returns (an out-of-memory, a compile failure as a line); (None, None) when it all ran."""
+    acc, module = run.acc, run.switch
+    devices = [acc.device] if acc.device.type == "cuda" else []
+    oom = failure = None
+    try:
+        with torch.random.fork_rng(devices=devices):
+            reserve = torch.empty(optimizer_state_bytes(run.optimizers, run.kinds), dtype=torch.uint8, device=acc.device)
+            x, y = batch
+            with autocast(acc.device, run.precision):
+                out = module(x.to(acc.device), y.to(acc.device))
+            (out[0] if isinstance(out, tuple) else out).backward()
+            del out, reserve
+            if val_batch is not None:
+                evaluate(module, [val_batch], acc.device, run.precision, run.loss_module.units)
+        if acc.device.type == "cuda":
+            torch.cuda.synchronize()  # a kernel that fails to launch fails here, not at step 1
+    except Exception as e:  # noqa: BLE001 - which failures are the compiler's is decided below
+        if is_out_of_memory(e):
+            oom = e
+        elif getattr(module, "compiled", None) is not None:  # eager has not run yet: a failure here is the compiled path's
+            failure = short_error(e)
+        else:
+            raise
+    for opt in run.optimizers:
+        opt.zero_grad(set_to_none=True)
+    if oom is not None:  # the message alone: the traceback holds the activations, which go now
+        oom = MemoryError(short_error(oom))
+        gc.collect()
+        if acc.device.type == "cuda":
+            torch.cuda.empty_cache()
+    return oom, failure
+
+
+def fit_first_step(run, state: RunState, train_data, val_batch) -> None:
+    """Before the first step of a session: compile (falling back to eager where compile="auto") and find the
+    micro-batch that fits, halving it (and doubling the accumulation: the same rows per optimizer step) until it
+    fits or is 1. Every process agrees on each outcome, so they fall back or halve together. Tried on the largest
+    batch the data holds. The fitted micro-batch goes into the run's state (and its checkpoint)."""
+    cfg, acc = run.cfg, run.acc
+    micro = min(state.micro_batch or cfg.batch_size, cfg.batch_size)
+    batch, too_big = train_data.largest_batch(), []
+    while True:
+        oom, failure = try_micro_batch(run, pieces_of(train_data, batch, micro)[0],
+                                       pieces_of(train_data, val_batch, micro)[0] if val_batch else None)
+        oom_anywhere, failed_anywhere = agree(acc, oom is not None, failure is not None)
+        if failed_anywhere:
+            failure = next(f for f in (gather_object([failure]) if acc.num_processes > 1 else [failure]) if f)
+            if run.compile_strict:
+                raise PocketGPTError(
+                    f"{run.stage}: torch.compile failed at the first step ({failure}). compile=True insists on "
+                    f"compiling: set compile=False to train without it (compile='auto' falls back to eager by itself).")
+            run.switch.to_eager()
+            run.compiled, run.compile_error = False, failure
+            run.say(f"{run.stage}: torch.compile failed ({failure}); training eager (compile=False skips the attempt)")
+            continue
+        if not oom_anywhere:
+            break
+        if micro == 1:
+            raise PocketGPTError(f"{run.stage}: out of memory with a micro-batch of 1 row at n_positions="
+                                 f"{getattr(run.model.config, 'n_positions', '?')} ({oom or 'on another process'}). "
+                                 f"Lower n_positions, or train a smaller model (n_layer, n_embd).")
+        too_big.append(micro)
+        micro = max(1, micro // 2)
+    pieces = -(-cfg.batch_size // micro)
+    if too_big:
+        run.say(f"{run.stage}: batch_size={cfg.batch_size} does not fit this device (out of memory at micro-batch "
+                f"{', '.join(map(str, too_big))}): training with micro-batch {micro} and grad_accum_steps "
+                f"{cfg.grad_accum_steps * pieces}, the same {cfg.batch_size * cfg.grad_accum_steps} rows per process "
+                f"per optimizer step")
+    state.micro_batch, state.grad_accum_steps = micro, cfg.grad_accum_steps * pieces
+
+
+def pieces_of(train_data, batch, micro: int) -> list:
+    """A data batch in micro-batches of `micro` rows; whole where the micro-batch is the data's own batch size
+    (03's last batch of a chunk can hold a few rows more: it stays one micro-batch, as it always was)."""
+    return train_data.split(batch, micro) if micro < train_data.B else [batch]
+
+
+def micro_batches(train_data, batches: list, micro: int) -> tuple[list, list]:
+    """The step's data batches in micro-batches of `micro` rows, each weighted by its share of the step."""
+    pieces, weights = [], []
+    for batch in batches:
+        split = pieces_of(train_data, batch, micro)
+        rows = sum(len(y) for _, y in split)
+        pieces += split
+        weights += [len(y) / rows / len(batches) for _, y in split]
+    return pieces, weights
+
+
 
 
 # -----------------------------------------------------------------------------
@@ -244,6 +391,8 @@ class RunState:
     data_limited: bool = False      # max_steps="auto" planned no more than max_epochs of the data (the budget had room)
     val_loss: float | None = None   # the last evaluation's loss
     window: dict | None = None      # the log window open when the checkpoint was taken (LogWindow.saved)
+    micro_batch: int | None = None  # rows per process per micro-step, as fitted to the device (None: not yet)
+    grad_accum_steps: int | None = None  # micro-steps per optimizer step that go with it
 
     @classmethod
     def from_checkpoint(cls, ckpt: dict) -> "RunState":
@@ -272,14 +421,17 @@ class Budget:
         """A training phase starts (03 has two in one budget): its steps are timed afresh."""
         self.step_s, self.tokens_per_s, self.eval_s, self.ckpt_s = 0.0, math.inf, None, 0.0
         self.mark = None  # (time, step) the current step time is measured from
+        self.probed = None  # (time, this process's tokens) the plan's timing starts from
 
     def set_mark(self, step: int, at: float | None = None) -> None:
         self.mark = (at or time.time(), step)
 
     def pause(self, seconds: float) -> None:
-        """An evaluation or a checkpoint took `seconds`: not training time."""
+        """An evaluation or a checkpoint took `seconds`: not training time (for the plan's timing either)."""
         if self.mark:
             self.mark = (self.mark[0] + seconds, self.mark[1])
+        if self.probed:
+            self.probed = (self.probed[0] + seconds, self.probed[1])
 
     def eval_estimate(self, val_tokens: int) -> float:
         """The last evaluation's seconds; before one, a forward pass is about a third of a training step."""
@@ -301,8 +453,9 @@ class Budget:
         return max(self.step_s, recent) + self.eval_estimate(val_tokens) / eval_interval
 
     def probe(self, step: int, first_step: int, session_tokens: int, acc) -> bool:
-        """max_steps="auto": time this session's steps 6..20 (the first pay for warm-up and compiling); True
-        once they are timed and the plan can be made. `session_tokens`: this process's so far."""
+        """max_steps="auto": time this session's steps 6..20 (compiling and fitting came before the first, and the
+        first steps pay for warm-up), evaluations and checkpoints taken out; True once they are timed and the plan
+        can be made. `session_tokens`: this process's so far."""
         if step - first_step not in PLAN_PROBE_STEPS:
             return False
         if acc.device.type == "cuda":
@@ -383,6 +536,9 @@ def train(model, train_data, val_batches, cfg, work: Path, budget: Budget | None
     if run.newton_schulz and state.step == 0:  # the precision Muon orthogonalizes in, said once per run
         run.say(f"Muon: Newton-Schulz in {run.newton_schulz}" + (" (this device has no native bf16)"
                                                                   if run.newton_schulz == "fp32" else ""))
+    # the session's first minutes: compile (or fall back), fit the micro-batch; the clock for the plan starts after
+    fit_first_step(run, state, train_data, max(val_batches, key=lambda b: b[0].numel(), default=None))
+    val_batches = [piece for b in val_batches for piece in pieces_of(train_data, b, state.micro_batch)]
     budget.begin()
     session_started, first_step, hours_before = time.time(), state.step, state.hours
     val_tokens = sum(int((y != -100).sum()) for _, y in val_batches)
@@ -428,9 +584,10 @@ def train(model, train_data, val_batches, cfg, work: Path, budget: Budget | None
                 budget.pause(budget.ckpt_s)
             # one optimizer step
             lr = set_lr(run.optimizers, state.step, cfg, state.max_steps, warmup_steps)
-            batches = [train_data.next_batch() for _ in range(cfg.grad_accum_steps)]
+            batches, weights = micro_batches(train_data, [train_data.next_batch() for _ in range(cfg.grad_accum_steps)],
+                                             state.micro_batch)
             loss, stats, grad_norm, real = train_step(acc, loss_fn, run.optimizers, run.scaler, batches, cfg.grad_clip,
-                                                      run.precision)
+                                                      run.precision, weights)
             state.step += 1
             if state.step == first_step + 1 and acc.num_processes > 1:  # past the process group's first all-reduce
                 run.say(f"{stage}: {acc.num_processes} processes train together")
@@ -440,6 +597,7 @@ def train(model, train_data, val_batches, cfg, work: Path, budget: Budget | None
             bar.update(1)
             # max_steps="auto": the plan, once this session's first steps are timed
             if auto and state.max_steps is None and budget.probe(state.step, first_step, session_tokens, acc):
+                run.plan_step_s = budget.step_s
                 fit = run.plan(budget, state.step, val_tokens)
                 data = max(state.step + 1, train_data.steps_for(max_epochs, cfg.grad_accum_steps)) if max_epochs else fit
                 state.max_steps = bar.total = said_plan = min(fit, data)
@@ -500,7 +658,8 @@ def start_run(model, train_data, cfg, work: Path, resume: dict | None, stage: st
               precision: str | None) -> tuple["Run", RunState]:
     """The set-up of train(), in the order a resumed run must repeat: the process group (accelerate), the seed,
     the optimizers, the checkpoint's state, compiling, the DDP wrap, then each process's random streams."""
-    precision, compiled = precision or choose_precision(cfg.precision), resolve_compile(cfg.compile)
+    precision, compiled = precision or choose_precision(cfg.precision), resolve_compile(cfg.compile, cfg.max_hours)
+    strict = compiled and cfg.compile != "auto"  # compile=True: a compile that fails stops the stage
     # device placement and multi-process DDP (cpu=True lets torchrun run several CPU processes on gloo);
     # precision is ours, explicit below
     acc = Accelerator(cpu=not torch.cuda.is_available(), log_with=cfg.log_with,
@@ -520,17 +679,19 @@ def start_run(model, train_data, cfg, work: Path, resume: dict | None, stage: st
         state.max_steps = state.max_steps if max_steps == "auto" else max_steps  # a number given now is the plan
     loss_module = loss_module or LMLoss(model)
     loss_module.to(acc.device)
-    loss_fn = loss_module
-    if compiled:  # before the DDP wrap, as nanoGPT does; batches of varying shape (SFT, DPO) compile
-        # with dynamic shapes at once: a train and an eval graph, not a recompile per new shape (measured on 03)
-        loss_fn = torch.compile(loss_fn, dynamic=True if getattr(train_data, "variable_shapes", False) else None)
-    loss_fn, *optimizers = acc.prepare(loss_fn, *optimizers)
+    # compiled inside the DDP wrap, as nanoGPT does; batches of varying shape (SFT, DPO) compile with dynamic
+    # shapes at once: a train and an eval graph, not a recompile per new shape (measured on 03)
+    switch = CompiledOrEager(loss_module, True if getattr(train_data, "variable_shapes", False) else None) \
+        if compiled else loss_module
+    loss_fn, *optimizers = acc.prepare(switch, *optimizers)
     if resume:
         note = restore_rng(resume["rng"] if isinstance(resume["rng"], list) else [resume["rng"]], acc)
         if note and acc.is_main_process:
             print(f"resume: {note}")
-    return Run(acc, model, loss_module, loss_fn, optimizers, kinds, scaler, train_data, cfg, stage, work, precision,
-               compiled), state
+    run = Run(acc, model, loss_module, loss_fn, optimizers, kinds, scaler, train_data, cfg, stage, work, precision,
+              compiled)
+    run.switch, run.compile_strict = switch, strict
+    return run, state
 
 
 class Run:
@@ -542,6 +703,8 @@ class Run:
         self.acc, self.model, self.loss_module, self.loss_fn = acc, model, loss_module, loss_fn
         self.optimizers, self.kinds, self.scaler, self.train_data = optimizers, kinds, scaler, train_data
         self.cfg, self.stage, self.work, self.precision, self.compiled = cfg, stage, work, precision, compiled
+        self.switch, self.compile_strict, self.compile_error = loss_module, False, None  # set by start_run
+        self.plan_step_s = None  # the step time max_steps="auto" planned with (this session)
         self.columns = LOG_COLUMNS + list(loss_module.stat_names)
         self.flops, peak = flops_per_token(model), peak_flops(acc.device, precision)
         self.newton_schulz = next((g.get("newton_schulz", "bf16") for o in optimizers for g in o.param_groups
@@ -676,6 +839,8 @@ def final_numbers(run: Run, state: RunState, window: LogWindow, auto: bool, stop
             "tokens_per_s": float(np.median(rates)) if rates else None,
             "mfu": float(np.median(mfus)) if mfus else None, "params": count_params(run.model),
             "flops_per_token": run.flops, "precision": run.precision, "compiled": run.compiled,
+            "compile_error": run.compile_error, "micro_batch": state.micro_batch,
+            "grad_accum_steps": state.grad_accum_steps, "plan_step_s": run.plan_step_s,
             "skipped_steps": state.skipped_steps, "device": device_name(run.acc.device),
             "processes": run.acc.num_processes, "stop_reason": stop_reason,
             "finished": state.max_steps is not None and state.step >= state.max_steps, "hours": state.hours,

@@ -8,12 +8,13 @@
 # 2. Runs tests/test_gpu.py.
 # 3. Times the training step at the t4 profile's shape in fp16 and bf16, eager and compiled, each against
 #    the plain PyTorch GPT of the same shape in the same run (`bench --reference`), with the peak GPU
-#    memory of the t4 micro-batch and whether it fits a 16 GB T4.
+#    memory of the t4 micro-batch and whether it fits a 16 GB T4; then 5 steps of the t4 pretraining stage
+#    (compile="auto"): compiled or fallen back (and why), and whether the micro-batch had to be fitted.
 # 4. Writes one JSON of figures: $GPU_FIGURES, else $OUT/gpu_figures.json where $OUT is set, else
 #    runs/gpu_check/gpu_figures.json; the logs go beside it (gpu_check/).
 # Without a GPU it says so, runs the GPU tests (they skip) and writes {"gpu": false, ...}; it exits 0
 # unless a GPU test fails. PYTHON picks the interpreter (default: the first of python3, python,
-# .venv/bin/python that imports torch); GPU_CHECK_PARTS="bench" (or "tests") runs one part alone, for a rerun.
+# .venv/bin/python that imports torch); GPU_CHECK_PARTS="bench" (or "tests", "fit") runs one part alone, for a rerun.
 set -euo pipefail
 
 if [[ -z "${GPU_CHECK_INNER:-}" ]]; then  # the whole check under one hard limit; the steps keep to BUDGET_S
@@ -22,12 +23,12 @@ fi
 cd "$(dirname "$0")/.."
 BUDGET_S=540  # every step's timeout is cut from what is left of this, so the JSON is always written
 WHEELS_DIR="${1:-${WHEELS:-wheels}}"
-PARTS="${GPU_CHECK_PARTS:-tests bench}"
+PARTS="${GPU_CHECK_PARTS:-tests bench fit}"
 FIGURES="${GPU_FIGURES:-${OUT:+$OUT/gpu_figures.json}}"
 FIGURES="${FIGURES:-runs/gpu_check/gpu_figures.json}"
 WORK="$(dirname "$FIGURES")/gpu_check"
 mkdir -p "$WORK"
-rm -f "$WORK"/bench_* "$WORK"/test_figures.json "$WORK"/junit.xml  # an earlier run's figures are not this one's
+rm -rf "$WORK"/bench_* "$WORK"/test_figures.json "$WORK"/junit.xml "$WORK"/fit.log "$WORK"/fit_run  # an earlier run's figures are not this one's
 export HF_HUB_OFFLINE=1 TQDM_DISABLE=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_BREAK_SYSTEM_PACKAGES=1
 
 left() { echo $((BUDGET_S - SECONDS)); }
@@ -137,6 +138,23 @@ if [[ "$GPU" == 1 && " $PARTS " == *" bench "* ]]; then
     done
 fi
 
+# --- 3c. the t4 profile's first minutes as a stage lives them (issue 30): compile="auto" (compiled, or the
+# fallback and why), and whether the micro-batch had to be fitted (metrics.json: micro_batch, grad_accum_steps)
+if [[ "$GPU" == 1 && " $PARTS " == *" fit "* ]]; then
+    limit=$(( $(left) < 195 ? $(left) - 15 : 180 ))
+    if (( limit >= 60 )); then
+        say "t4 profile: 5 pretraining steps with compile=auto (at most ${limit}s)"
+        rm -rf "$WORK/fit_run"
+        timeout "$limit" bash -c '"$1" pocketgpt_utils.py demo-data --out "$2/data" --max-bytes 3000000 \
+            && "$1" pocketgpt_utils.py stage tokenizer --profile t4 -p corpus_path "$2/data/corpus.txt" -p run_dir "$2" \
+            && "$1" pocketgpt_utils.py stage pretrain --profile t4 -p run_dir "$2" -p max_steps 5 -p log_interval 1 \
+                -p eval_interval 5 -p eval_windows 64 -p warmup_steps 2' _ "$PY" "$WORK/fit_run" \
+            > "$WORK/fit.log" 2>&1 || say "t4 first steps: exit $? (see $WORK/fit.log)"
+    else
+        say "t4 first steps: not run, out of time"
+    fi
+fi
+
 # --- 4. one JSON of figures ----------------------------------------------------------------------
 "$PY" -c 'import glob, json, os, sys, xml.etree.ElementTree as ET
 work, out, gpu, rc, secs = sys.argv[1], sys.argv[2], sys.argv[3] == "1", int(sys.argv[4]), int(sys.argv[5])
@@ -180,6 +198,12 @@ figures["newton_schulz"] = [json.loads(l) for l in lines(f"{work}/ns_precision.j
 figures["t4_context_1024"] = {os.path.basename(p)[9:-5]: {k: read(p, {}).get(k) for k in ("tokens_per_s", "fits_t4",
                               "peak_reserved_gib", "t4_memory")} for p in sorted(glob.glob(f"{work}/ctx1024_b*.json"))
                               if os.path.getsize(p)}
+fit = read(f"{work}/fit_run/pretrain/metrics.json", {})
+figures["t4_first_steps"] = {k: fit.get(k) for k in ("compiled", "compile_error", "micro_batch", "grad_accum_steps",
+                             "precision", "tokens_per_s")} if fit else {"error": (lines(f"{work}/fit.log") or ["not run"])[-1]}
+if fit:  # a micro-batch smaller than the batch_size asked for: the fit was needed
+    asked = read(f"{work}/fit_run/pretrain/manifest.json", {}).get("params", {}).get("batch_size")
+    figures["t4_first_steps"].update(batch_size=asked, fit_needed=fit.get("micro_batch") != asked)
 figures["seconds"] = secs
 json.dump(figures, open(out, "w"), indent=1)
 print(json.dumps(figures, indent=1))' "$WORK" "$FIGURES" "$GPU" "$tests_rc" "$SECONDS"

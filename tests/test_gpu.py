@@ -183,15 +183,18 @@ def test_launch_from_a_kernel_that_has_initialised_cuda_trains_on_every_gpu(toke
     assert torch.cuda.get_device_name(0) in m["device"] and "fork" not in proc.stdout + proc.stderr
 
 
-def test_a_batch_too_large_for_the_gpu_says_what_to_lower(tokenizer_stage, tmp_path):
-    """A real out-of-memory: the GPU is capped at 2 GiB for this process and the batch needs far more."""
+def test_a_batch_too_large_for_the_gpu_is_fitted_before_the_first_step(tokenizer_stage, tmp_path, capsys):
+    """A real out-of-memory: the GPU is capped at 2 GiB for this process and the batch needs far more. The stage
+    halves the micro-batch (doubling the accumulation) until it fits, says so in one line, and trains."""
     torch.cuda.empty_cache()
     torch.cuda.set_per_process_memory_fraction(min(1.0, 2 * 2 ** 30 / torch.cuda.get_device_properties(0).total_memory))
     try:
-        with pytest.raises(pg.PocketGPTError, match=r"out of GPU memory with batch_size=32768\. "
-                                                    r"Try batch_size=16384 with grad_accum_steps=2"):
-            pg.run_pretrain_stage(pretrain_cfg(tokenizer_stage, tmp_path, batch_size=32768, grad_accum_steps=1,
-                                               max_steps=2, eval_windows=16, precision="auto", compile=False))
+        out = pg.run_pretrain_stage(pretrain_cfg(tokenizer_stage, tmp_path, batch_size=32768, grad_accum_steps=1,
+                                                 max_steps=2, eval_windows=16, precision="auto", compile=False))
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
         torch.cuda.empty_cache()
+    m = pg.read_json(out / "metrics.json")
+    assert m["finished"] and m["micro_batch"] < 32768 and m["micro_batch"] * m["grad_accum_steps"] == 32768
+    assert f"training with micro-batch {m['micro_batch']} and grad_accum_steps {m['grad_accum_steps']}" in \
+        capsys.readouterr().out

@@ -176,3 +176,10 @@ def test_the_launcher_hears_its_workers_in_files_not_in_the_words_they_print(tok
     assert f"resuming {earlier}" in said and "This session continues on one process." in said
     m = pg.read_json(out / "metrics.json")
     assert m["finished"] and m["processes"] == 1 and m["steps"] == 6
+
+
+def test_02s_text_says_how_pg_launch_starts_its_processes():
+    """pg.launch starts torchrun as the kernel's child (fresh processes); notebook_launcher (a fork) is gone."""
+    text = "".join(c.source for c in nbformat.read(str(HERE / "notebooks" / "02_pretrain.ipynb"), as_version=4).cells
+                   if c.cell_type == "markdown")
+    assert "notebook_launcher" not in text and "torchrun" in text and "never a fork" in text
