@@ -7,10 +7,11 @@ context, forward and backward through the training loss (model.LMLoss, the path 
 autocast in bf16: 2 bytes per element where the T4's fp16 autocast stores 2, and fp32 where both keep fp32
 (the loss upcasts the logits). Measured: the bytes of every tensor autograd saves for the backward
 (saved_tensors_hooks, each storage counted once) and the largest gradient the backward holds besides them (the
-logits' gradient); both grow linearly in the batch, so they are scaled to `target_batch`. Added: what does not
-depend on the batch: fp32 weights, their gradients and the optimizers' state (Muon's momentum for the block
-matrices, AdamW's two moments for the rest), and the CUDA context (~0.4 GiB on a T4). Prints one JSON line per
-context. SDPA on a T4 (sm_75) uses its memory-efficient kernel, as the CPU's flash kernel here: neither saves
+logits' gradient), at two batch sizes: the difference is what a row of the batch costs, scaled to `target_batch`;
+the rest does not grow with the batch (autocast's bf16 copies of the weights), and with it what else does not: fp32 weights, their gradients and the optimizers' state (Muon's momentum for the block
+matrices, AdamW's two moments for the rest). The sum is compared with what a T4 leaves to tensors
+(bench.T4_USABLE_GIB, the CUDA context already taken out); it is about what the allocator allocates at peak
+(what it reserves is more by its cache). Prints one JSON line per context. SDPA on a T4 (sm_75) uses its memory-efficient kernel, as the CPU's flash kernel here: neither saves
 the T x T attention matrix, so attention adds O(T) per head, not O(T^2), in both.
 """
 import argparse
@@ -23,11 +24,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pocketgpt_utils as pg  # noqa: E402
 
+from pocketgpt.bench import T4_USABLE_GIB  # noqa: E402
 from pocketgpt.model import LMLoss, build_model, count_params  # noqa: E402
 
 GiB = 1024 ** 3
-CUDA_CONTEXT = 0.4 * GiB  # what torch's CUDA context takes on a T4 before any tensor (nvidia-smi, typical)
-T4_MEMORY = 15.0 * GiB  # what a T4 (16 GB) leaves to torch
 
 
 def measure(context: int, batch: int) -> dict:
@@ -35,10 +35,10 @@ def measure(context: int, batch: int) -> dict:
     model = build_model(24000, cfg)
     loss_fn = LMLoss(model)
     x = torch.randint(0, 24000, (batch, context))
-    saved, seen = [0], set()
+    saved, seen = [0], {p.untyped_storage().data_ptr() for p in model.parameters()}  # weights: counted as static
 
     def pack(t):
-        key = (t.untyped_storage().data_ptr(), t.dtype)
+        key = t.untyped_storage().data_ptr()
         if key not in seen:
             seen.add(key)
             saved[0] += t.untyped_storage().nbytes()
@@ -63,17 +63,16 @@ def main():
     args = ap.parse_args()
     torch.manual_seed(0)
     for context in args.contexts:
-        m = measure(context, args.batch)
-        scale = args.target_batch / args.batch
-        activations = (m["saved"] + m["logits_grad"]) * scale
-        peak = CUDA_CONTEXT + m["static"] + activations
-        per_row = (m["saved"] + m["logits_grad"]) / args.batch
-        fits = int((T4_MEMORY - CUDA_CONTEXT - m["static"]) // per_row)
-        print(json.dumps({"context": context, "measured_batch": args.batch, "batch_size": args.target_batch,
-                          "saved_for_backward_gib": round(m["saved"] * scale / GiB, 2),
-                          "logits_grad_gib": round(m["logits_grad"] * scale / GiB, 2),
-                          "static_gib": round(m["static"] / GiB, 2), "t4_peak_estimate_gib": round(peak / GiB, 1),
-                          "largest_batch_in_15_gib": fits}), flush=True)
+        # two batch sizes: what grows with the batch (per row) and what does not (autocast's bf16 weight copies)
+        one, m = measure(context, args.batch // 2), measure(context, args.batch)
+        per_row = (m["saved"] - one["saved"]) / (args.batch - args.batch // 2) + m["logits_grad"] / args.batch
+        fixed = m["static"] + m["saved"] - (m["saved"] - one["saved"]) / (args.batch - args.batch // 2) * args.batch
+        peak = fixed + per_row * args.target_batch
+        print(json.dumps({"context": context, "measured_batches": [args.batch // 2, args.batch],
+                          "batch_size": args.target_batch,
+                          "activations_per_row_mib": round(per_row / 2 ** 20, 1),
+                          "fixed_gib": round(fixed / GiB, 2), "t4_peak_estimate_gib": round(peak / GiB, 1),
+                          "largest_batch_that_fits_t4": int((T4_USABLE_GIB * GiB - fixed) // per_row)}), flush=True)
 
 
 if __name__ == "__main__":
