@@ -151,7 +151,7 @@ def lineage_line(init: dict | None, n_positions: int, tokens: int | None = None)
     if not init:
         return f"{n_positions} tokens, trained at it from the start" + (f" ({tokens:,} tokens)" if tokens else "")
     if init["positions"]:
-        return (f"{n_positions} tokens, grown from {init['n_positions']} ({init['positions']} of the position rows) "
+        return (f"{n_positions} tokens, grown from {init['n_positions']} (positions: {init['positions']}) "
                 f"after {init['tokens']:,} tokens at {init['n_positions']} in {init['folder']}; then {now}")
     return (f"{n_positions} tokens, continued from {init['folder']} (its {init['tokens']:,} tokens at "
             f"{init['n_positions']}); then {now}")

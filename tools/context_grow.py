@@ -1,6 +1,7 @@
 """A longer context from a trained model: grow it with init_from, or train at the long context from scratch?
 
-    python tools/context_grow.py run --out runs/context_grow [--context 128] [--short-steps 1200] [--long-steps 300]
+    python tools/context_grow.py run --out runs/context_grow [--context 128] [--short-steps 500] [--long-steps 150]
+                                     [--grow copy interpolate] [--lr-scale 1 0.25]
     python tools/context_grow.py table --out runs/context_grow
 
 On the demo corpus (its own tokenizer stage, vocab 4096, 5% val so there are enough long windows) and the demo
@@ -8,7 +9,8 @@ model (4 layers x 128), through the stage's own code (run_pretrain_stage), fp32,
 tokens per step (16 x context) in every run:
   (a) the short model: `context` positions, short-steps steps;
   (b) (a) grown with init_from to 4 x context and trained long-steps steps there (fresh optimizer and WSD
-      schedule), once per way of growing the position table (copy, interpolate: model.grow_positions);
+      schedule), once per way of growing the position table (copy, interpolate: model.grow_positions) and
+      peak learning rate (lr-scale: a share of the demo profile's learning_rate and muon_lr);
   (c) from scratch at 4 x context for short-steps + long-steps steps: (a)'s tokens plus (b)'s.
 Each is scored on every non-overlapping window of 4 x context (+1) tokens of the val split, loss per bucket of
 `context` positions; (a), whose context is shorter, on sliding windows of its own length with a stride of half
@@ -87,15 +89,20 @@ def long_windows(tok_dir: Path, length: int) -> np.ndarray:
     return np.stack([data[i * length:i * length + length + 1] for i in range(n)])
 
 
-def run(out: Path, context: int, short_steps: int, long_steps: int, grows: list[str]) -> dict:
+def run(out: Path, context: int, short_steps: int, long_steps: int, grows: list[str], lr_scales: list[float]) -> dict:
     torch.set_num_threads(1)
     out.mkdir(parents=True, exist_ok=True)
     tok_dir = tokenizer_stage(out)
     long = 4 * context
     runs = {"a": pretrain(out, tok_dir, "a_short", context, short_steps, short_context=context)}
+    demo = pg.PROFILES["demo"]["pretrain"]
     for grow in grows:
-        runs[f"b_{grow}"] = pretrain(out, tok_dir, f"b_grown_{grow}", long, long_steps, grow=grow,
-                                     init_from=str(out / "a_short"), short_context=context)
+        for scale in lr_scales:  # the peak learning rates of the grown run, as a share of the demo profile's
+            name = f"b_{grow}" + (f"_lr{scale:g}" if scale != 1 else "")
+            runs[name] = pretrain(out, tok_dir, name.replace("b_", "b_grown_"), long, long_steps, grow=grow,
+                                  init_from=str(out / "a_short"), short_context=context,
+                                  learning_rate=scale * demo["learning_rate"], muon_lr=scale * demo["muon_lr"])
+            runs[name]["lr_scale"] = scale
     runs["c"] = pretrain(out, tok_dir, "c_scratch", long, short_steps + long_steps, short_context=context)
     windows = long_windows(tok_dir, long)
     for key, r in runs.items():
@@ -124,7 +131,8 @@ def table(out: Path) -> None:
         at_long = x["steps"] if x["context"] == L else 0
         tokens = x["tokens"] + (runs["a"]["tokens"] if key.startswith("b") else 0)
         secs = x["seconds"] + (runs["a"]["seconds"] if key.startswith("b") else 0)
-        name = names.get(key, f"(b) (a) grown to {L} ({key[2:]}), then {x['steps']} steps")
+        lr = f", peak lr x{x['lr_scale']:g}" if x.get("lr_scale", 1) != 1 else ""
+        name = names.get(key, f"(b) (a) grown to {L} ({key.split('_')[1]}), then {x['steps']} steps{lr}")
         print(f"| {name} | {at_short:,} / {at_long:,} | {tokens / 1e6:.2f}M | {secs / 60:.1f} min | "
               + " | ".join(f"{v:.3f}" for v in x["buckets"])
               + f" | {x['overall']:.3f} | {x['overall'] / c['overall'] - 1:+.1%} |")
@@ -135,11 +143,12 @@ if __name__ == "__main__":
     ap.add_argument("what", choices=["run", "table"])
     ap.add_argument("--out", type=Path, default=Path("runs/context_grow"))
     ap.add_argument("--context", type=int, default=128)
-    ap.add_argument("--short-steps", type=int, default=1200)
-    ap.add_argument("--long-steps", type=int, default=300)
+    ap.add_argument("--short-steps", type=int, default=500)
+    ap.add_argument("--long-steps", type=int, default=150)
     ap.add_argument("--grow", nargs="+", default=["copy", "interpolate"])
+    ap.add_argument("--lr-scale", type=float, nargs="+", default=[1.0, 0.25])
     args = ap.parse_args()
     if args.what == "run":
-        run(args.out, args.context, args.short_steps, args.long_steps, args.grow)
+        run(args.out, args.context, args.short_steps, args.long_steps, args.grow, args.lr_scale)
     else:
         table(args.out)
