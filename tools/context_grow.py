@@ -132,7 +132,7 @@ def table(out: Path) -> None:
         tokens = x["tokens"] + (runs["a"]["tokens"] if key.startswith("b") else 0)
         secs = x["seconds"] + (runs["a"]["seconds"] if key.startswith("b") else 0)
         lr = f", peak lr x{x['lr_scale']:g}" if x.get("lr_scale", 1) != 1 else ""
-        name = names.get(key, f"(b) (a) grown to {L} ({key.split('_')[1]}), then {x['steps']} steps{lr}")
+        name = names[key] if key in names else f"(b) (a) grown to {L} ({key.split('_')[1]}), then {x['steps']} steps{lr}"
         print(f"| {name} | {at_short:,} / {at_long:,} | {tokens / 1e6:.2f}M | {secs / 60:.1f} min | "
               + " | ".join(f"{v:.3f}" for v in x["buckets"])
               + f" | {x['overall']:.3f} | {x['overall'] / c['overall'] - 1:+.1%} |")
