@@ -77,6 +77,19 @@ def test_a_grown_run_starts_from_the_short_model_with_a_fresh_schedule_and_says_
     assert not torch.equal(short_model.transformer.h[0].mlp.c_fc.weight, long_model.transformer.h[0].mlp.c_fc.weight)
 
 
+def test_init_from_at_the_same_context_continues_the_model_on_a_fresh_schedule(tokenizer_stage, short, tmp_path):
+    """nanoGPT's init_from: more training (on more text) from a finished model, its context unchanged."""
+    cfg = pg.make_config(pg.PretrainConfig, "demo", run_dir=str(tmp_path), tokenizer_dir=str(tokenizer_stage),
+                         init_from=str(short), precision="fp32", eval_windows=16,
+                         **{**{k: v for k, v in TINY.items() if k != "vocab_size"}, "max_steps": 5, "log_interval": 1})
+    m, before = pg.read_json(pg.run_pretrain_stage(cfg) / "metrics.json"), pg.read_json(short / "metrics.json")
+    assert m["context"]["grown_from"] is None and m["context"]["positions"] is None
+    assert m["context"]["tokens_at_context"] == before["tokens"] + m["tokens"]
+    assert m["context"]["line"].startswith(f"{SHORT} tokens, continued from {short} (its {before['tokens']:,} tokens")
+    first = read_log(tmp_path / "pretrain" / "log.csv")[0]
+    assert first["step"] == 1 and first["train_loss"] < before["final_train_loss"] + 0.3  # the short model's level
+
+
 def test_a_grown_run_killed_9_resumes_auto_and_ends_as_the_uninterrupted_one(tokenizer_stage, short, grown, tmp_path):
     params = grown_params(tokenizer_stage, short, tmp_path, checkpoint_minutes=0.01)
     crash = kill_after_a_checkpoint(params, tmp_path / "pretrain.partial", random.Random())
