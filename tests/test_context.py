@@ -19,6 +19,7 @@ from pocketgpt.evaluate import answer_table, ask
 from pocketgpt.export import write_export_folder
 from pocketgpt.gguf import hf_logits, llama_cpp_problem, llama_logits, load_llama, write_gguf
 from pocketgpt.model import build_model, grow_positions
+from pocketgpt.pipeline import check_parameters
 from pocketgpt.seed_check import seed_inference
 from pocketgpt.tokenizer import decode_documents, load_tokenizer, read_bin
 from pocketgpt.train import read_log, save_hf_folder
@@ -203,3 +204,9 @@ def test_answers_and_the_seeds_snippet_use_a_context_longer_than_384(tokenizer_s
     assert len(full) > len(capped) and full.startswith(capped)  # the answer went on past 384 tokens
     assert answer_table(model, tok, ["What is a tensor?"])[0]["greedy"] == full
     assert seed_inference(str(tmp_path / "model"), "What is a tensor?")["generated_to"] == 512
+
+
+def test_the_pipeline_makes_init_from_a_path_from_where_it_was_typed(tmp_path, monkeypatch):
+    """The notebooks run in notebooks/: `pipeline -p init_from runs/demo/pretrain` means the user's runs/."""
+    monkeypatch.chdir(tmp_path)
+    assert check_parameters({"init_from": "runs/demo/pretrain"})["init_from"] == str(tmp_path / "runs/demo/pretrain")
