@@ -9,14 +9,14 @@ the ones above it:
     data       the demo corpus and dialogs; reading a corpus in every format (strict CSV included)
     tokenizer  01: the byte-level BPE, train.bin / val.bin
     device     the precision for this device, peak FLOPS
-    model      GPT2LMHeadModel, its loss, loading and generating
+    model      GPT2LMHeadModel, its loss, loading and generating; growing its position table
     optim      Muon, AdamW, the WSD / cosine schedule
     batches    pretraining windows, SFT rows, DPO pairs; the fixed evaluation samples
     train      the loop every stage trains with: its budget (max_hours), log window and resumable state
     launch     a stage on every GPU from a notebook: torchrun as the kernel's child, never a fork
     plots      the figures
     dialogs    the seed's chat template, the four dialog layouts, their ids
-    pretrain   02, whole
+    pretrain   02, whole; init_from (a finished run's model starts a new run, its context may grow)
     dpo        03's optional preference phase
     sft        03, whole
     evaluate   losses on the held-out samples, answer quality

@@ -136,6 +136,8 @@ class TrainConfig(StageConfig):
 class PretrainConfig(TrainConfig):
     stage: ClassVar[str] = "pretrain"
     tokenizer_dir: str | None = None      # None: found by manifest (run folder, or /kaggle/input)
+    init_from: str | None = None          # a finished pretrain folder whose model starts this run (fresh optimizer
+                                          # and schedule; same tokenizer and shape; n_positions may grow)
     n_layer: int = 10
     n_head: int = 6
     n_embd: int = 384

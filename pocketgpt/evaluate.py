@@ -54,9 +54,11 @@ def eval_responses(model, tok, pairs, batch_size: int = 16) -> float:
     return evaluate(LMLoss(model, padded=True), DialogBatches(rows, batch_size, 0).eval_batches(10**9), model.device)
 
 
-def answer_table(model, tok, prompts, max_length: int = 384, seed: int = SEED) -> list[dict]:
+def answer_table(model, tok, prompts, max_length: int | None = None, seed: int = SEED) -> list[dict]:
     """Sampled (the seed's settings) and greedy answers to a few instructions, and whether each ended with
-    <|eos|>: examples to read; the measures come from answer_quality, on the held-out sample."""
+    <|eos|>: examples to read; the measures come from answer_quality, on the held-out sample. `max_length`:
+    prompt and answer together, None: the model's context."""
+    max_length = max_length or model.config.n_positions
     rows = []
     for p in prompts:
         ids = chat_prompt_ids(tok, p)
@@ -221,10 +223,11 @@ def plot_quality(quality: dict, out_png=None, show: bool = True):
     return finish_figure(fig, out_png, show)
 
 
-def ask(model, tok, prompt: str, max_length: int = 384, stream: bool = False, greedy: bool = False) -> str:
-    """Ask the model one instruction. With stream=True the answer prints as it is generated where
-    someone watches, and whole once it is done in a headless run (a saved notebook would otherwise
-    keep each token as a line of its own)."""
+def ask(model, tok, prompt: str, max_length: int | None = None, stream: bool = False, greedy: bool = False) -> str:
+    """Ask the model one instruction (prompt and answer up to `max_length` tokens, None: the model's context).
+    With stream=True the answer prints as it is generated where someone watches, and whole once it is done
+    in a headless run (a saved notebook would otherwise keep each token as a line of its own)."""
+    max_length = max_length or model.config.n_positions
     ids = chat_prompt_ids(tok, prompt)
     live = stream and watched()
     streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True) if live else None

@@ -184,6 +184,7 @@ def report_rows(r: dict) -> list[tuple[str, str]]:
             ("pretrain tokens seen", f"{r['pretrain_tokens']:,} ({r['pretrain_steps']:,} steps, "
              + (f"{r['pretrain_epochs']:.2f} epochs of the train split, " if r.get("pretrain_epochs") is not None else "")
              + f"finished: {r['pretrain_finished']})"),
+            ("context", r.get("context", f"{r['n_positions']} tokens")),
             ("val sample (02 and 04 alike)", f"{r['pretrain_tokens_evaluated']:,} tokens of the {r['pretrain_val_split_tokens']:,}-token val split"
              + (" (all of it)" if r["pretrain_whole_split"] else ", a fixed sample spread over it")),
             ("pretrain val loss / perplexity / bits per byte", f"{r['pretrain_val_loss']:.3f} / {r['pretrain_perplexity']:.1f} / {r['pretrain_bits_per_byte']:.3f}"),
@@ -264,6 +265,7 @@ def run_export_stage(cfg: ExportConfig) -> Path:
         "tokenizer_minutes": stage_hours(tok_dir) * 60, "pretrain_minutes": stage_hours(pre) * 60,
         "sft_minutes": stage_hours(sft) * 60, "pretrain_tokens": pre_m["tokens"], "pretrain_steps": pre_m["steps"],
         "pretrain_finished": pre_m["finished"], "pretrain_epochs": pre_m.get("epochs"),
+        "context": pre_m.get("context", {}).get("line", f"{c.n_positions} tokens"),  # and whether 02 grew it
         **{f"pretrain_{k}": v for k, v in pre_eval.items()},
         "sft_rows": sft_m.get("data_train_rows", 0), "sft_tokens": sft_m["tokens"],
         "heldout_rows": len(heldout), "pretrain_response_loss": eval_responses(pre_model, tok, heldout),

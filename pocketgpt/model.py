@@ -1,8 +1,9 @@
 """The model: Hugging Face's GPT2LMHeadModel, so every stage saves a standard folder, and what it does.
 
-Owns: building the seed's GPT-2 (tied embeddings, SDPA, fused tanh GELU), its FLOPs per token, the loss taken
-from the hidden states on pre-shifted targets (LMLoss), loading a saved folder and generating from it (one
-prompt, or many in left-padded batches) as the seed samples.
+Owns: building the seed's GPT-2 (tied embeddings, SDPA, fused tanh GELU), its FLOPs per token, growing a trained
+model's learned position embeddings to a longer context (grow_positions), the loss taken from the hidden states
+on pre-shifted targets (LMLoss), loading a saved folder and generating from it (one prompt, or many in
+left-padded batches) as the seed samples.
 Imports: common, config.
 """
 from __future__ import annotations
@@ -32,6 +33,28 @@ def build_model(vocab_size: int, cfg):
     config.n_ctx = cfg.n_positions  # llama.cpp's own converter reads n_ctx; costs nothing
     torch.manual_seed(cfg.seed)
     return GPT2LMHeadModel(config)
+
+
+GROW_POSITIONS = "interpolate"  # how init_from grows a context: lower loss than "copy" at every position bucket
+                                # (tools/context_grow.py; README: A longer context)
+
+
+def grow_positions(wpe: torch.Tensor, n_positions: int, how: str = GROW_POSITIONS) -> torch.Tensor:
+    """A trained model's learned position embeddings (n_old x n_embd) for a longer context (n_positions rows).
+
+    copy: the trained rows stay where they are and the new positions repeat them (position n_old + i gets
+    row i), so everything the model learned for the first n_old positions holds unchanged.
+    interpolate: the trained table stretched over the new length (linear, ends kept), as position
+    interpolation does for rotary models: every position moves, the shape of the table stays."""
+    n_old = wpe.shape[0]
+    if n_positions < n_old:
+        raise ValueError(f"grow_positions: {n_positions} is shorter than the {n_old} trained positions")
+    if how == "copy":
+        return wpe[torch.arange(n_positions) % n_old].clone()
+    if how == "interpolate":
+        return F.interpolate(wpe.T[None].float(), size=n_positions, mode="linear",
+                             align_corners=True)[0].T.to(wpe.dtype).contiguous()
+    raise ValueError(f"grow_positions: how={how!r}, use 'copy' or 'interpolate'")
 
 
 def count_params(model) -> int:

@@ -73,7 +73,7 @@ PATH_KEYWORDS = ("auto", "self", "demo")  # values of path parameters that are n
 
 
 def is_path_parameter(name: str) -> bool:
-    return name.endswith(("_dir", "_path")) or name in ("resume_from", "preference")
+    return name.endswith(("_dir", "_path")) or name in ("resume_from", "init_from", "preference")
 
 
 def where_typed(value):

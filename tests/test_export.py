@@ -113,6 +113,8 @@ def test_report_card_has_every_number(run):
     card = (run / "export" / "pocketGPT" / "README.md").read_text()
     assert f"(greedy, {m['quality']['SFT']['rows']} held-out instructions) | {m['quality']['SFT']['greedy_eos_share']:.0%}" in card
     assert all(isinstance(a["greedy_eos"], bool) for a in answers)  # the examples say, each, whether they ended
+    # the context it was trained at, and that it was not grown (tests/test_context.py: one that was)
+    assert f"| context | {TINY['n_positions']} tokens, trained at it from the start ({m['pretrain_tokens']:,} tokens) |" in report
     for text in ["pretrain val loss", "response loss before / after SFT", "What is a tensor?", "losses.png"]:
         assert text in report
     assert [a["instruction"] for a in answers][-1] == "What is a tensor?"

@@ -46,6 +46,20 @@ def test_pretrain_finds_its_input_and_resumes_in_a_second_session(kaggle, tokeni
     assert "resumed_from" in pg.read_json(second / "manifest.json")["inputs"]
 
 
+def test_init_from_the_attached_run_starts_from_it_rather_than_resuming_it(kaggle, tokenizer_stage):
+    """On Kaggle resume_from=None continues an attached pretrain run; with init_from naming that run it is the
+    model to start from (here: to grow), not a run to continue (whose shorter context would be refused)."""
+    shutil.copytree(tokenizer_stage, kaggle / "input" / "notebooks" / "someone" / "pocketgpt-01-tokenizer" / "tokenizer")
+    short = pg.run_pretrain_stage(pretrain_cfg(max_steps=6))
+    attached = kaggle / "input" / "notebooks" / "someone" / "pocketgpt-02-pretrain" / "pretrain"
+    shutil.move(short, attached)
+    grown = pg.run_pretrain_stage(pretrain_cfg(max_steps=6, n_positions=2 * TINY["n_positions"],
+                                               init_from=str(kaggle / "input")))
+    m = pg.read_json(grown / "metrics.json")
+    assert m["steps"] == 6 and m["context"]["grown_from"] == TINY["n_positions"]
+    assert m["context"]["init_from"] == str(attached) and "resumed_from" not in pg.read_json(grown / "manifest.json")["inputs"]
+
+
 def test_missing_input_on_kaggle_says_to_attach_it(kaggle):
     with pytest.raises(pg.PocketGPTError, match="attach the output of the 01_tokenizer notebook"):
         pg.run_pretrain_stage(pretrain_cfg())
