@@ -29,7 +29,7 @@ from .dialogs import (
     table_rows,
 )
 from .model import generate_many
-from .train import Budget, load_checkpoint, train
+from .train import Budget, TrainResult, load_checkpoint, train
 
 
 def answer_logprob(model, x, y):
@@ -176,8 +176,9 @@ def encode_preference_pairs(tok, pairs, context: int) -> list:
 
 
 def run_preference_phase(cfg, sft_model, tok, dialogs, work: Path, resume_dir: Path | None, budget: Budget,
-                         stop_at_step: int | None) -> dict:
-    """DPO after SFT, in `work`/preference (pairs.json, log.csv, ckpt.pt), through the same loop.
+                         stop_at_step: int | None) -> TrainResult:
+    """DPO after SFT, in `work`/preference (pairs.json, log.csv, ckpt.pt), through the same loop; returns the tuned
+    model and the phase's numbers (train's, with the pairs' and the held-out checks').
 
     The SFT model is the frozen reference; a copy of it is trained (the copy's parameters carry no
     hooks of the SFT phase's DDP wrapper). The pairs are saved, so a resumed phase trains on the same ones."""
@@ -215,8 +216,9 @@ def run_preference_phase(cfg, sft_model, tok, dialogs, work: Path, resume_dir: P
     resume = load_checkpoint(resume_dir / "preference") if resume_dir and (resume_dir / "preference" / "ckpt.pt").is_file() else None
     val_batches = PairBatches(val_rows, cfg.batch_size, cfg.seed).eval_batches(len(val_rows))
     loss = DPOLoss(policy, sft_model, cfg.beta, cfg.rpo_alpha)
-    result = train(policy, train_data, val_batches, dcfg, folder, budget, resume, stop_at_step, stage="preference",
-                   loss_module=loss, max_steps=steps, warmup_steps=max(1, steps // 10))
+    trained = train(policy, train_data, val_batches, dcfg, folder, budget, resume, stop_at_step, stage="preference",
+                    loss_module=loss, max_steps=steps, warmup_steps=max(1, steps // 10))
+    result = trained.metrics
     result.update(pairs=len(pairs), train_pairs=len(train_rows), val_pairs=len(val_rows),
                   skipped_near_identical=skipped, beta=cfg.beta, rpo_alpha=cfg.rpo_alpha,
                   learning_rate=cfg.preference_learning_rate, source=cfg.preference,
@@ -224,7 +226,7 @@ def run_preference_phase(cfg, sft_model, tok, dialogs, work: Path, resume_dir: P
     result["warning"] = memorised_warning(result, cfg)
     if result["warning"] and is_main_process():
         print(f"warning: {result['warning']}", flush=True)
-    return result
+    return trained
 
 
 def memorised_warning(stats: dict, cfg) -> str | None:

@@ -74,9 +74,9 @@ def run_pretrain_stage(cfg: PretrainConfig, stop_at_step: int | None = None, pre
     with stage_output(cfg.out_dir, "pretrain", dataclasses.asdict(cfg), inputs, resume_dir) as work:
         result = train(model, train_data, val_data.eval_batches(cfg.eval_windows), cfg, work, budget, resume,
                        stop_at_step, precision=precision, max_epochs=cfg.max_epochs)
-        if not result.pop("is_main_process"):
+        if not result.main_process:
             return Path(cfg.out_dir)
-        model = result.pop("model")
+        model, result = result.model, result.metrics
         save_hf_folder(model, tokenizer, work / "model")
         write_json(work / "metrics.json", {**result, "train_tokens_available": meta["train_tokens"],
                                            "epochs": result["tokens"] / max(meta["train_tokens"], 1),

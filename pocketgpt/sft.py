@@ -119,10 +119,10 @@ def run_sft_stage(cfg: SFTConfig, stop_at_step: int | None = None) -> Path:
                     else:
                         write_file(work / name, lambda tmp, src=resume_dir / name: shutil.copyfile(src, tmp))
         else:
-            result = train(model, train_data, val_data.eval_batches(len(val_data.rows)), cfg, work, budget, resume,
-                           None if cfg.preference else stop_at_step, stage="sft", loss_module=LMLoss(model, padded=True),
-                           max_steps=max_steps, warmup_steps=warmup_steps)
-            model, _ = result.pop("model"), result.pop("is_main_process")
+            trained = train(model, train_data, val_data.eval_batches(len(val_data.rows)), cfg, work, budget, resume,
+                            None if cfg.preference else stop_at_step, stage="sft", loss_module=LMLoss(model, padded=True),
+                            max_steps=max_steps, warmup_steps=warmup_steps)
+            model, result = trained.model, trained.metrics
             if is_main_process():  # model/ is what 04 exports: the SFT model, until a preference phase finishes
                 save_hf_folder(model, tok, work / "model")
                 if cfg.preference and result["finished"]:  # the preference phase's reference, and 04's "SFT" row
@@ -130,9 +130,9 @@ def run_sft_stage(cfg: SFTConfig, stop_at_step: int | None = None) -> Path:
                     write_json(work / "sft_phase.json", result)  # the mark of a finished SFT phase
         logs = {"sft": work / "log.csv"}
         if cfg.preference and result["finished"]:
-            result["preference"] = run_preference_phase(cfg, model, tok, data["pairs"]["train"], work,
-                                                        resume_dir if in_phase_two else None, budget, stop_at_step)
-            tuned, _ = result["preference"].pop("model"), result["preference"].pop("is_main_process")
+            preferred = run_preference_phase(cfg, model, tok, data["pairs"]["train"], work,
+                                             resume_dir if in_phase_two else None, budget, stop_at_step)
+            tuned, result["preference"] = preferred.model, preferred.metrics
             result["finished"] = result["preference"]["finished"]
             if is_main_process():  # a phase stopped by its budget leaves the SFT model as the one to use
                 save_hf_folder(tuned if result["finished"] else model, tok, work / "model")

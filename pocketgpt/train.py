@@ -517,8 +517,9 @@ class LogWindow:
 def train(model, train_data, val_batches, cfg, work: Path, budget: Budget | None = None, resume: dict | None = None,
           stop_at_step: int | None = None, stage: str = "pretrain", loss_module: nn.Module | None = None,
           max_steps: int | str | None = None, warmup_steps: int | None = None, precision: str | None = None,
-          max_epochs: float | None = None) -> dict:
-    """The loop every stage trains with. Returns the final numbers; writes log.csv and ckpt.pt into `work`.
+          max_epochs: float | None = None) -> "TrainResult":
+    """The loop every stage trains with. Returns the trained model and the final numbers; writes log.csv and
+    ckpt.pt into `work`.
 
     Stops at max_steps (cfg's unless given: SFT counts its epochs), or when this session's `budget` would run
     out, keeping back the time the final evaluation, checkpoint and save need. With max_steps="auto" it
@@ -650,8 +651,9 @@ def train(model, train_data, val_batches, cfg, work: Path, budget: Budget | None
     run.save_checkpoint(state, window)
     if cfg.log_with:
         acc.end_training()
-    return {**final_numbers(run, state, window, auto, stop_reason, first_step, session_started, val_tokens),
-            "max_epochs": max_epochs if auto else None, "data_limited": state.data_limited}
+    return TrainResult(run.model, run.acc.is_main_process, {
+        **final_numbers(run, state, window, auto, stop_reason, first_step, session_started, val_tokens),
+        "max_epochs": max_epochs if auto else None, "data_limited": state.data_limited})
 
 
 def start_run(model, train_data, cfg, work: Path, resume: dict | None, stage: str, loss_module, max_steps,
@@ -827,9 +829,18 @@ def log_line(row: dict, state: RunState, budget: Budget, lr: float, epochs: floa
             + f" epoch {epochs:.2f} | {duration(left)} left this session")
 
 
+@dataclasses.dataclass
+class TrainResult:
+    """What train() returns: the trained model, whether this process is the one that writes (rank 0), and the
+    run's numbers for metrics.json."""
+    model: nn.Module
+    main_process: bool
+    metrics: dict
+
+
 def final_numbers(run: Run, state: RunState, window: LogWindow, auto: bool, stop_reason: str, first_step: int,
                   session_started: float, val_tokens: int) -> dict:
-    """What train() returns: the run's numbers for metrics.json, and the trained model."""
+    """The run's numbers for metrics.json."""
     tokens = state.tokens + int(run.totals(window, state)[-1])  # the tokens of a window left open
     rates = [r["tokens_per_s"] for r in state.log if r.get("tokens_per_s")]
     mfus = [r["mfu"] for r in state.log if r.get("mfu")]
@@ -846,8 +857,7 @@ def final_numbers(run: Run, state: RunState, window: LogWindow, auto: bool, stop
             "finished": state.max_steps is not None and state.step >= state.max_steps, "hours": state.hours,
             "max_steps": state.max_steps, "planned": auto, "optimizers": run.kinds,
             "newton_schulz": run.newton_schulz,
-            "session_hours": (time.time() - session_started) / 3600, "session_steps": state.step - first_step,
-            "is_main_process": run.acc.is_main_process, "model": run.model}
+            "session_hours": (time.time() - session_started) / 3600, "session_steps": state.step - first_step}
 
 
 def write_log(path: Path, rows: list[dict], columns: list[str]) -> None:
