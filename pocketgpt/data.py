@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import bisect
+import codecs
 import csv
 import functools
 import glob
@@ -21,8 +22,6 @@ import json
 import re
 from contextlib import contextmanager
 from pathlib import Path
-
-import pandas as pd
 
 from .common import (
     COMPRESSIONS,
@@ -310,31 +309,83 @@ def datasets_errors_ours():
 
 def open_table(file, fmt: str):
     """A table as `datasets` streams (a save_to_disk folder: memory-mapped, a DatasetDict's splits in turn)
-    and its column names ([] when it holds no rows). A CSV is read as written, every cell a string:
-    "007", "nan" and "" stay what they are."""
+    and its column names ([] when it holds no rows). A CSV is read by CsvTable, as written, every cell a
+    string: "007", "nan" and "" stay what they are."""
     import datasets
     try:
         if fmt == "saved":
             ds = datasets.load_from_disk(str(file))
             parts = list(ds.values()) if isinstance(ds, datasets.DatasetDict) else [ds]
             return parts, parts[0].column_names if parts else []
-        options = {}
         if fmt == "csv":
-            csv_row_lines(file)  # quoting and cell counts checked strictly first: pandas reads a stray quote in silence
-            with open_data(file) as f:
-                try:
-                    header = list(pd.read_csv(f, nrows=0, encoding="utf-8").columns)
-                except pd.errors.EmptyDataError:
-                    return [], []
-            options = dict(features=datasets.Features({c: datasets.Value("string") for c in header}),
-                           keep_default_na=False)
-        ds = datasets.load_dataset(fmt, data_files=[str(file)], split="train", streaming=True, **options)
+            header = csv_row_lines(file)[2]  # quoting and cell counts checked strictly first, the whole file
+            return ([CsvTable(file, header)], header) if header else ([], [])
+        ds = datasets.load_dataset(fmt, data_files=[str(file)], split="train", streaming=True)
         with datasets_errors_ours():
             return [ds], ds.column_names or list(next(iter(ds), {}))
     except StopIteration:  # datasets found no row to learn the columns from
         return [], []
     except Exception as e:
         raise table_error(file, fmt, e) from None
+
+
+CSV_SEPARATORS = {",": "comma", ";": "semicolon", "\t": "tab"}  # as spreadsheets save CSV, by locale and kind
+
+
+def csv_dialect(file) -> tuple[str, str]:
+    """(encoding, separator) of a CSV as spreadsheets save it: a byte order mark says UTF-8 or UTF-16 (Excel's
+    "Unicode text"), none says UTF-8; the separator is the one of `,` `;` tab that the header line holds most
+    of outside quotes (a comma where it holds none: a one-column file)."""
+    with open_data(file) as f:
+        head = f.read(1 << 16)
+    if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        encoding = "utf-16"
+    elif head[:4096].count(0) > len(head[:4096]) // 4:  # ASCII text as UTF-16: every other byte is 0
+        raise PocketGPTError(f"{file} looks like UTF-16 without a byte order mark (every other byte is 0). Save it as "
+                             f"UTF-8 (Excel: \"CSV UTF-8\"), or as UTF-16 with its byte order mark (\"Unicode text\").")
+    else:
+        encoding = "utf-8-sig"
+    text = head.decode(encoding, errors="ignore")
+    header, quoted = [], False
+    for ch in text:
+        if ch == '"':
+            quoted = not quoted
+        elif ch in "\r\n" and not quoted:
+            break
+        elif not quoted:
+            header.append(ch)
+    counts = {sep: header.count(sep) for sep in CSV_SEPARATORS}
+    best = max(counts, key=lambda s: counts[s])  # ties: the first, a comma
+    return encoding, best if counts[best] else ","
+
+
+class CsvTable:
+    """A CSV streamed by Python's csv module with its detected dialect (csv_dialect), as iter_table reads a
+    `datasets` table: select_columns, then iter(batch_size) of {column: values}. Blank lines are no rows."""
+
+    def __init__(self, file, columns):
+        self.file, self.columns = file, list(columns)
+
+    def select_columns(self, columns):
+        return CsvTable(self.file, columns)
+
+    def iter(self, batch_size: int):
+        encoding, sep = csv_dialect(self.file)
+        with open_data(self.file) as raw:
+            reader = csv.reader(io.TextIOWrapper(raw, encoding=encoding, newline=""), delimiter=sep, strict=True)
+            header = next(reader, [])
+            take = [header.index(c) for c in self.columns]
+            batch = [[] for _ in take]
+            for row in reader:
+                if not row:
+                    continue
+                for values, i in zip(batch, take):
+                    values.append(row[i])
+                if len(batch[0]) == batch_size:
+                    yield dict(zip(self.columns, batch))
+                    batch = [[] for _ in take]
+            if batch and batch[0]:
+                yield dict(zip(self.columns, batch))
 
 
 def iter_table(parts, file, fmt: str, columns, progress=None, batch_rows: int = 1000):
@@ -362,23 +413,26 @@ def iter_table(parts, file, fmt: str, columns, progress=None, batch_rows: int = 
         progress.update(size - done)
 
 
-def csv_row_lines(file) -> tuple[list[int], list[int]]:
-    """A strict pass over a CSV file with Python's csv module, which stops where pandas guesses: a quote inside
-    a quoted cell that is not doubled ("He said "hi" to me" reads as `He said hi" to me"` there), a quoted cell
-    that never closes, a row with more or fewer cells than the header (pandas takes the extra first cell for
-    an index). Each is an error naming the line. Returns where rows start, for row_place: the rows (from 0)
-    that do not start on the line after the previous row's (the first; after a cell over several lines or a
-    blank line), and their lines. Read once per file and process."""
+def csv_row_lines(file) -> tuple[list[int], list[int], list[str]]:
+    """A strict pass over a CSV file with Python's csv module (in its detected encoding and separator,
+    csv_dialect), which stops where pandas guesses: a quote inside a quoted cell that is not doubled ("He
+    said "hi" to me" reads as `He said hi" to me"` there), a quoted cell that never closes, a row with more
+    or fewer cells than the header (pandas takes the extra first cell for an index). Each is an error naming
+    the line. Returns where rows start, for row_place: the rows (from 0) that do not start on the line after
+    the previous row's (the first; after a cell over several lines or a blank line), and their lines; and
+    the header. Read once per file and process."""
     stat = Path(file).stat()
     return _csv_row_lines(str(file), stat.st_size, stat.st_mtime_ns)
 
 
 @functools.lru_cache(maxsize=64)
-def _csv_row_lines(file: str, size: int, mtime: int) -> tuple[list[int], list[int]]:
+def _csv_row_lines(file: str, size: int, mtime: int) -> tuple[list[int], list[int], list[str]]:
     csv.field_size_limit(2 ** 31 - 1)  # a document can be longer than the 128 kB default
-    rows, lines, n, previous, end = [], [], 0, None, 0
+    encoding, sep = csv_dialect(file)
+    name = CSV_SEPARATORS[sep]
+    rows, lines, n, previous, end, header = [], [], 0, None, 0, []
     with open_data(file) as raw:
-        reader = csv.reader(io.TextIOWrapper(raw, encoding="utf-8-sig", newline=""), strict=True)
+        reader = csv.reader(io.TextIOWrapper(raw, encoding=encoding, newline=""), delimiter=sep, strict=True)
         try:
             header = next(reader, [])
             end = reader.line_num
@@ -387,8 +441,9 @@ def _csv_row_lines(file: str, size: int, mtime: int) -> tuple[list[int], list[in
                 if not row:  # a blank line: pandas skips it, so no row
                     continue
                 if len(row) != len(header):
-                    raise PocketGPTError(f"{file}, line {start}: {len(row)} cells where the header has {len(header)}. A cell "
-                                         f"that holds a comma must be in double quotes; fix the line or remove it.")
+                    raise PocketGPTError(f"{file}, line {start}: {len(row)} cells where the header has {len(header)} (read "
+                                         f"as {name}-separated: the header's separator). A cell that holds a {name} "
+                                         f"must be in double quotes; fix the line or remove it.")
                 if previous is None or start != previous + 1:
                     rows.append(n)
                     lines.append(start)
@@ -400,7 +455,13 @@ def _csv_row_lines(file: str, size: int, mtime: int) -> tuple[list[int], list[in
             raise PocketGPTError(f"{file}, line {reader.line_num}: a double quote inside a quoted cell is not doubled "
                                  f"({e}). In CSV a quoted cell writes each quote inside it twice: \"He said \"\"hi\"\" to "
                                  f"me\". Fix that line (or save the file again from a spreadsheet program).") from None
-    return rows, lines
+    return rows, lines, header
+
+
+def csv_read_as(file) -> str:
+    """How a CSV was read, said in one phrase: "semicolon-separated, UTF-16"."""
+    encoding, sep = csv_dialect(file)
+    return f"{CSV_SEPARATORS[sep]}-separated, {'UTF-16' if encoding == 'utf-16' else 'UTF-8'}"
 
 
 def row_place(file, fmt: str, i: int) -> str:
@@ -409,7 +470,7 @@ def row_place(file, fmt: str, i: int) -> str:
     if fmt == "json":
         return f"{file}, line {i + 1}" if ".jsonl" in [s.lower() for s in Path(file).suffixes] else f"{file}, record {i + 1}"
     if fmt == "csv":
-        rows, lines = csv_row_lines(file)
+        rows, lines, _ = csv_row_lines(file)
         k = bisect.bisect_right(rows, i) - 1
         return f"{file}, line {lines[k] + i - rows[k] if k >= 0 else i + 2}"
     return f"{file}, row {i + 1}"
@@ -458,7 +519,8 @@ def table_documents(file, fmt: str, text_column=None, progress=None, counts: dic
 # lines), "lines" (each line), "whole_file" (the file, as it is), or "auto": blank_lines where the file has a
 # blank line between text, else lines (a WikiText dump, a file with no newline at all).
 READ_BYTES = 1 << 20  # a .txt is read in blocks of whole lines of about this size (a longer line: in parts)
-BLANK_BETWEEN_TEXT = re.compile(rb"\S[^\S\n]*\n[^\S\n]*\n\s*\S")  # bytes: ASCII whitespace, enough to choose
+BLANK_LINE = re.compile(rb"\n[^\S\n]*\n")  # bytes: ASCII whitespace, enough to choose
+NON_SPACE = re.compile(rb"\S")
 WHITESPACE_LINE = re.compile(r"(?m)^[^\S\n]+$")  # a line of spaces: blank, as an empty one
 CR_BEFORE_LF = re.compile(r"\r+\n")
 
@@ -476,12 +538,15 @@ def document_mode(file, documents: str = "auto") -> str:
 
 @functools.lru_cache(maxsize=64)
 def _auto_mode(file: str, size: int, mtime: int) -> str:
-    tail = b""
+    seen_text, tail = False, b""
     with open_data(file) as f:
         while block := f.read(16 * READ_BYTES):
-            if BLANK_BETWEEN_TEXT.search(tail + block):
-                return "blank_lines"
-            tail = block[-4096:]  # a blank line across two blocks (a line of spaces longer than this: rare)
+            data = tail + block
+            for m in BLANK_LINE.finditer(data):  # a blank line with text before it and after it
+                if (seen_text or NON_SPACE.search(data, 0, m.start())) and NON_SPACE.search(data, m.end()):
+                    return "blank_lines"
+            seen_text = seen_text or NON_SPACE.search(data) is not None
+            tail = data[-4096:]  # a blank line across two blocks (a line of spaces longer than this: rare)
     return "lines"
 
 

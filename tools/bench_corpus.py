@@ -176,6 +176,37 @@ def measure_sample(corpus: Path, val: Path, mb: float, vocab_size: int) -> dict:
             "val_bytes_per_token": len(text.encode()) / n, "peak_rss_mb": peak_rss_mb()}
 
 
+def write_dialogs_csv(path: Path, pairs: list[tuple], rows: int, sep: str = ",", encoding: str = "utf-8") -> Path:
+    """`rows` instruction/response rows made of the demo pairs (each marked with its copy, the answer twice:
+    about the seed's 45 MB for 139k rows), as a spreadsheet saves them."""
+    import csv
+    with open(path, "w", encoding=encoding, newline="") as f:
+        w = csv.writer(f, delimiter=sep)
+        w.writerow(["instruction", "response"])
+        for i in range(rows):
+            q, a = pairs[i % len(pairs)]
+            w.writerow([f"{q} (variant {i // len(pairs)})", f"{a} {a}"])
+    return path
+
+
+def measure_dialogs(path: Path, tokenizer_dir: Path | None) -> dict:
+    """read_dialogs (03's and the preference phase's reader) on a dialog file, then (with a tokenizer) the
+    encoding 03 does next: the peak RSS of each step."""
+    from pocketgpt.dialogs import encode_dialogs, read_dialogs
+    base = peak_rss_mb()
+    started = time.time()
+    pairs, report = read_dialogs([path])
+    out = {"what": "dialogs", "rows": report["rows_read"], "read_seconds": time.time() - started,
+           "read_as": report.get("read_as", {}).get(str(path)), "base_rss_mb": base, "read_rss_mb": peak_rss_mb()}
+    if tokenizer_dir:
+        import pocketgpt_utils as pg
+        started = time.time()
+        kept, rows, _ = encode_dialogs(pg.load_tokenizer(tokenizer_dir), pairs, 384, "truncate")
+        out.update(encode_seconds=time.time() - started, tokens=sum(len(r[0]) for r in rows))
+    out["peak_rss_mb"] = peak_rss_mb()
+    return out
+
+
 def in_fresh_process(*args) -> dict:
     out = subprocess.run([sys.executable, __file__, *map(str, args)], capture_output=True, text=True, check=False,
                          env={**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"})
@@ -209,6 +240,10 @@ def main(argv=None) -> int:
     r.add_argument("corpus", type=Path)
     r.add_argument("shape")
     r.add_argument("sample_bytes", type=int)
+    d = sub.add_parser("dialogs", help="read (and encode) a 139k-row dialog CSV: peak RSS")
+    d.add_argument("--rows", type=int, default=139_000)
+    d.add_argument("--tokenizer", type=Path, help="a tokenizer stage folder: also encode, as 03 does")
+    d.add_argument("--one", nargs=1, help=argparse.SUPPRESS)
     m = sub.add_parser("sample")
     m.add_argument("--mb", type=float, nargs="+", default=[2, 5, 10, 20, 40])
     m.add_argument("--vocab", type=int, default=24000)
@@ -232,6 +267,24 @@ def main(argv=None) -> int:
         return 0
     work = Path(args.work or tempfile.mkdtemp(prefix="pocketgpt-bench-corpus-"))
     work.mkdir(parents=True, exist_ok=True)
+    if args.measure == "dialogs":
+        if args.one:
+            print(json.dumps(measure_dialogs(Path(args.one[0]), args.tokenizer)))
+            return 0
+        import pandas as pd
+        demo_docs(work)
+        pairs = list(pd.read_csv(work / "demo" / "dialogs.csv", keep_default_na=False).itertuples(index=False))
+        print("| dialog file | MB | rows | read as | read s | peak RSS after reading MB | + encode s | peak RSS MB |")
+        print("|---|---|---|---|---|---|---|---|")
+        for sep, encoding in [(",", "utf-8"), (";", "utf-8"), ("\t", "utf-16")]:
+            path = write_dialogs_csv(work / "dialogs.csv", pairs, args.rows, sep, encoding)
+            extra = ["--tokenizer", args.tokenizer] if args.tokenizer else []
+            r = in_fresh_process("dialogs", *extra, "--one", path)
+            print(f"| {sep!r} {encoding} | {path.stat().st_size / 1e6:.1f} | {r['rows']:,} | {r['read_as']} "
+                  f"| {r['read_seconds']:.1f} | {r['read_rss_mb']:.0f} | {r.get('encode_seconds', float('nan')):.1f} "
+                  f"| {r['peak_rss_mb']:.0f} |", flush=True)
+            path.unlink()
+        return 0
     if args.measure == "sample":
         if args.one:
             print(json.dumps(measure_sample(Path(args.one[0]), Path(args.one[1]), float(args.one[2]), args.vocab)))
