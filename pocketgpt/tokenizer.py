@@ -345,10 +345,11 @@ def read_bin(path) -> np.memmap:
 
 
 def decode_documents(ids: np.ndarray, tok) -> list[str]:
-    """Split a token stream at <|bos|> and decode each document (a check that nothing was lost)."""
+    """Split a token stream at <|bos|> and decode each document from there (a piece of a long document
+    that fell on the other side may end it without its <|eos|>, or stand before the first <|bos|>)."""
     starts = np.flatnonzero(ids == BOS_ID)
     ends = list(starts[1:]) + [len(ids)]
-    return [tok.decode(ids[s + 1:e - 1].tolist()) for s, e in zip(starts, ends)]
+    return [tok.decode(ids[s + 1:e - int(ids[e - 1] == EOS_ID)].tolist()) for s, e in zip(starts, ends)]
 
 
 def document_ids(stage_dir):
