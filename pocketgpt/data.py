@@ -311,15 +311,15 @@ def open_table(file, fmt: str):
     """A table as `datasets` streams (a save_to_disk folder: memory-mapped, a DatasetDict's splits in turn)
     and its column names ([] when it holds no rows). A CSV is read by CsvTable, as written, every cell a
     string: "007", "nan" and "" stay what they are."""
-    import datasets
     try:
+        if fmt == "csv":
+            header = csv_row_lines(file)[2]  # quoting and cell counts checked strictly first, the whole file
+            return ([CsvTable(file, header)], header) if header else ([], [])
+        import datasets  # only here: a CSV is read without it (and its 0.1 GB)
         if fmt == "saved":
             ds = datasets.load_from_disk(str(file))
             parts = list(ds.values()) if isinstance(ds, datasets.DatasetDict) else [ds]
             return parts, parts[0].column_names if parts else []
-        if fmt == "csv":
-            header = csv_row_lines(file)[2]  # quoting and cell counts checked strictly first, the whole file
-            return ([CsvTable(file, header)], header) if header else ([], [])
         ds = datasets.load_dataset(fmt, data_files=[str(file)], split="train", streaming=True)
         with datasets_errors_ours():
             return [ds], ds.column_names or list(next(iter(ds), {}))
