@@ -1,9 +1,11 @@
 """Data as it comes: the demo corpus and dialogs, and readers for a corpus in every format.
 
 Owns: the demo data (ML prose from the docstrings of the installed ML libraries, read from source with
-`ast`, never imported); reading a corpus as documents from .txt (streamed line by line) or from JSON Lines,
-Parquet, CSV, Arrow and save_to_disk folders (streamed through `datasets`), .gz/.bz2/.zst included; the
-strict CSV check; where a row is, said as the user finds it; the seeded train/val split.
+`ast`, never imported); reading a corpus as documents from .txt (streamed in blocks of lines; documents by
+blank lines, lines or the whole file) or from JSON Lines, Parquet, Arrow and save_to_disk folders (streamed
+through `datasets`) and CSV (Python's csv module: `,` `;` or tab, UTF-8 or UTF-16, checked strictly first),
+.gz/.bz2/.zst included; long documents in pieces cut where the tokenizer splits anyway; where a row is, said
+as the user finds it; the seeded train/val split.
 Imports: common, config (DOCUMENTS).
 """
 from __future__ import annotations
