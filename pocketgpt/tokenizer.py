@@ -58,12 +58,13 @@ def train_tokenizer(texts, vocab_size: int, n_texts: int | None = None):
     return tok
 
 
-def batched(texts, max_chars: int = 1 << 20, max_texts: int = 4096):
-    """Lists of texts of about max_chars characters (or max_texts texts) each."""
+def batched(items, max_chars: int = 1 << 20, max_texts: int = 4096, text=lambda item: item):
+    """Lists of items (texts, or what `text` finds the text in) of about max_chars characters of text, or
+    max_texts items, each: the tokenizer holds about 200 bytes per character of a batch while it works."""
     batch, chars = [], 0
-    for text in texts:
-        batch.append(text)
-        chars += len(text)
+    for item in items:
+        batch.append(item)
+        chars += len(text(item))
         if chars >= max_chars or len(batch) >= max_texts:
             yield batch
             batch, chars = [], 0
@@ -164,7 +165,7 @@ def encode_corpus(pieces, hf_tok, out_dir, seed: int, val_fraction: float, total
     with space_for(out_dir / "train.bin", needed=total_bytes // 2), open(out_dir / "train.bin", "wb") as train, \
             open(out_dir / "val.bin", "wb") as val:
         outs = {"train": train, "val": val}
-        for batch in batched(pieces, max_chars=1 << 20, max_texts=8192):
+        for batch in batched(pieces, max_chars=1 << 20, max_texts=8192, text=lambda piece: piece[0]):
             ids_of = encode([text for text, _, _ in batch])
             ids = {"train": array("H"), "val": array("H")}
             col = {k: array("B" if t == "u1" else "I") for k, t in STAT_COLUMNS.items()}
