@@ -119,3 +119,12 @@ def test_a_corpus_too_small_to_split_says_what_it_found(tmp_path):
                                                 r"piece\(s\), and no piece fell in val at val_fraction=0.01"):
         pg.build_tokenizer_stage(cfg(tmp_path, tmp_path / "tiny.txt"))
     assert not (tmp_path / "tokenizer").exists()
+
+
+def test_encoding_batches_hold_about_a_megabyte_of_text_whatever_the_pieces():
+    """The tokenizer holds several bytes per character of a batch: a batch of 8192 pieces of 20k characters
+    (one 200 MB line) took 1.9 GB when batches were counted in pieces instead of characters."""
+    from pocketgpt.tokenizer import batched
+    pieces = (("x" * 20_000, i == 0, False) for i in range(500))
+    sizes = [sum(len(p[0]) for p in b) for b in batched(pieces, max_chars=1 << 20, max_texts=8192, text=lambda p: p[0])]
+    assert len(sizes) == 10 and max(sizes) < (1 << 20) + 20_000
