@@ -139,6 +139,22 @@ def fast_encoder(hf_tok):
     return lambda texts: [e.ids for e in encode(texts, add_special_tokens=False)]
 
 
+def encoded(encode, batches):
+    """(batch, its ids) for batches of pieces, the next batch encoded (in Rust, without the GIL) while this
+    one's ids are written and the one after is read: the Python work overlaps the tokenizer's."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        pending = None
+        for batch in batches:
+            future = pool.submit(encode, [text for text, _, _ in batch])
+            if pending is not None:
+                yield pending[0], pending[1].result()
+            pending = (batch, future)
+        if pending is not None:
+            yield pending[0], pending[1].result()
+
+
 STAT_COLUMNS = {"val": "u1", "first": "u1", "last": "u1", "bytes": "u4", "tokens": "u4"}  # doc_stats.npz, a piece a row
 
 
@@ -165,8 +181,7 @@ def encode_corpus(pieces, hf_tok, out_dir, seed: int, val_fraction: float, total
     with space_for(out_dir / "train.bin", needed=total_bytes // 2), open(out_dir / "train.bin", "wb") as train, \
             open(out_dir / "val.bin", "wb") as val:
         outs = {"train": train, "val": val}
-        for batch in batched(pieces, max_chars=1 << 20, max_texts=8192, text=lambda piece: piece[0]):
-            ids_of = encode([text for text, _, _ in batch])
+        for batch, ids_of in encoded(encode, batched(pieces, max_chars=1 << 20, max_texts=8192, text=lambda p: p[0])):
             ids = {"train": array("H"), "val": array("H")}
             col = {k: array("B" if t == "u1" else "I") for k, t in STAT_COLUMNS.items()}
             for (text, first, last), piece_ids in zip(batch, ids_of):
