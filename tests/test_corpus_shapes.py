@@ -19,7 +19,7 @@ sys.path.insert(0, str(HERE / "tools"))
 import bench_corpus  # noqa: E402  (builds the shapes, and runs the stage in a fresh process)
 
 VAL_FRACTION = 0.02
-# A fresh process running the whole stage on 3 MB (its VmHWM): 0.28 GB here for a .txt of any shape, 0.50 GB
+# A fresh process running the whole stage on 3 MB (its VmHWM): 0.15 GB here for a .txt of any shape, 0.45 GB
 # for the JSON Lines row (datasets and pyarrow loaded). The code before pieces read a file without blank lines
 # as one document: 0.87 GB (one line a document), 0.90 GB (no newline), 1.16 GB (the JSONL row) for 3 MB.
 PEAK_RSS_MB = 650
