@@ -79,6 +79,11 @@ class StageConfig:
         self.out_dir = str(self.out_dir or Path(self.run_dir) / self.stage)
 
 
+# How a .txt corpus is cut into documents (01's `documents`): the text between blank lines, each line, or
+# the whole file; "auto": blank_lines where the file has a blank line between text, else lines.
+DOCUMENTS = ("auto", "blank_lines", "lines", "whole_file")
+
+
 @dataclasses.dataclass
 class TokenizerConfig(StageConfig):
     stage: ClassVar[str] = "tokenizer"
@@ -87,6 +92,8 @@ class TokenizerConfig(StageConfig):
     vocab_size: int = 24000
     val_fraction: float = 0.01
     on_invalid_utf8: str = "fail"         # "fail" or "replace" (with U+FFFD)
+    documents: str = "auto"               # a .txt's documents: auto | blank_lines | lines | whole_file (DOCUMENTS)
+    bpe_sample_bytes: int = 256_000_000   # the BPE learns from an even sample of at most this much text
 
     def __post_init__(self):
         super().__post_init__()
@@ -97,6 +104,12 @@ class TokenizerConfig(StageConfig):
             raise PocketGPTError(f"val_fraction={self.val_fraction}: use a fraction between 0 and 0.5, e.g. 0.01.")
         if self.on_invalid_utf8 not in ("fail", "replace"):
             raise PocketGPTError(f"on_invalid_utf8={self.on_invalid_utf8!r}: use 'fail' or 'replace'.")
+        if self.documents not in DOCUMENTS:
+            raise PocketGPTError(f"documents={self.documents!r}: use one of {', '.join(DOCUMENTS)} (auto: blank_lines "
+                                 f"where a .txt has a blank line between text, else lines).")
+        if int(self.bpe_sample_bytes) < 1_000_000:
+            raise PocketGPTError(f"bpe_sample_bytes={self.bpe_sample_bytes}: give at least 1000000 (1 MB) of text "
+                                 f"for the BPE to learn from.")
 
 
 @dataclasses.dataclass

@@ -1,15 +1,18 @@
 """Data as it comes: the demo corpus and dialogs, and readers for a corpus in every format.
 
 Owns: the demo data (ML prose from the docstrings of the installed ML libraries, read from source with
-`ast`, never imported); reading a corpus as documents from .txt (streamed line by line) or from JSON Lines,
-Parquet, CSV, Arrow and save_to_disk folders (streamed through `datasets`), .gz/.bz2/.zst included; the
-strict CSV check; where a row is, said as the user finds it; the seeded train/val split.
-Imports: common.
+`ast`, never imported); reading a corpus as documents from .txt (streamed in blocks of lines; documents by
+blank lines, lines or the whole file) or from JSON Lines, Parquet, Arrow and save_to_disk folders (streamed
+through `datasets`) and CSV (Python's csv module: `,` `;` or tab, UTF-8 or UTF-16, checked strictly first),
+.gz/.bz2/.zst included; long documents in pieces cut where the tokenizer splits anyway; where a row is, said
+as the user finds it; the seeded train/val split.
+Imports: common, config (DOCUMENTS).
 """
 from __future__ import annotations
 
 import ast
 import bisect
+import codecs
 import csv
 import functools
 import glob
@@ -18,10 +21,9 @@ import importlib.util
 import inspect
 import io
 import json
+import re
 from contextlib import contextmanager
 from pathlib import Path
-
-import pandas as pd
 
 from .common import (
     COMPRESSIONS,
@@ -34,6 +36,7 @@ from .common import (
     progress,
     write_file,
 )
+from .config import DOCUMENTS
 
 # Smallest first: what a small library cannot fill of its share rolls over to the big ones.
 DEMO_PACKAGES = ["safetensors", "tokenizers", "accelerate", "datasets", "sklearn", "scipy", "pandas",
@@ -216,6 +219,7 @@ class InvalidUTF8:
         self.count, self.where = 0, []
 
     def decode(self, raw: bytes, file, line_no: int, offset: int) -> str:
+        """`raw` starts at line `line_no` (from 1), byte `offset` of the file; it may hold many lines."""
         try:
             return raw.decode("utf-8")
         except UnicodeDecodeError:
@@ -229,7 +233,9 @@ class InvalidUTF8:
                 out.append(raw[pos:pos + e.start].decode("utf-8") + "\ufffd")
                 self.count += e.end - e.start
                 if len(self.where) < 5:
-                    self.where.append(f"{file}:{line_no} (byte {offset + pos + e.start})")
+                    at = pos + e.start
+                    line = line_no + raw.count(b"\n", 0, at)
+                    self.where.append(f"{file}:{line} (byte {offset + at})")
                 pos += e.end
 
 
@@ -305,31 +311,83 @@ def datasets_errors_ours():
 
 def open_table(file, fmt: str):
     """A table as `datasets` streams (a save_to_disk folder: memory-mapped, a DatasetDict's splits in turn)
-    and its column names ([] when it holds no rows). A CSV is read as written, every cell a string:
-    "007", "nan" and "" stay what they are."""
-    import datasets
+    and its column names ([] when it holds no rows). A CSV is read by CsvTable, as written, every cell a
+    string: "007", "nan" and "" stay what they are."""
     try:
+        if fmt == "csv":
+            header = csv_row_lines(file)[2]  # quoting and cell counts checked strictly first, the whole file
+            return ([CsvTable(file, header)], header) if header else ([], [])
+        import datasets  # only here: a CSV is read without it (and its 0.1 GB)
         if fmt == "saved":
             ds = datasets.load_from_disk(str(file))
             parts = list(ds.values()) if isinstance(ds, datasets.DatasetDict) else [ds]
             return parts, parts[0].column_names if parts else []
-        options = {}
-        if fmt == "csv":
-            csv_row_lines(file)  # quoting and cell counts checked strictly first: pandas reads a stray quote in silence
-            with open_data(file) as f:
-                try:
-                    header = list(pd.read_csv(f, nrows=0, encoding="utf-8").columns)
-                except pd.errors.EmptyDataError:
-                    return [], []
-            options = dict(features=datasets.Features({c: datasets.Value("string") for c in header}),
-                           keep_default_na=False)
-        ds = datasets.load_dataset(fmt, data_files=[str(file)], split="train", streaming=True, **options)
+        ds = datasets.load_dataset(fmt, data_files=[str(file)], split="train", streaming=True)
         with datasets_errors_ours():
             return [ds], ds.column_names or list(next(iter(ds), {}))
     except StopIteration:  # datasets found no row to learn the columns from
         return [], []
     except Exception as e:
         raise table_error(file, fmt, e) from None
+
+
+CSV_SEPARATORS = {",": "comma", ";": "semicolon", "\t": "tab"}  # as spreadsheets save CSV, by locale and kind
+
+
+def csv_dialect(file) -> tuple[str, str]:
+    """(encoding, separator) of a CSV as spreadsheets save it: a byte order mark says UTF-8 or UTF-16 (Excel's
+    "Unicode text"), none says UTF-8; the separator is the one of `,` `;` tab that the header line holds most
+    of outside quotes (a comma where it holds none: a one-column file)."""
+    with open_data(file) as f:
+        head = f.read(1 << 16)
+    if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        encoding = "utf-16"
+    elif head[:4096].count(0) > len(head[:4096]) // 4:  # ASCII text as UTF-16: every other byte is 0
+        raise PocketGPTError(f"{file} looks like UTF-16 without a byte order mark (every other byte is 0). Save it as "
+                             f"UTF-8 (Excel: \"CSV UTF-8\"), or as UTF-16 with its byte order mark (\"Unicode text\").")
+    else:
+        encoding = "utf-8-sig"
+    text = head.decode(encoding, errors="ignore")
+    header, quoted = [], False
+    for ch in text:
+        if ch == '"':
+            quoted = not quoted
+        elif ch in "\r\n" and not quoted:
+            break
+        elif not quoted:
+            header.append(ch)
+    counts = {sep: header.count(sep) for sep in CSV_SEPARATORS}
+    best = max(counts, key=lambda s: counts[s])  # ties: the first, a comma
+    return encoding, best if counts[best] else ","
+
+
+class CsvTable:
+    """A CSV streamed by Python's csv module with its detected dialect (csv_dialect), as iter_table reads a
+    `datasets` table: select_columns, then iter(batch_size) of {column: values}. Blank lines are no rows."""
+
+    def __init__(self, file, columns):
+        self.file, self.columns = file, list(columns)
+
+    def select_columns(self, columns):
+        return CsvTable(self.file, columns)
+
+    def iter(self, batch_size: int):
+        encoding, sep = csv_dialect(self.file)
+        with open_data(self.file) as raw:
+            reader = csv.reader(io.TextIOWrapper(raw, encoding=encoding, newline=""), delimiter=sep, strict=True)
+            header = next(reader, [])
+            take = [header.index(c) for c in self.columns]
+            batch = [[] for _ in take]
+            for row in reader:
+                if not row:
+                    continue
+                for values, i in zip(batch, take):
+                    values.append(row[i])
+                if len(batch[0]) == batch_size:
+                    yield dict(zip(self.columns, batch))
+                    batch = [[] for _ in take]
+            if batch and batch[0]:
+                yield dict(zip(self.columns, batch))
 
 
 def iter_table(parts, file, fmt: str, columns, progress=None, batch_rows: int = 1000):
@@ -357,23 +415,26 @@ def iter_table(parts, file, fmt: str, columns, progress=None, batch_rows: int = 
         progress.update(size - done)
 
 
-def csv_row_lines(file) -> tuple[list[int], list[int]]:
-    """A strict pass over a CSV file with Python's csv module, which stops where pandas guesses: a quote inside
-    a quoted cell that is not doubled ("He said "hi" to me" reads as `He said hi" to me"` there), a quoted cell
-    that never closes, a row with more or fewer cells than the header (pandas takes the extra first cell for
-    an index). Each is an error naming the line. Returns where rows start, for row_place: the rows (from 0)
-    that do not start on the line after the previous row's (the first; after a cell over several lines or a
-    blank line), and their lines. Read once per file and process."""
+def csv_row_lines(file) -> tuple[list[int], list[int], list[str]]:
+    """A strict pass over a CSV file with Python's csv module (in its detected encoding and separator,
+    csv_dialect), which stops where pandas guesses: a quote inside a quoted cell that is not doubled ("He
+    said "hi" to me" reads as `He said hi" to me"` there), a quoted cell that never closes, a row with more
+    or fewer cells than the header (pandas takes the extra first cell for an index). Each is an error naming
+    the line. Returns where rows start, for row_place: the rows (from 0) that do not start on the line after
+    the previous row's (the first; after a cell over several lines or a blank line), and their lines; and
+    the header. Read once per file and process."""
     stat = Path(file).stat()
     return _csv_row_lines(str(file), stat.st_size, stat.st_mtime_ns)
 
 
 @functools.lru_cache(maxsize=64)
-def _csv_row_lines(file: str, size: int, mtime: int) -> tuple[list[int], list[int]]:
+def _csv_row_lines(file: str, size: int, mtime: int) -> tuple[list[int], list[int], list[str]]:
     csv.field_size_limit(2 ** 31 - 1)  # a document can be longer than the 128 kB default
-    rows, lines, n, previous, end = [], [], 0, None, 0
+    encoding, sep = csv_dialect(file)
+    name = CSV_SEPARATORS[sep]
+    rows, lines, n, previous, end, header = [], [], 0, None, 0, []
     with open_data(file) as raw:
-        reader = csv.reader(io.TextIOWrapper(raw, encoding="utf-8-sig", newline=""), strict=True)
+        reader = csv.reader(io.TextIOWrapper(raw, encoding=encoding, newline=""), delimiter=sep, strict=True)
         try:
             header = next(reader, [])
             end = reader.line_num
@@ -382,8 +443,9 @@ def _csv_row_lines(file: str, size: int, mtime: int) -> tuple[list[int], list[in
                 if not row:  # a blank line: pandas skips it, so no row
                     continue
                 if len(row) != len(header):
-                    raise PocketGPTError(f"{file}, line {start}: {len(row)} cells where the header has {len(header)}. A cell "
-                                         f"that holds a comma must be in double quotes; fix the line or remove it.")
+                    raise PocketGPTError(f"{file}, line {start}: {len(row)} cells where the header has {len(header)} (read "
+                                         f"as {name}-separated: the header's separator). A cell that holds a {name} "
+                                         f"must be in double quotes; fix the line or remove it.")
                 if previous is None or start != previous + 1:
                     rows.append(n)
                     lines.append(start)
@@ -395,7 +457,13 @@ def _csv_row_lines(file: str, size: int, mtime: int) -> tuple[list[int], list[in
             raise PocketGPTError(f"{file}, line {reader.line_num}: a double quote inside a quoted cell is not doubled "
                                  f"({e}). In CSV a quoted cell writes each quote inside it twice: \"He said \"\"hi\"\" to "
                                  f"me\". Fix that line (or save the file again from a spreadsheet program).") from None
-    return rows, lines
+    return rows, lines, header
+
+
+def csv_read_as(file) -> str:
+    """How a CSV was read, said in one phrase: "semicolon-separated, UTF-16"."""
+    encoding, sep = csv_dialect(file)
+    return f"{CSV_SEPARATORS[sep]}-separated, {'UTF-16' if encoding == 'utf-16' else 'UTF-8'}"
 
 
 def row_place(file, fmt: str, i: int) -> str:
@@ -404,7 +472,7 @@ def row_place(file, fmt: str, i: int) -> str:
     if fmt == "json":
         return f"{file}, line {i + 1}" if ".jsonl" in [s.lower() for s in Path(file).suffixes] else f"{file}, record {i + 1}"
     if fmt == "csv":
-        rows, lines = csv_row_lines(file)
+        rows, lines, _ = csv_row_lines(file)
         k = bisect.bisect_right(rows, i) - 1
         return f"{file}, line {lines[k] + i - rows[k] if k >= 0 else i + 2}"
     return f"{file}, row {i + 1}"
@@ -448,51 +516,230 @@ def table_documents(file, fmt: str, text_column=None, progress=None, counts: dic
             yield text
 
 
-def iter_documents(files, invalid: InvalidUTF8 | None = None, progress=None, text_column=None,
-                   counts: dict | None = None):
-    """Yield documents from the files, one line (or one batch of rows) in memory at a time.
+# --- a .txt corpus as documents, of any shape ----------------------------------------------------------
+# How a .txt file is cut into documents (DOCUMENTS, 01's `documents`): "blank_lines" (the text between blank
+# lines), "lines" (each line), "whole_file" (the file, as it is), or "auto": blank_lines where the file has a
+# blank line between text, else lines (a WikiText dump, a file with no newline at all).
+READ_BYTES = 1 << 20  # a .txt is read in blocks of whole lines of about this size (a longer line: in parts)
+BLANK_LINE = re.compile(rb"\n[^\S\n]*\n")  # bytes: ASCII whitespace, enough to choose
+NON_SPACE = re.compile(rb"\S")
+WHITESPACE_LINE = re.compile(r"(?m)^[^\S\n]+$")  # a line of spaces: blank, as an empty one
+CR_BEFORE_LF = re.compile(r"\r+\n")
 
-    A .txt file's documents are the text between blank lines: lines keep their leading spaces; line
-    endings become "\\n"; invalid UTF-8 becomes U+FFFD and is counted in `invalid`. Any other file's
-    documents are the cells of its text column (table_documents). `progress` (a tqdm bar) is advanced
-    by the bytes read from disk.
-    """
+
+def document_mode(file, documents: str = "auto") -> str:
+    """How a .txt file is read: `documents`, or for "auto" blank_lines where a blank line stands between
+    text anywhere in the file (read until the first one), else lines."""
+    if documents not in DOCUMENTS:
+        raise PocketGPTError(f"documents={documents!r}: use one of {', '.join(DOCUMENTS)}.")
+    if documents != "auto":
+        return documents
+    stat = Path(file).stat()
+    return _auto_mode(str(file), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _auto_mode(file: str, size: int, mtime: int) -> str:
+    seen_text, tail = False, b""
+    with open_data(file) as f:
+        while block := f.read(16 * READ_BYTES):
+            data = tail + block
+            for m in BLANK_LINE.finditer(data):  # a blank line with text before it and after it
+                if (seen_text or NON_SPACE.search(data, 0, m.start())) and NON_SPACE.search(data, m.end()):
+                    return "blank_lines"
+            seen_text = seen_text or NON_SPACE.search(data) is not None
+            tail = data[-4096:]  # a blank line across two blocks (a line of spaces longer than this: rare)
+    return "lines"
+
+
+def text_blocks(file, invalid: InvalidUTF8, progress=None, block_bytes: int = READ_BYTES):
+    """A .txt file as decoded text, in blocks of about READ_BYTES: (text, whole_lines). A block ends at a
+    line's end ("\n" included) unless one line is longer than a block; then whole_lines is False and the
+    line goes on in the next block (cut between two characters, a few bytes before the end)."""
+    line_no, offset, counted, rest = 1, 0, 0, b""
+    with open(file, "rb") as disk, open_data(file, disk) as f:
+        while True:
+            raw = f.read(block_bytes)
+            data = rest + raw
+            if not data:
+                break
+            cut = data.rfind(b"\n") + 1 if raw else len(data)
+            whole = cut > 0
+            if not whole:  # one line longer than a block: its last character waits for the next block
+                cut = len(data) - 1
+                while cut > 0 and data[cut] & 0xC0 == 0x80 and len(data) - cut < 4:
+                    cut -= 1
+                if cut == 0 or data[:cut].decode("utf-8", "replace").isspace():  # blank so far: wait for the rest
+                    rest = data
+                    continue
+            block, rest = data[:cut], data[cut:]
+            yield invalid.decode(block, file, line_no, offset), whole
+            line_no += block.count(b"\n")
+            offset += len(block)
+            if progress is not None:
+                now = offset if f is disk else disk.tell()
+                progress.update(now - counted)
+                counted = now
+        if progress is not None:
+            progress.update(data_size(file) - counted)
+
+
+def block_documents(text: str, mode: str) -> tuple[list[str], bool, bool]:
+    """A block of whole lines as its documents: (documents, the first continues the one before, the last
+    may go on in the next block). Lines lose their line ending ("\r\n" too); blank lines are dropped."""
+    if "\r" in text:
+        text = CR_BEFORE_LF.sub("\n", text)
+    if mode == "lines":
+        return [line for line in text.split("\n") if line and not line.isspace()], False, False
+    if WHITESPACE_LINE.search(text):
+        text = WHITESPACE_LINE.sub("", text)
+    docs = [d.strip("\n") for d in text.split("\n\n")]
+    return [d for d in docs if d], not text.startswith("\n"), not text.endswith("\n\n")
+
+
+class Fragments:
+    """Documents put together from the blocks of a file: each fragment is held until the next one says
+    whether it continues the same document (a newline between them where a line ended)."""
+
+    def __init__(self):
+        self.held = None  # [text, starts a document, ends at a line's end]
+
+    def add(self, text: str, continues: bool, ends_line: bool):
+        if self.held is not None:
+            t, start, line_end = self.held
+            yield (t + "\n" if continues and line_end else t), start, not continues
+        self.held = [text, not continues, ends_line]
+
+    def close(self, strip_cr: bool):
+        if self.held is not None:
+            t, start, _ = self.held
+            yield (t.rstrip("\r") if strip_cr else t), start, True
+        self.held = None
+
+
+def text_fragments(file, mode: str, invalid: InvalidUTF8, progress=None, block_bytes: int = READ_BYTES):
+    """A .txt file's documents as fragments (text, starts a document, ends it): a document in one block is
+    one fragment; one that spans blocks (longer than READ_BYTES) comes in several. Lines keep their leading
+    spaces; line endings become "\n" (whole_file keeps the file's text as it is)."""
+    out, open_doc, mid_line = Fragments(), False, False
+    for text, whole in text_blocks(file, invalid, progress, block_bytes):
+        if mode == "whole_file":
+            yield from out.add(text, open_doc, False)
+            open_doc = True
+            continue
+        if mid_line:  # the rest of a line longer than a block: it goes on the open document
+            i = text.find("\n")
+            tail = text if i < 0 else text[:i].rstrip("\r")
+            if tail:
+                yield from out.add(tail, True, i >= 0)
+            elif out.held is not None:  # the line ended with the block before (its "\r" there too)
+                out.held[0], out.held[2] = out.held[0].rstrip("\r"), True
+            if i < 0:
+                continue
+            text, mid_line = text[i + 1:], False
+            if not text:
+                continue
+        if not whole:  # a line longer than a block starts here
+            yield from out.add(text, mode == "blank_lines" and open_doc, False)
+            open_doc = mid_line = True
+            continue
+        docs, first_continues, open_end = block_documents(text, mode)
+        for i, doc in enumerate(docs):
+            yield from out.add(doc, i == 0 and first_continues and open_doc, True)
+        open_doc = bool(docs) and open_end
+    yield from out.close(strip_cr=mode != "whole_file")
+
+
+def iter_fragments(files, invalid: InvalidUTF8 | None = None, progress=None, text_column=None,
+                   counts: dict | None = None, documents="auto", block_bytes: int = READ_BYTES):
+    """Yield the corpus as (text, starts a document, ends it), at most about READ_BYTES of text at a time.
+    A .txt file's documents are found by `documents` (a name of DOCUMENTS, or {file: name}); any other
+    file's documents are the cells of its text column (table_documents), each one fragment. `progress`
+    (a tqdm bar) advances by the bytes read from disk."""
     invalid = invalid or InvalidUTF8()
     for file in files:
         fmt = data_format(file, "text")
         if fmt != "text":
-            yield from table_documents(file, fmt, text_column, progress, counts)
+            for doc in table_documents(file, fmt, text_column, progress, counts):
+                yield doc, True, True
             continue
-        lines, offset, counted = [], 0, 0
-        with open(file, "rb") as disk, open_data(file, disk) as f:
-            for line_no, raw in enumerate(f, 1):
-                line = invalid.decode(raw, file, line_no, offset).rstrip("\r\n")
-                offset += len(raw)
-                if progress is not None and f is disk:
-                    progress.update(len(raw))
-                elif progress is not None and line_no % 4096 == 0:  # compressed: the bytes on disk read so far
-                    progress.update(disk.tell() - counted)
-                    counted = disk.tell()
-                if line.strip():
-                    lines.append(line)
-                elif lines:
-                    yield "\n".join(lines)
-                    lines = []
-            if progress is not None and f is not disk:
-                progress.update(data_size(file) - counted)
-        if lines:
-            yield "\n".join(lines)
+        mode = document_mode(file, documents.get(str(file), "auto") if isinstance(documents, dict) else documents)
+        yield from text_fragments(file, mode, invalid, progress, block_bytes)
 
 
-def scan_corpus(files, on_invalid_utf8: str = "fail", text_column=None) -> dict:
-    """One cheap pass before the work: sizes, document count, invalid UTF-8 (fail or replace); for tables
-    the text column of each file and the rows without text."""
-    invalid, counts, n_docs, n_text = InvalidUTF8(), {}, 0, 0
+def iter_documents(files, invalid: InvalidUTF8 | None = None, progress=None, text_column=None,
+                   counts: dict | None = None, documents="auto", block_bytes: int = READ_BYTES):
+    """Yield whole documents (iter_fragments joined): for tests and tools; the stage reads fragments, so a
+    document of any length never has to be one string."""
+    parts = []
+    for text, start, end in iter_fragments(files, invalid, progress, text_column, counts, documents, block_bytes):
+        parts.append(text)
+        if end:
+            yield "".join(parts)
+            parts = []
+
+
+# A document longer than this many characters is cut into pieces for BPE training and encoding, where the
+# byte-level pre-tokenizer splits anyway, so the ids are the same as the whole's: before a space that stands
+# between two non-spaces, or after a newline that does. (GPT-2's split pattern: a token holding a non-space
+# character has whitespace only as its first character, a leading " "; a run of whitespace is its own
+# token; the pattern looks ahead only within whitespace.)
+CUT_POINT = re.compile(r"(?<=\S)(?= \S)|(?<=\S\n)(?=\S)")
+HARD_CUT = 1 << 22  # characters without a cut point (no space or newline): cut there anyway, and counted
+
+
+def split_piece_chars(text_bytes: int, val_fraction: float) -> int:
+    """The piece length for a corpus: small enough that the val split holds about 100 pieces or more
+    (so its share is close to val_fraction even for one huge document), at least 2048 and at most 64k
+    characters (a piece is one string in the tokenizer, about 200 bytes of its memory per character)."""
+    return int(min(max(text_bytes * val_fraction / 100, 2048), 1 << 16))
+
+
+def iter_pieces(fragments, size: int, counts: dict | None = None):
+    """Yield (piece, first of its document, last of it): a document up to 2*size characters whole, a
+    longer one in pieces of about `size` cut at CUT_POINT, so encoding the pieces one by one gives the ids
+    of the whole. `counts["forced_cuts"]` counts cuts made without a cut point (HARD_CUT characters of
+    text without a space or newline between non-spaces)."""
+    buf, first = "", True
+    for text, start, end in fragments:
+        if start and end and len(text) <= 2 * size:
+            yield text, True, True
+            continue
+        buf = buf + text if buf else text
+        pos = 0
+        while len(buf) - pos > 2 * size:
+            m = CUT_POINT.search(buf, pos + size, pos + HARD_CUT)
+            if m is not None:
+                cut = m.start()
+            elif len(buf) - pos > HARD_CUT:
+                cut = pos + HARD_CUT
+                if counts is not None:
+                    counts["forced_cuts"] = counts.get("forced_cuts", 0) + 1
+            else:
+                break  # no cut point yet: wait for more text, or the document's end
+            yield buf[pos:cut], first, False
+            first, pos = False, cut
+        buf = buf[pos:]
+        if end:
+            yield buf, first, True
+            buf, first = "", True
+
+
+def scan_corpus(files, on_invalid_utf8: str = "fail", text_column=None, documents="auto") -> dict:
+    """One pass before the work: sizes, how each .txt is cut into documents, their count and the longest,
+    invalid UTF-8 (fail or replace); for tables the text column of each file and the rows without text."""
+    invalid, counts, n_docs, n_text, longest, length = InvalidUTF8(), {}, 0, 0, 0, 0
+    modes = {str(f): document_mode(f, documents) for f in files if data_format(f, "text") == "text"}
     n_bytes = sum(data_size(f) for f in files)
     with progress(total=n_bytes, unit="B", unit_scale=True, desc="scan") as bar:
-        for doc in iter_documents(files, invalid, progress=bar, text_column=text_column, counts=counts):
-            n_docs += 1
-            n_text += len(doc.encode("utf-8", "surrogatepass"))
+        for text, start, end in iter_fragments(files, invalid, progress=bar, text_column=text_column,
+                                               counts=counts, documents=modes):
+            size = len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+            length = size if start else length + size
+            n_text += size
+            if end:
+                n_docs += 1
+                longest = max(longest, length)
     if n_docs == 0:
         raise PocketGPTError(f"The corpus {', '.join(map(str, files))} is empty (no text). Point corpus_path at a file "
                              f"with documents separated by blank lines, or with rows of text in a text column.")
@@ -501,6 +748,7 @@ def scan_corpus(files, on_invalid_utf8: str = "fail", text_column=None) -> dict:
                              f"{'; '.join(invalid.where)}. Fix the file(s), or set "
                              f"on_invalid_utf8='replace' to replace them with U+FFFD.")
     return {"files": [str(f) for f in files], "bytes": n_bytes, "text_bytes": n_text, "documents": n_docs,
+            "longest_document_bytes": longest, "document_modes": modes,
             "rows": counts.get("rows", 0), "empty_rows": counts.get("empty_rows", 0),
             "text_columns": counts.get("text_columns", {}),
             "invalid_utf8_bytes": invalid.count, "invalid_utf8_where": invalid.where}
@@ -510,7 +758,12 @@ def split_of(document: str, seed: int, val_fraction: float) -> str:
     """'train' or 'val' from a seeded hash of the text: deterministic, disjoint, and streaming.
 
     Hashing the text (not its position) also puts exact duplicates in the same split, so the
-    validation loss never measures memorized training documents.
+    validation loss never measures memorized training documents. Stage 01 hashes each piece of a
+    long document (iter_pieces) on its own, so one huge document still gives a val split.
     """
-    h = hashlib.blake2b(document.encode("utf-8", "surrogatepass"), digest_size=8, key=str(seed).encode())
+    return split_of_bytes(document.encode("utf-8", "surrogatepass"), seed, val_fraction)
+
+
+def split_of_bytes(data: bytes, seed: int, val_fraction: float) -> str:
+    h = hashlib.blake2b(data, digest_size=8, key=str(seed).encode())
     return "val" if int.from_bytes(h.digest(), "little") / 2**64 < val_fraction else "train"

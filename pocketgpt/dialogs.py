@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from .common import BOS_ID, EOS_ID, PocketGPTError, attached_input, data_format, on_kaggle, progress
-from .data import DIALOG_FORMATS, data_files, demo_data, iter_table, open_table, row_place
+from .data import DIALOG_FORMATS, csv_read_as, data_files, demo_data, iter_table, open_table, row_place
 from .tokenizer import encode_text
 
 CHAT_TEMPLATE = (  # the seed's format: <|bos|>Instruction: {prompt}\nResponse: {answer}<|eos|>, turn after turn;
@@ -160,6 +160,8 @@ def read_dialogs(files, prompt_column=None, response_column=None) -> tuple[list[
         layout, used = detect_layout(columns, prompt_column, response_column, f)
         report.setdefault("columns", {})[str(f)] = used
         report.setdefault("layouts", {})[str(f)] = layout
+        if data_format(f, "csv") == "csv":
+            report.setdefault("read_as", {})[str(f)] = csv_read_as(f)
         for where, row in rows:
             report["rows_read"] += 1
             report["rows_by_layout"][layout] = report["rows_by_layout"].get(layout, 0) + 1

@@ -1,6 +1,6 @@
 """Figures: returned for the notebook to show, saved as PNG beside the data (through the write door).
 
-Imports: common, train (the log it plots).
+Imports: common, tokenizer (document lengths), train (the log it plots).
 """
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from .common import read_json, stage_status, write_file
+from .tokenizer import document_lengths
 from .train import read_log
 
 
@@ -35,7 +36,7 @@ def plot_length_distributions(stage_dir):
     """Histograms of document length in bytes and in tokens (log scale: corpora have long tails)."""
     plt = pyplot()
 
-    d = np.load(Path(stage_dir) / "doc_stats.npz")
+    d = document_lengths(stage_dir)
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.5))
     for ax, key, unit in zip(axes, ["bytes", "tokens"], ["bytes", "tokens"]):
         values = np.maximum(d[key], 1)

@@ -48,6 +48,8 @@ def prepare_sft_data(cfg: SFTConfig, tok, context: int) -> dict:
     files = dialog_files(cfg.dialogs_path, cfg.run_dir)
     print(f"dialogs_path={cfg.dialogs_path}: {files_summary(files)}")
     pairs, report = read_dialogs(files, cfg.prompt_column, cfg.response_column)
+    for f, how in report.get("read_as", {}).items():
+        print(f"{Path(f).name}: read as {how} (found from its header and byte order mark)")
     kept, rows, lengths = encode_dialogs(tok, pairs, context, cfg.too_long)
     report.update(lengths)
     rows_by_split, pairs_by_split = {"train": [], "val": []}, {"train": [], "val": []}
