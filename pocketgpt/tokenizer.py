@@ -270,7 +270,8 @@ def corpus_lines(scan: dict, files, cfg: TokenizerConfig, piece: int) -> list[st
         if cfg.documents == "auto" and found else ""
     sample = min(cfg.bpe_sample_bytes, scan["text_bytes"])
     return [
-        f"corpus: {len(files)} file(s), {scan['bytes'] / 1e6:.1f} MB, {scan['documents']:,} documents ({how}){auto}, "
+        f"corpus: {len(files)} file(s), {scan['bytes'] / 1e6:.1f} MB, {scan['documents']:,} "
+        f"document{'s' * (scan['documents'] != 1)} ({how}){auto}, "
         f"the longest {human_bytes(scan['longest_document_bytes'])}"
         + (f"; {scan['rows']:,} rows" if columns else "")
         + (f" ({scan['empty_rows']:,} rows without text skipped)" if scan["empty_rows"] else "")

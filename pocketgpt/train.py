@@ -813,8 +813,10 @@ def plan_line(budget: Budget, state: RunState, cfg, data_limit: tuple | None = N
     limited = (f"data-limited: {epochs} of {data_limit[1] / 1e6:,.1f}M tokens, about "
                f"{duration(time.time() - budget.started + seconds)} of this {duration(budget.max_hours * 3600)} "
                f"session; a larger corpus or model would use the rest. " if data_limit else "")
-    return (f"plan (max_steps='auto'): {limited}{state.max_steps:,} steps, about {total} tokens, {decay}; ends about "
-            f"{end}, inside this session's {duration(budget.max_hours * 3600)}")
+    fitted = " (fitted to this device)" if state.micro_batch and state.micro_batch < cfg.batch_size else ""
+    return (f"plan (max_steps='auto'): {limited}{state.max_steps:,} steps, about {total} tokens, {decay}; micro-batch "
+            f"{state.micro_batch or cfg.batch_size} x {state.grad_accum_steps or cfg.grad_accum_steps} accumulated"
+            f"{fitted}; ends about {end}, inside this session's {duration(budget.max_hours * 3600)}")
 
 
 def log_line(row: dict, state: RunState, budget: Budget, lr: float, epochs: float) -> str:

@@ -105,7 +105,7 @@ def test_the_first_lines_say_how_documents_were_found_the_sample_and_the_split(t
     meta = pg.read_json(out / "meta.json")
     assert meta["bpe_sample_bytes"] == 1_000_000 and meta["document_modes"] == {str(corpus): "lines"}
     pg.build_tokenizer_stage(cfg(tmp_path, corpus, documents="whole_file", out_dir=str(tmp_path / "whole")))
-    assert "1 documents (the whole file)" in capsys.readouterr().out
+    assert "1 document (the whole file)" in capsys.readouterr().out
 
 
 def test_documents_parameter_is_checked():

@@ -465,6 +465,7 @@ def test_a_plan_that_the_data_limits_ends_decayed_early_and_a_resumed_session_ke
     assert rows[-1]["lr"] == pytest.approx(pg.PROFILES["demo"]["pretrain"]["min_lr"])  # decayed at the data's end
     said = capsys.readouterr().out
     assert "plan (max_steps='auto'): data-limited: 1 epoch of " in said and "a larger corpus or model would use the rest" in said
+    assert f"; micro-batch {TINY['batch_size']} x 1 accumulated; ends about " in said  # what each step is made of
     assert " epoch 0." in said and wall < 0.5 * budget_h * 3600  # the stage ended early
     fig = pg.plot_losses({"pretrain": out / "log.csv"}, show=False)
     assert fig.axes[0].get_title().startswith("pretrain: 1.00 epochs (dotted: each epoch's end)")
