@@ -224,11 +224,13 @@ def agree(acc, *flags: bool) -> list[bool]:
     return [bool(v > 0) for v in votes.tolist()]
 
 
-def out_of_memory(stage: str, cfg) -> PocketGPTError:
-    """What to lower when a batch does not fit the GPU: the same tokens per step in smaller pieces."""
+def out_of_memory(stage: str, state: "RunState", device) -> PocketGPTError:
+    """What to lower when a batch stops fitting after the first steps (those fit it themselves: fit_first_step):
+    the same tokens per step in smaller pieces than the micro-batch in use."""
+    micro, accum = state.micro_batch, state.grad_accum_steps
     return PocketGPTError(
-        f"{stage}: out of GPU memory with batch_size={cfg.batch_size}. Try batch_size={max(1, cfg.batch_size // 2)} "
-        f"with grad_accum_steps={cfg.grad_accum_steps * 2} (the same tokens per step).")
+        f"{stage}: out of {'GPU ' if device.type == 'cuda' else ''}memory at step {state.step + 1} with a micro-batch "
+        f"of {micro}. Try batch_size={max(1, micro // 2)} with grad_accum_steps={accum * 2} (the same tokens per step).")
 
 
 def is_out_of_memory(e: BaseException) -> bool:
@@ -643,8 +645,10 @@ def train(model, train_data, val_batches, cfg, work: Path, budget: Budget | None
         else:  # the last row has its evaluation; a finished run resumed again has nothing left to train
             state.val_loss = state.log[-1]["val_loss"] if state.val_loss is None else state.val_loss
             write_log(work / "log.csv", state.log, run.columns)  # also into a new folder resumed from a finished one
-    except torch.cuda.OutOfMemoryError:
-        raise out_of_memory(stage, cfg) from None
+    except Exception as e:  # an out-of-memory later than the first steps: the trial's test, the trial's words
+        if not is_out_of_memory(e):
+            raise
+        raise out_of_memory(stage, state, acc.device) from None
     finally:
         bar.close()
     state.hours = hours()

@@ -159,3 +159,18 @@ def test_the_plan_times_steps_after_compiling_and_matches_the_steady_step_time(t
               if r["step"] > PLAN_PROBE_STEPS[1] and r["tokens_per_s"]]
     assert len(steady) >= 2, proc.stdout
     assert m["plan_step_s"] == pytest.approx(float(np.median(steady)), rel=0.3), (m["plan_step_s"], steady)
+
+
+def test_an_out_of_memory_after_the_first_steps_is_said_for_this_device_and_the_micro_batch_in_use():
+    """Later than the trial, a CPU allocation failure is an out-of-memory too (the trial's own test), and the
+    message names the device's memory and halves the micro-batch actually in use, not the configured batch."""
+    import torch
+
+    from pocketgpt.train import RunState, is_out_of_memory, out_of_memory
+
+    assert is_out_of_memory(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes"))
+    state = RunState(step=41, micro_batch=8, grad_accum_steps=2)
+    cpu = str(out_of_memory("pretrain", state, torch.device("cpu")))
+    assert cpu.startswith("pretrain: out of memory at step 42 with a micro-batch of 8") and "GPU" not in cpu
+    assert "batch_size=4 with grad_accum_steps=4" in cpu
+    assert "out of GPU memory" in str(out_of_memory("sft", state, torch.device("cuda")))
