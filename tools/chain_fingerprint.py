@@ -6,7 +6,7 @@ must leave it unchanged (issue 32).
     python tools/chain_fingerprint.py runs/chain > chain.json      # then diff two of them
 
 It keeps every log.csv value but the clocks' (tokens/s, MFU, elapsed seconds), every metrics.json value but
-times, dates and machine-dependent fields, and the sha256 of each safetensors file, train.bin and val.bin.
+times, dates and machine-dependent fields, and the sha256 of each safetensors, .bin (train.bin, val.bin, pytorch_model.bin) and .gguf file.
 """
 import csv
 import hashlib
@@ -47,7 +47,7 @@ def fingerprint(run_dir: Path) -> dict:
                 out[rel] = [{k: v for k, v in row.items() if k not in CLOCK_COLUMNS} for row in csv.DictReader(f)]
         elif path.name == "metrics.json":
             out[rel] = without_clocks(json.loads(path.read_text()))
-        elif path.suffix in (".safetensors", ".bin") and path.is_file():
+        elif path.suffix in (".safetensors", ".bin", ".gguf") and path.is_file():
             out[rel] = sha256(path)
     return out
 
