@@ -5,8 +5,10 @@ must leave it unchanged (issue 32).
         -p precision fp32 -p preference self -p compile False
     python tools/chain_fingerprint.py runs/chain > chain.json      # then diff two of them
 
+Both runs need the same number of threads (OMP_NUM_THREADS): float sums in another order differ in the last bit.
+
 It keeps every log.csv value but the clocks' (tokens/s, MFU, elapsed seconds), every metrics.json value but
-times, dates and machine-dependent fields, and the sha256 of each safetensors, .bin (train.bin, val.bin, pytorch_model.bin) and .gguf file.
+times, dates and machine-dependent fields (the run folder's path written as <run>), and the sha256 of each safetensors, .bin (train.bin, val.bin, pytorch_model.bin) and .gguf file.
 """
 import csv
 import hashlib
@@ -27,13 +29,14 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def without_clocks(obj):
+def without_clocks(obj, run_dir: str):
+    """The values a rerun must repeat: clocks dropped, the run folder's own path written as <run>."""
     if isinstance(obj, dict):
-        return {k: without_clocks(v) for k, v in obj.items()
-                if k not in CLOCK_KEYS and not k.endswith(("_s", "_seconds", "_hours", "_at"))}
+        return {k.replace(run_dir, "<run>"): without_clocks(v, run_dir) for k, v in obj.items()
+                if k not in CLOCK_KEYS and not k.endswith(("_s", "_seconds", "_minutes", "_hours", "_at"))}
     if isinstance(obj, list):
-        return [without_clocks(v) for v in obj]
-    return obj
+        return [without_clocks(v, run_dir) for v in obj]
+    return obj.replace(run_dir, "<run>") if isinstance(obj, str) else obj
 
 
 def fingerprint(run_dir: Path) -> dict:
@@ -46,7 +49,7 @@ def fingerprint(run_dir: Path) -> dict:
             with open(path, newline="") as f:
                 out[rel] = [{k: v for k, v in row.items() if k not in CLOCK_COLUMNS} for row in csv.DictReader(f)]
         elif path.name == "metrics.json":
-            out[rel] = without_clocks(json.loads(path.read_text()))
+            out[rel] = without_clocks(json.loads(path.read_text()), str(run_dir.resolve()))
         elif path.suffix in (".safetensors", ".bin", ".gguf") and path.is_file():
             out[rel] = sha256(path)
     return out
