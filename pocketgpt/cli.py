@@ -11,8 +11,9 @@ import importlib
 import json
 import sys
 
-from .common import STAGES, PocketGPTError, is_main_process, launcher_mismatch, report_launch_event
+from .common import STAGES, PocketGPTError, is_main_process, launcher_mismatch
 from .config import PROFILES, SEED
+from .files import report_launch_event
 
 STAGE_RUNNERS = {  # stage -> (its config, the module and function that run it)
     "tokenizer": ("TokenizerConfig", "tokenizer", "build_tokenizer_stage"),

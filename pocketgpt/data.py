@@ -25,18 +25,9 @@ import re
 from contextlib import contextmanager
 from pathlib import Path
 
-from .common import (
-    COMPRESSIONS,
-    FORMATS,
-    PocketGPTError,
-    check_writable,
-    csv_text,
-    data_format,
-    data_size,
-    progress,
-    write_file,
-)
+from .common import COMPRESSIONS, FORMATS, PocketGPTError, data_format, data_size, progress
 from .config import DOCUMENTS
+from .files import check_writable, csv_text, write_file
 
 # Smallest first: what a small library cannot fill of its share rolls over to the big ones.
 DEMO_PACKAGES = ["safetensors", "tokenizers", "accelerate", "datasets", "sklearn", "scipy", "pandas",

@@ -21,7 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from .common import LAUNCH_EVENTS, PocketGPTError, child_env, read_json, write_json
+from .common import LAUNCH_EVENTS, PocketGPTError, child_env, read_json
+from .files import write_json
 
 
 def processes_for(cfg) -> tuple[int, str]:
