@@ -1,6 +1,6 @@
 """Chat: talk to an exported model (its folder through transformers, or a GGUF through llama.cpp) in a terminal.
 
-Imports: common, config, tokenizer, model, dialogs, gguf.
+Imports: common, config, stages, tokenizer, model, dialogs, gguf.
 """
 from __future__ import annotations
 

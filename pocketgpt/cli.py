@@ -2,7 +2,7 @@
 
 The heavy modules (torch, transformers) are imported once the arguments are read and work starts, so
 --help and a mistyped argument answer at once.
-Imports: common and config at the top; the module that does the work, when it starts.
+Imports: common, files and config at the top; the module that does the work, when it starts.
 """
 from __future__ import annotations
 

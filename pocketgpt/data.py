@@ -6,7 +6,7 @@ blank lines, lines or the whole file) or from JSON Lines, Parquet, Arrow and sav
 through `datasets`) and CSV (Python's csv module: `,` `;` or tab, UTF-8 or UTF-16, checked strictly first),
 .gz/.bz2/.zst included; long documents in pieces cut where the tokenizer splits anyway; where a row is, said
 as the user finds it; the seeded train/val split.
-Imports: common, config (DOCUMENTS).
+Imports: common, files, config (DOCUMENTS).
 """
 from __future__ import annotations
 

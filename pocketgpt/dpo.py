@@ -217,8 +217,8 @@ def run_preference_phase(cfg, sft_model, tok, dialogs, phase: Phase) -> TrainRes
     resume = load_checkpoint(phase.resume_dir()) if phase.resume_dir() else None
     val_batches = PairBatches(val_rows, cfg.batch_size, cfg.seed).eval_batches(len(val_rows))
     loss = DPOLoss(policy, sft_model, cfg.beta, cfg.rpo_alpha)
-    trained = train(policy, train_data, val_batches, dcfg, folder, phase.budget, resume, phase.stop_at_step, stage=PREFERENCE,
-                    loss_module=loss, max_steps=steps, warmup_steps=max(1, steps // 10))
+    trained = train(policy, train_data, val_batches, dcfg, folder, phase.budget, resume, phase.stop_at_step,
+                    stage=PREFERENCE, loss_module=loss, max_steps=steps, warmup_steps=max(1, steps // 10))
     result = trained.metrics
     result.update(pairs=len(pairs), train_pairs=len(train_rows), val_pairs=len(val_rows),
                   skipped_near_identical=skipped, beta=cfg.beta, rpo_alpha=cfg.rpo_alpha,

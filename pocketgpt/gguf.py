@@ -3,7 +3,7 @@
 Owns: the tensor mapping and tokenizer metadata of a gpt2 GGUF (with pocketGPT's chat template), the
 checks (logits, greedy text, tokenization, llama.cpp's own chat) and their tolerances, generation speed,
 and the child-process probe that keeps a llama.cpp built for another CPU from taking this process down.
-Imports: common, tokenizer, dialogs (and `gguf`, `llama_cpp` where a function needs them).
+Imports: common, files, tokenizer, dialogs (and `gguf`, `llama_cpp` where a function needs them).
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The pipeline: notebooks 01 -> 04 under papermill, each stage's folder feeding the next.
 
-Imports: common, data (papermill and nbconvert where a function needs them).
+Imports: common, files, config, data, stages (papermill and nbconvert where a function needs them).
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Figures: returned for the notebook to show, saved as PNG beside the data (through the write door).
 
-Imports: common, tokenizer (document lengths), train (the log it plots).
+Imports: common, files, stages, tokenizer (document lengths), train (the log it plots).
 """
 from __future__ import annotations
 

@@ -109,7 +109,8 @@ def run_sft_stage(cfg: SFTConfig, stop_at_step: int | None = None) -> Path:
     resume = load_checkpoint(resume_dir) if resume_dir and not sft_done else None
     if resume_dir and is_main_process():
         print(f"resuming {resume_dir} " + ("in its preference phase" if sft_done else
-              f"at step {RunState.from_checkpoint(resume).step} of {plan.max_steps}") + f" (this session's budget: {duration(cfg.max_hours * 3600)})")
+              f"at step {RunState.from_checkpoint(resume).step} of {plan.max_steps}")
+              + f" (this session's budget: {duration(cfg.max_hours * 3600)})")
     inputs = {"pretrain": pre.path, **{f"dialogs:{Path(f).name}": Path(f) for f in data["report"]["files"]},
               **({"resumed_from": resumed.newest_ckpt()} if resumed else {}),
               **({"preference": Path(cfg.preference)} if cfg.preference not in (None, "self") else {})}

@@ -3,7 +3,7 @@
 Owns: training (on an even sample), saving and loading the tokenizer; encoding user text (special-token strings
 stay text); train.bin / val.bin (uint16, each document <|bos|> ... <|eos|>, a long one's pieces hashed to either
 side) and doc_stats.npz (a row per piece), streamed; build_tokenizer_stage, the whole of 01.
-Imports: common, config, data.
+Imports: common, files, config, data, stages.
 """
 from __future__ import annotations
 

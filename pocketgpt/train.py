@@ -7,7 +7,7 @@ checkpoint. What the loop keeps lives in three small objects: Budget (this sessi
 from max_hours, what the end keeps back, how many steps fit), LogWindow (the sums behind the next log row)
 and RunState (where the run is: step, tokens, log rows, plan, hours; saved and restored whole). The config
 is read, never written.
-Imports: common, tokenizer, device, model, optim.
+Imports: common, files, stages, tokenizer, device, model, optim.
 """
 from __future__ import annotations
 
