@@ -165,10 +165,6 @@ def encode_corpus(pieces, hf_tok, out_dir, seed: int, val_fraction: float, total
     between pieces. Ids and the per-piece statistics (doc_stats.npz: val, first, last, bytes, tokens) go
     to disk batch by batch, so memory stays flat for any corpus size and shape.
     """
-    from array import array
-
-    from .data import split_of_bytes
-
     out_dir = StageDir(out_dir)
     encode = fast_encoder(hf_tok)
     stats = {s: {"pieces": 0, "docs": 0, "tokens": 0, "special": 0, "bytes": 0, "words": 0, "chars": 0}
@@ -180,24 +176,7 @@ def encode_corpus(pieces, hf_tok, out_dir, seed: int, val_fraction: float, total
             open(out_dir.val_bin, "wb") as val:
         outs = {"train": train, "val": val}
         for batch, ids_of in encoded(encode, batched(pieces, max_chars=1 << 20, max_texts=8192, text=lambda p: p[0])):
-            ids = {"train": array("H"), "val": array("H")}
-            col = {k: array("B" if t == "u1" else "I") for k, t in STAT_COLUMNS.items()}
-            for (text, first, last), piece_ids in zip(batch, ids_of):
-                data = text.encode("utf-8", "surrogatepass")
-                s = split_of_bytes(data, seed, val_fraction)
-                out, st = ids[s], stats[s]
-                if first:
-                    out.append(BOS_ID)
-                out.extend(piece_ids)
-                if last:
-                    out.append(EOS_ID)
-                n = len(piece_ids) + first + last
-                st["pieces"] += 1; st["docs"] += first; st["tokens"] += n; st["special"] += first + last
-                st["bytes"] += len(data)
-                if s == "val":
-                    st["words"] += len(text.split()); st["chars"] += len(text)
-                for k, v in (("val", s == "val"), ("first", first), ("last", last), ("bytes", len(data)), ("tokens", n)):
-                    col[k].append(v)
+            ids, col = split_batch(batch, ids_of, seed, val_fraction, stats)
             for s, a in ids.items():
                 outs[s].write(a.tobytes())
             for k, a in col.items():
@@ -230,6 +209,34 @@ def encode_corpus(pieces, hf_tok, out_dir, seed: int, val_fraction: float, total
 def stat_column(out_dir: StageDir, column: str) -> Path:
     """Where encode_corpus streams one per-piece column before save_doc_stats gathers them: beside doc_stats.npz."""
     return out_dir.doc_stats.with_suffix(f".{column}.tmp")
+
+
+def split_batch(batch, ids_of, seed: int, val_fraction: float, stats: dict) -> tuple[dict, dict]:
+    """A batch of encoded pieces sorted into train and val: each side's ids (a document's first piece after
+    <|bos|>, its last before <|eos|>) and the pieces' doc_stats rows; `stats` counts them per side."""
+    from array import array
+
+    from .data import split_of_bytes
+
+    ids = {"train": array("H"), "val": array("H")}
+    col = {k: array("B" if t == "u1" else "I") for k, t in STAT_COLUMNS.items()}
+    for (text, first, last), piece_ids in zip(batch, ids_of):
+        data = text.encode("utf-8", "surrogatepass")
+        s = split_of_bytes(data, seed, val_fraction)
+        out, st = ids[s], stats[s]
+        if first:
+            out.append(BOS_ID)
+        out.extend(piece_ids)
+        if last:
+            out.append(EOS_ID)
+        n = len(piece_ids) + first + last
+        st["pieces"] += 1; st["docs"] += first; st["tokens"] += n; st["special"] += first + last
+        st["bytes"] += len(data)
+        if s == "val":
+            st["words"] += len(text.split()); st["chars"] += len(text)
+        for k, v in (("val", s == "val"), ("first", first), ("last", last), ("bytes", len(data)), ("tokens", n)):
+            col[k].append(v)
+    return ids, col
 
 
 def save_doc_stats(out_dir) -> None:
