@@ -4,9 +4,11 @@ pocketGPT: the notebooks' one import (`import pocketgpt_utils as pg`) and the co
 The code lives in the package pocketgpt/, one module per step, in pipeline order; each imports only
 the ones above it:
 
-    common     errors, paths, processes, progress, the one write door, stage folders and manifests
+    common     errors, special tokens, where a run lives, which process writes, progress, numbers for people
+    files      the one write door: atomic, rank 0 only, a full disk said once
     config     profiles and the stage configurations: every default, once
     data       the demo corpus and dialogs; reading a corpus in every format (strict CSV included)
+    stages     a stage folder: its file names, finding it, resuming it, its phases and status line
     tokenizer  01: the byte-level BPE, train.bin / val.bin
     device     the precision for this device, peak FLOPS
     model      GPT2LMHeadModel, its loss, loading and generating; growing its position table
@@ -42,10 +44,11 @@ import sys
 
 # the names the notebooks and users call, by the module that holds each; anything else is the package's own
 NAMES = {
-    "common": ["PocketGPTError", "read_json", "find_stage", "stage_status"],
+    "common": ["PocketGPTError", "read_json"],
     "config": ["PROFILES", "resolve_profile", "make_config", "TokenizerConfig", "PretrainConfig", "SFTConfig",
                "ExportConfig"],
     "data": ["make_demo_data"],
+    "stages": ["find_stage", "stage_status"],
     "tokenizer": ["build_tokenizer_stage", "compression_table", "load_tokenizer", "sample_tokenizations"],
     "model": ["load_model"],
     "pretrain": ["describe_pretrain", "run_pretrain_stage"],

@@ -1,6 +1,6 @@
 """Chat: talk to an exported model (its folder through transformers, or a GGUF through llama.cpp) in a terminal.
 
-Imports: common, config, tokenizer, model, dialogs, gguf.
+Imports: common, config, stages, tokenizer, model, dialogs, gguf.
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from .config import SEED
 from .dialogs import CHAT_TEMPLATE
 from .gguf import LLAMA_SKIPPED, llama_chat_ids, llama_cpp_problem, load_llama
 from .model import SAMPLING, generate, load_model
+from .stages import StageDir
 from .tokenizer import load_tokenizer
 
 
@@ -35,7 +36,7 @@ class FolderChat:
 
     def __init__(self, path):
         folder = Path(path)
-        folder = folder / "pocketGPT" if (folder / "pocketGPT" / "config.json").is_file() else folder
+        folder = StageDir(folder).export if (StageDir(folder).export / "config.json").is_file() else folder
         self.model = load_model(folder).to("cuda" if torch.cuda.is_available() else "cpu")
         self.tok = load_tokenizer(folder)
         self.tok.chat_template = self.tok.chat_template or CHAT_TEMPLATE
@@ -97,7 +98,7 @@ def open_chat(path):
     path = Path(path)
     if path.is_file() and path.suffix == ".gguf":
         return GGUFChat(path)
-    if path.is_dir() and ((path / "config.json").is_file() or (path / "pocketGPT" / "config.json").is_file()):
+    if path.is_dir() and ((path / "config.json").is_file() or (StageDir(path).export / "config.json").is_file()):
         return FolderChat(path)
     raise PocketGPTError(f"chat {path}: give an export folder (04's export/ or its pocketGPT/), a model folder "
                          f"with config.json, or a .gguf file.")

@@ -2,7 +2,7 @@
 
 The heavy modules (torch, transformers) are imported once the arguments are read and work starts, so
 --help and a mistyped argument answer at once.
-Imports: common and config at the top; the module that does the work, when it starts.
+Imports: common, files and config at the top; the module that does the work, when it starts.
 """
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ import importlib
 import json
 import sys
 
-from .common import STAGES, PocketGPTError, is_main_process, launcher_mismatch, report_launch_event
+from .common import STAGES, PocketGPTError, is_main_process, launcher_mismatch
 from .config import PROFILES, SEED
+from .files import report_launch_event
 
 STAGE_RUNNERS = {  # stage -> (its config, the module and function that run it)
     "tokenizer": ("TokenizerConfig", "tokenizer", "build_tokenizer_stage"),

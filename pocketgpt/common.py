@@ -1,29 +1,24 @@
-"""What every stage stands on: errors, paths, processes, progress, the one write door, stage folders.
+"""What every layer stands on: errors, special tokens, where a run lives, which process writes, progress bars.
 
 Owns: PocketGPTError; the special tokens and stage names; where a run lives (here or on Kaggle); which
-process may write (rank 0); progress bars for watched and headless runs; write_file / write_folder, the
-only way a stage writes (atomic, rank 0 only, a full disk said once); stage_output (a stage's .partial
-folder, renamed into place with its manifest) and finding finished stages and checkpoints by manifest.
-Imports: the standard library and tqdm only (torch where a function needs it), so the command line's
+process may write (rank 0) and how many train together; the launcher's event folder (LAUNCH_EVENTS);
+progress bars for watched and headless runs; a data file's format by its extension; numbers for people.
+The write door is files.py, a stage folder stages.py.
+Imports: the standard library and tqdm only (transformers where a function needs it), so the command line's
 help and its checks answer without loading torch.
 """
 from __future__ import annotations
 
-import csv
-import errno
 import glob
 import hashlib
 import importlib.metadata
-import io
 import json
 import os
 import platform
 import re
-import shutil
 import sys
 import time
 import warnings
-import zipfile
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -43,10 +38,6 @@ STAGES = {"tokenizer": "01_tokenizer", "pretrain": "02_pretrain", "sft": "03_sft
 
 class PocketGPTError(Exception):
     """An error the user can fix: the message names the file or parameter and what to do."""
-
-
-class DiskFullError(PocketGPTError):
-    """A write that found the disk full; the message says where, what is free and about what was needed."""
 
 
 # -----------------------------------------------------------------------------
@@ -94,18 +85,6 @@ def is_main_process() -> bool:
 
 LAUNCH_EVENTS = "POCKETGPT_LAUNCH_EVENTS"  # launch() -> its workers: the folder they report events into
 
-
-def report_launch_event(event: str, **info) -> bool:
-    """Tell launch(), when it started this process, that `event` happened ("started": the processes took their
-    first step together; "done": the stage finished): a file `<event>.json` in the folder it named, written by
-    rank 0. Processes talk in files, never in the words of a message, so a message can be reworded freely.
-    Returns whether a launcher was told (False when none started this process)."""
-    folder = os.environ.get(LAUNCH_EVENTS)
-    if not folder:
-        return False
-    if is_main_process():
-        write_json(Path(folder) / f"{event}.json", {"event": event, "at": now_iso(), **info})
-    return True
 
 
 def world_size() -> int:
@@ -248,12 +227,10 @@ def data_size(path) -> int:
 
 
 def fingerprint(path) -> str:
-    """sha256 of a file, of a stage folder's manifest (which lists and dates its files), or of a
-    save_to_disk folder's state.json files (which hold the fingerprints `datasets` gives its data)."""
+    """sha256 of a file, or of a save_to_disk folder's state.json files (which hold the fingerprints `datasets`
+    gives its data). A stage folder is fingerprinted by its manifest: stages.input_fingerprint."""
     path = Path(path)
-    parts = [path]
-    if path.is_dir():
-        parts = sorted(path.rglob("state.json")) if data_format(path) == "saved" else [path / "manifest.json"]
+    parts = sorted(path.rglob("state.json")) if path.is_dir() else [path]
     h = hashlib.sha256()
     for part in parts:
         with open(part, "rb") as f:
@@ -261,207 +238,6 @@ def fingerprint(path) -> str:
                 h.update(chunk)
     return h.hexdigest()
 
-
-# -----------------------------------------------------------------------------
-# The one door through which files are written
-
-def is_disk_full(e: BaseException) -> bool:
-    """ENOSPC (or a quota) anywhere in the error's chain: torch.save wraps it in a RuntimeError ("unexpected
-    pos ...") whose context is the OSError, safetensors says "os error 28" in its own words."""
-    seen = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        if "No space left on device" in str(e) or "(os error 28)" in str(e):
-            return True
-        e = e.__cause__ or e.__context__
-    return False
-
-
-def size_of(path) -> int:
-    """Bytes of a file, or of every file under a folder; 0 when it is not there."""
-    p = Path(path)
-    if p.is_file():
-        return p.stat().st_size
-    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else 0
-
-
-def free_bytes(path) -> int:
-    """Free bytes on the filesystem that holds `path` (or the nearest folder above it that exists)."""
-    p = Path(path).absolute()
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    return shutil.disk_usage(p).free
-
-
-def disk_full_error(what: str, where, needed: int | None, kept: str = "Nothing half-written is left under its name.",
-                    next_step: str = "run again") -> DiskFullError:
-    """The one message of a full disk: what was written where, what is free there and about what was
-    needed (None: not known), what is intact, and what to do."""
-    need = f"needs about {human_bytes(needed)} and " if needed else "failed: "
-    e = DiskFullError(f"The disk is full: writing {what} into {where} {need}"
-                      f"{human_bytes(free_bytes(where))} is free there. {kept} Free some space (on Kaggle, "
-                      f"/kaggle/working holds 20 GB in all: delete outputs you no longer need), then {next_step}.")
-    e.what, e.where, e.needed = what, Path(where), needed
-    return e
-
-
-@contextmanager
-def space_for(path, tmp=None, needed: int = 0):
-    """A write that fills the disk ends in one message (disk_full_error) instead of the writer's own
-    (torch: "basic_ios::clear: iostream error"). `tmp`: what had been written when it failed, a lower
-    bound of what was needed; `needed`: the caller's estimate."""
-    path = Path(path)
-    try:
-        yield
-    except Exception as e:
-        # some writers lose the errno ("16384 requested and 1408 written": numpy's tofile in gguf): an I/O error
-        # with less than a megabyte left is the disk being full
-        if isinstance(e, PocketGPTError) or not (is_disk_full(e) or isinstance(e, (OSError, RuntimeError))
-                                                 and free_bytes(path.parent) < 1 << 20):
-            raise
-        raise disk_full_error(path.name, path.parent, max(needed, size_of(tmp) if tmp else 0, size_of(path))) from None
-
-
-def tensor_bytes(obj) -> int:
-    """Bytes of the tensors in a (nested) state dict: about what torch.save writes of it."""
-    import torch
-
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(tensor_bytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(tensor_bytes(v) for v in obj)
-    return 0
-
-
-def write_file(path, content, needed: int = 0) -> None:
-    """The one door through which the stages write a file: rank 0 only, and atomically.
-
-    `content` is text, bytes, or a function that writes the file at the path it is given. It
-    goes to a temporary name of this process and is renamed into place, so a crash (or Kaggle's
-    12-hour kill) never leaves half a file, and in a multi-GPU run the other processes, which
-    hold the same numbers, write nothing (two writers once doubled log.csv's rows). A full disk
-    ends in one message saying so (space_for); the file under its name is still the old one.
-    """
-    if not is_main_process():
-        return
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with space_for(path, tmp, max(needed, len(content) if isinstance(content, (str, bytes)) else 0)):
-            if callable(content):
-                content(tmp)
-            elif isinstance(content, bytes):
-                tmp.write_bytes(content)
-            else:
-                with open(tmp, "w", encoding="utf-8", newline="") as f:
-                    f.write(content)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_folder(path, fill, needed: int = 0) -> None:
-    """write_file for a folder: `fill(tmp)` writes it whole under a temporary name, then it replaces
-    the old one. A model folder is either the old one or the new one, never half of each."""
-    if not is_main_process():
-        return
-    path = Path(path)
-    tmp, old = (path.with_name(f".{path.name}.{os.getpid()}.{kind}") for kind in ("tmp", "old"))
-    try:
-        with space_for(path, tmp, needed):
-            tmp.mkdir(parents=True)
-            fill(tmp)
-        if path.exists():
-            os.replace(path, old)
-        os.replace(tmp, path)
-    finally:
-        for leftover in (tmp, old):
-            if leftover.exists():
-                shutil.rmtree(leftover)
-
-
-def torch_file(obj):
-    """write_file content that torch.saves `obj` through a file object: then a full disk's OSError stays
-    in the error's chain (saved by name, torch says only "basic_ios::clear: iostream error")."""
-    import torch
-
-    def save(tmp):
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-    return save
-
-
-def zip_folder(folder):
-    """write_file content: the folder as a zip whose top folder is its own name (as shutil.make_archive
-    writes one, but to the name it is given)."""
-    folder = Path(folder)
-
-    def write(tmp):
-        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
-            for f in [folder, *sorted(folder.rglob("*"))]:
-                z.write(f, f.relative_to(folder.parent))
-    return write
-
-
-def write_json(path, obj) -> None:
-    write_file(path, json.dumps(obj, indent=2, default=str))
-
-
-def csv_text(header, rows) -> str:
-    """A CSV file's text (for write_file)."""
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(rows)
-    return buf.getvalue()
-
-
-# -----------------------------------------------------------------------------
-# Stage folders: a .partial renamed into place with its manifest, found by it
-
-def stage_manifest(folder, stage: str) -> dict | None:
-    """The manifest of `folder` when it says a finished `stage` wrote the folder, else None."""
-    try:
-        manifest = read_json(Path(folder) / "manifest.json")
-    except (OSError, ValueError):
-        return None
-    return manifest if isinstance(manifest, dict) and manifest.get("stage") == stage and manifest.get("finished_at") \
-        else None
-
-
-def find_stage(stage: str, path=None, run_dir=None) -> Path:
-    """Find the folder a finished `stage` wrote, by its manifest.json.
-
-    `path` (a notebook parameter) wins: the folder itself, or any folder above it. On Kaggle the
-    inputs are searched under /kaggle/input (mount paths have changed before, so none is
-    hard-coded); locally the stage's folder in the run folder. The newest finished one wins.
-    """
-    if path is not None:
-        roots, where = [Path(path)], f"{path}"
-        if not Path(path).exists():
-            raise PocketGPTError(f"{stage}: the path {path} does not exist. Pass the folder the "
-                                 f"{STAGES[stage]} notebook wrote (it holds a manifest.json).")
-    elif on_kaggle():
-        roots, where = [kaggle_root() / "input"], f"{kaggle_root() / 'input'} (attached inputs)"
-    else:
-        roots, where = [Path(run_dir) / stage], f"{Path(run_dir) / stage}"
-    found = []
-    for root in roots:
-        candidates = [root / "manifest.json"] + sorted(root.glob("**/manifest.json")) if root.is_dir() else []
-        for m in candidates:
-            manifest = stage_manifest(m.parent, stage)
-            if manifest:
-                found.append((manifest["finished_at"], m.parent))
-    if not found:
-        hint = (f"attach the output of the {STAGES[stage]} notebook to this one" if on_kaggle()
-                else f"run notebooks/{STAGES[stage]}.ipynb first")
-        raise PocketGPTError(f"No finished '{stage}' stage found in {where}: {hint}, "
-                             f"or pass its folder (the one holding manifest.json) as a parameter.")
-    return max(found)[1]
 
 
 def attached_input(name: str, param: str, formats=None) -> Path:
@@ -492,170 +268,6 @@ def files_summary(files) -> str:
     shown = ", ".join(f"{f} ({data_size(f) / 1e6:.1f} MB)" for f in files[:10])
     return shown + (f" and {len(files) - 10} more" if len(files) > 10 else "")
 
-
-def check_writable(out_dir: Path, param: str = "out_dir") -> None:
-    """Fail before hours of work if the output folder cannot be written."""
-    parent = Path(out_dir).parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        probe = parent / f".pocketgpt-write-test-{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise PocketGPTError(f"Cannot write the output folder {out_dir} ({e.strerror}). "
-                             f"Set {param} to a writable folder.") from None
-
-
-@contextmanager
-def stage_output(out_dir, stage: str, params: dict, inputs: dict | None = None, resuming: Path | None = None):
-    """Write a stage into `<out_dir>.partial`, then rename it into place with its manifest.
-
-    A folder without manifest.json never counts as finished, so a crash (or Kaggle's 12-hour
-    kill) can leave a .partial behind, holding the last checkpoint, but never a folder that
-    looks done. A run that resumes from that .partial keeps it: its ckpt.pt is replaced only by
-    a newer one. A fresh run clears it first. The manifest says what made the folder.
-    """
-    out_dir = Path(out_dir)
-    work = partial_dir(out_dir)
-    if not is_main_process():  # in a multi-GPU run only rank 0 writes files
-        yield work
-        return
-    check_writable(out_dir)
-    if (work / "manifest.json").is_file() and not out_dir.exists():  # killed between the renames below: finish them
-        os.replace(work, out_dir)
-    for stale in out_dir.parent.glob(f"{out_dir.name}.old-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    if work.exists() and (resuming is None or Path(resuming).resolve() != work.resolve()):
-        if (work / "ckpt.pt").exists():
-            print(f"removing {work}, an unfinished earlier run (resume_from='auto' would have continued it)")
-        shutil.rmtree(work)
-    work.mkdir(parents=True, exist_ok=True)
-    started = now_iso()
-    # the inputs as they are now: a checkpoint resumed from is replaced as the run goes on
-    fingerprints = {k: {"path": str(v), "fingerprint": fingerprint(v)} for k, v in (inputs or {}).items()}
-    try:
-        yield work
-        manifest = {
-            "stage": stage,
-            "notebook": f"notebooks/{STAGES[stage]}.ipynb",
-            "params": params,
-            "versions": library_versions(),
-            "started_at": started,
-            "finished_at": now_iso(),
-            "inputs": fingerprints,
-            "files": sorted(str(p.relative_to(work)) for p in work.rglob("*") if p.is_file()),
-        }
-        write_json(work / "manifest.json", manifest)
-    except Exception as e:
-        if isinstance(e, DiskFullError) or is_disk_full(e):
-            raise stage_disk_full(e, stage, work, resuming) from None
-        raise
-    if out_dir.exists():
-        old = out_dir.with_name(out_dir.name + f".old-{os.getpid()}")
-        os.replace(out_dir, old)
-        os.replace(work, out_dir)
-        shutil.rmtree(old)
-    else:
-        os.replace(work, out_dir)
-
-
-def stage_disk_full(e: Exception, stage: str, work: Path, resuming) -> DiskFullError:
-    """A full disk inside a stage, said with what survived it: the last checkpoint (written atomically,
-    so whole) and how to continue from it, or that nothing finished was touched."""
-    if isinstance(e, DiskFullError):
-        what, where, needed = e.what, e.where, e.needed
-    else:  # a write that did not go through the door
-        what, where, needed = "the stage's files", work, None
-    folder = newest_checkpoint([f for f in [work, resuming] if f])
-    out_dir = work.with_name(work.name.removesuffix(".partial"))
-    if stage in ("pretrain", "sft") and folder:
-        last = newest_ckpt_file(folder)
-        when = datetime.fromtimestamp(last.stat().st_mtime).strftime("%H:%M:%S")
-        kept = f"The last checkpoint, {last} (written at {when}), is intact: writes replace a file only once it is whole."
-        next_step = "run this stage again with resume_from='auto': it continues from that checkpoint"
-    elif stage in ("pretrain", "sft"):
-        kept, next_step = "No checkpoint had been written yet.", "run this stage again"
-    else:
-        kept = f"Nothing finished was touched ({out_dir} is as it was)."
-        next_step = "run this stage again"
-    return disk_full_error(what, where, needed, kept, next_step)
-
-
-def stage_status(folder) -> str:
-    """How a stage's run ended, in one line for the pipeline, the notebook and the report card: finished, or
-    stopped by its time budget at step N of M, and how to go on from there."""
-    folder = Path(folder)
-    if not (folder / "metrics.json").is_file():
-        return f"not finished: {folder} holds no metrics.json"
-    m, stage = read_json(folder / "metrics.json"), read_json(folder / "manifest.json")["stage"]
-    if "steps" not in m:  # 01 and 04 have no steps: a manifest means done
-        return "finished"
-    preference = m.get("preference")
-    phases = [("the SFT phase" if stage == "sft" and read_json(folder / "manifest.json")["params"].get("preference")
-               else "", m)] + ([("the preference phase", preference)] if preference else [])
-    stopped = next(((name, p) for name, p in phases if p["max_steps"] is None or p["steps"] < p["max_steps"]), None)
-    if stopped is None:
-        return "finished: " + ", ".join(f"{name + ' ' if name else ''}{p['steps']:,} steps" for name, p in phases)
-    name, p = stopped
-    why = "by its time budget" if p["stop_reason"] == "time_budget" else f"({p['stop_reason']})"
-    later = " ".join(list(STAGES)[list(STAGES).index(stage):])
-    return (f"stopped {why} at step {p['steps']:,} of {p['max_steps']:,}{' in ' + name if name else ''} "
-            f"(this session: {duration(p['session_hours'] * 3600)}); to continue, run {STAGES[stage]} again with "
-            f"resume_from='auto' (pipeline: --stages {later} -p resume_from auto)")
-
-
-def partial_dir(out_dir) -> Path:
-    """Where a stage works until it is done: `<out_dir>.partial`."""
-    out_dir = Path(out_dir)
-    return out_dir.with_name(out_dir.name + ".partial")
-
-
-def newest_checkpoint(folders) -> Path | None:
-    """Of these folders with a ckpt.pt, the one whose checkpoint was written last (03's preference
-    phase keeps its own in preference/), or None."""
-    found = [Path(f) for f in folders if (Path(f) / "ckpt.pt").is_file()]
-    return max(found, key=lambda f: newest_ckpt_file(f).stat().st_mtime) if found else None
-
-
-def newest_ckpt_file(folder) -> Path:
-    """The checkpoint a resume starts from: ckpt.pt, or preference/ckpt.pt when that is newer."""
-    found = [c for c in [Path(folder) / "ckpt.pt", Path(folder) / "preference" / "ckpt.pt"] if c.is_file()]
-    return max(found, key=lambda c: c.stat().st_mtime)
-
-
-def own_checkpoints(stage: str, out_dir) -> list[Path]:
-    """The folders of this stage's own output that a resume found without a path may start from: `out_dir`
-    when its manifest says it is a finished `stage` folder, and the .partial that stage_output makes beside it
-    (it has no manifest until it is renamed into place). A ckpt.pt anywhere else is never picked up."""
-    out_dir = Path(out_dir)
-    return [f for f in [out_dir] if stage_manifest(f, stage)] + [partial_dir(out_dir)]
-
-
-def resolve_resume(resume_from, stage: str, out_dir) -> Path | None:
-    """The folder to resume from, or None for a fresh run.
-
-    "auto": the newer checkpoint of this stage's folder (by its manifest) and its .partial (a run killed
-    after it resumed has a .partial newer than the finished folder it started from). A folder: that one,
-    or the .partial beside it when that is newer (after a crash only the .partial exists). None:
-    a fresh run here; on Kaggle, the newest of an attached earlier run (a finished folder of this stage, by its
-    manifest: find_stage) and this session's own. Whatever is found is read as data only (load_checkpoint).
-    """
-    if resume_from == "auto":
-        return newest_checkpoint(own_checkpoints(stage, out_dir))
-    if resume_from:
-        folder = Path(resume_from)
-        found = newest_checkpoint([folder] if folder.name.endswith(".partial") else [folder, partial_dir(folder)])
-        if found is None:
-            raise PocketGPTError(f"resume_from={resume_from}: no ckpt.pt there (nor in {partial_dir(folder).name}). "
-                                 f"Point it at a {stage} folder written by an earlier run, or use 'auto'.")
-        return found
-    if on_kaggle():
-        try:
-            attached = [find_stage(stage)]
-        except PocketGPTError:
-            attached = []
-        return newest_checkpoint(attached + own_checkpoints(stage, out_dir))
-    return None
 
 
 # -----------------------------------------------------------------------------

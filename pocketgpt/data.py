@@ -6,7 +6,7 @@ blank lines, lines or the whole file) or from JSON Lines, Parquet, Arrow and sav
 through `datasets`) and CSV (Python's csv module: `,` `;` or tab, UTF-8 or UTF-16, checked strictly first),
 .gz/.bz2/.zst included; long documents in pieces cut where the tokenizer splits anyway; where a row is, said
 as the user finds it; the seeded train/val split.
-Imports: common, config (DOCUMENTS).
+Imports: common, files, config (DOCUMENTS).
 """
 from __future__ import annotations
 
@@ -25,18 +25,9 @@ import re
 from contextlib import contextmanager
 from pathlib import Path
 
-from .common import (
-    COMPRESSIONS,
-    FORMATS,
-    PocketGPTError,
-    check_writable,
-    csv_text,
-    data_format,
-    data_size,
-    progress,
-    write_file,
-)
+from .common import COMPRESSIONS, FORMATS, PocketGPTError, data_format, data_size, progress
 from .config import DOCUMENTS
+from .files import check_writable, csv_text, write_file
 
 # Smallest first: what a small library cannot fill of its share rolls over to the big ones.
 DEMO_PACKAGES = ["safetensors", "tokenizers", "accelerate", "datasets", "sklearn", "scipy", "pandas",

@@ -1,21 +1,20 @@
 """Preference tuning (DPO), 03's optional second phase: its loss, its pairs and the phase through train().
 
 It sits before sft in the import order because 03 (sft.run_sft_stage) runs it after its SFT phase.
-Imports: common, data, model, batches, train, dialogs.
+Imports: common, files, data, stages, model, batches, train, dialogs.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
 import difflib
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .batches import PairBatches, eval_sample
-from .common import PAD_ID, PocketGPTError, is_main_process, read_json, world_size, write_json
+from .common import PAD_ID, PocketGPTError, is_main_process, read_json, world_size
 from .data import split_of
 from .dialogs import (
     CHAT_ROLES,
@@ -28,8 +27,10 @@ from .dialogs import (
     message_parts,
     table_rows,
 )
+from .files import write_json
 from .model import generate_many
-from .train import Budget, TrainResult, load_checkpoint, train
+from .stages import PREFERENCE, Phase
+from .train import TrainResult, load_checkpoint, train
 
 
 def answer_logprob(model, x, y):
@@ -175,24 +176,24 @@ def encode_preference_pairs(tok, pairs, context: int) -> list:
     return rows
 
 
-def run_preference_phase(cfg, sft_model, tok, dialogs, work: Path, resume_dir: Path | None, budget: Budget,
-                         stop_at_step: int | None) -> TrainResult:
-    """DPO after SFT, in `work`/preference (pairs.json, log.csv, ckpt.pt), through the same loop; returns the tuned
+def run_preference_phase(cfg, sft_model, tok, dialogs, phase: Phase) -> TrainResult:
+    """DPO after SFT, in phase.folder (the stage's preference/: pairs.json, log.csv, ckpt.pt), through the same loop,
+    resumed from phase.resumed (the preference/ of the run resumed from) when it has a checkpoint; returns the tuned
     model and the phase's numbers (train's, with the pairs' and the held-out checks').
 
     The SFT model is the frozen reference; a copy of it is trained (the copy's parameters carry no
     hooks of the SFT phase's DDP wrapper). The pairs are saved, so a resumed phase trains on the same ones."""
-    folder = work / "preference"
+    folder = phase.folder
     if is_main_process():
-        folder.mkdir(exist_ok=True)
-    saved = resume_dir / "preference" / "pairs.json" if resume_dir else None
+        folder.path.mkdir(exist_ok=True)
+    saved = phase.resumed.pairs if phase.resumed else None
     if saved is not None and saved.is_file():
         pairs, skipped = read_json(saved), None
     elif cfg.preference == "self":
         pairs, skipped = self_preference_pairs(sft_model, tok, dialogs, cfg.preference_rows, cfg.seed)
     else:
         pairs, skipped = read_preference_pairs(cfg.preference), 0
-    write_json(folder / "pairs.json", pairs)
+    write_json(folder.pairs, pairs)
     rows = encode_preference_pairs(tok, pairs, sft_model.config.n_positions)
     split = [split_of(dialog_key(p["prompt"], p["chosen"]), cfg.seed, cfg.val_fraction) for p in pairs]
     train_rows = [r for r, s in zip(rows, split) if s == "train" and r is not None]
@@ -213,11 +214,11 @@ def run_preference_phase(cfg, sft_model, tok, dialogs, work: Path, resume_dir: P
     dcfg = dataclasses.replace(cfg, optimizer="adamw", schedule="cosine", learning_rate=cfg.preference_learning_rate,
                                min_lr=cfg.preference_learning_rate / 10, weight_decay=0.0)
     policy = copy.deepcopy(sft_model).train()
-    resume = load_checkpoint(resume_dir / "preference") if resume_dir and (resume_dir / "preference" / "ckpt.pt").is_file() else None
+    resume = load_checkpoint(phase.resume_dir()) if phase.resume_dir() else None
     val_batches = PairBatches(val_rows, cfg.batch_size, cfg.seed).eval_batches(len(val_rows))
     loss = DPOLoss(policy, sft_model, cfg.beta, cfg.rpo_alpha)
-    trained = train(policy, train_data, val_batches, dcfg, folder, budget, resume, stop_at_step, stage="preference",
-                    loss_module=loss, max_steps=steps, warmup_steps=max(1, steps // 10))
+    trained = train(policy, train_data, val_batches, dcfg, folder, phase.budget, resume, phase.stop_at_step,
+                    stage=PREFERENCE, loss_module=loss, max_steps=steps, warmup_steps=max(1, steps // 10))
     result = trained.metrics
     result.update(pairs=len(pairs), train_pairs=len(train_rows), val_pairs=len(val_rows),
                   skipped_near_identical=skipped, beta=cfg.beta, rpo_alpha=cfg.rpo_alpha,

@@ -2,12 +2,11 @@
 
 Owns: val loss, perplexity and bits per byte; the response loss; answer quality (ROUGE-L, eos share,
 repetition, distinct-2, length) of greedy and sampled answers; ask() for the notebook.
-Imports: common, config, tokenizer, model, batches, train, plots, dialogs, dpo.
+Imports: common, config, stages, tokenizer, model, batches, train, plots, dialogs, dpo.
 """
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -20,6 +19,7 @@ from .dialogs import chat_prompt_ids, dialog_ids, distinct_n, encode_dialogs, eo
 from .dpo import answer_logprob
 from .model import LMLoss, generate, generate_many, load_model
 from .plots import finish_figure, pyplot
+from .stages import StageDir
 from .tokenizer import encode_text, load_tokenizer
 from .train import evaluate
 
@@ -38,8 +38,9 @@ def eval_val_split(model, tokenizer_dir, n_windows: int, batch_size: int = 8) ->
     """Loss, perplexity and bits per byte on the pretraining val split's fixed evaluation sample,
     the same windows 02 evaluates (bits per byte does not depend on the tokenizer, so models with
     different vocabularies compare)."""
-    meta = read_json(Path(tokenizer_dir) / "meta.json")
-    data = TokenWindows(Path(tokenizer_dir) / "val.bin", model.config.n_positions, batch_size, 0, meta["vocab_size"])
+    tok_dir = StageDir(tokenizer_dir)
+    meta = read_json(tok_dir.meta)
+    data = TokenWindows(tok_dir.val_bin, model.config.n_positions, batch_size, 0, meta["vocab_size"])
     batches = data.eval_batches(n_windows)
     loss = evaluate(LMLoss(model), batches, model.device)
     bytes_per_token = meta["val_bytes"] / meta["val_tokens"]

@@ -23,18 +23,9 @@ from .common import (
     PocketGPTError,
     child_env,
     duration,
-    find_stage,
     library_versions,
     quiet_library_bars,
     read_json,
-    size_of,
-    stage_output,
-    stage_status,
-    tensor_bytes,
-    torch_file,
-    write_file,
-    write_json,
-    zip_folder,
 )
 from .config import ExportConfig, PretrainConfig
 from .device import device_name
@@ -48,9 +39,11 @@ from .evaluate import (
     plot_quality,
     quality_table,
 )
+from .files import size_of, tensor_bytes, torch_file, write_file, write_json, zip_folder
 from .gguf import LLAMA_SKIPPED, export_gguf_files
 from .model import SAMPLING, count_params, load_model
 from .plots import plot_losses
+from .stages import PREFERENCE, StageDir, find_stage, stage_output, stage_status
 from .tokenizer import decode_documents, load_tokenizer, read_bin
 from .train import save_hf_folder
 
@@ -100,10 +93,11 @@ DEFAULT_PROMPTS = ["What does torch.nn.LayerNorm do?", "Explain transformers.GPT
 
 def stage_hours(folder) -> float:
     """Training hours from metrics (they add up across resumed sessions), else the manifest's span."""
-    metrics = read_json(folder / "metrics.json") if (folder / "metrics.json").exists() else {}
+    folder = StageDir(folder)
+    metrics = read_json(folder.metrics) if folder.metrics.exists() else {}
     if "hours" in metrics:
         return metrics["hours"]
-    m = read_json(folder / "manifest.json")
+    m = read_json(folder.manifest)
     return (datetime.fromisoformat(m["finished_at"]) - datetime.fromisoformat(m["started_at"])).total_seconds() / 3600
 
 
@@ -164,9 +158,10 @@ def report_markdown(report: dict, answers: list[dict], versions: dict) -> str:
     table = quality_table(report["quality"])
     names = list(report["quality"])
     quality = "\n".join("| " + " | ".join(md_cell(r[c]) for c in ["measure", *names]) + " |" for r in table)
+    figures = StageDir(".")  # the figures' names, beside report.md
     return (f"# pocketGPT report card\n\n{report['device']}; {vers}\n\n| measure | value |\n|---|---|\n{rows}\n\n"
-            f"![losses](losses.png)\n\n## Answer quality on {report['quality'][names[0]]['rows']} held-out instructions\n\n"
-            f"| measure | {' | '.join(names)} |\n|{'---|' * (len(names) + 1)}\n{quality}\n\n![quality](quality.png)\n\n"
+            f"![losses]({figures.losses_plot.name})\n\n## Answer quality on {report['quality'][names[0]]['rows']} held-out instructions\n\n"
+            f"| measure | {' | '.join(names)} |\n|{'---|' * (len(names) + 1)}\n{quality}\n\n![quality]({figures.quality_plot.name})\n\n"
             f"## Answers\n\n| instruction | sampled | greedy |\n|---|---|---|\n{ans}\n")
 
 
@@ -227,7 +222,7 @@ def show_report(export_dir) -> None:
     from IPython.display import Image, Markdown, display
 
     export_dir = Path(export_dir)
-    text = (export_dir / "report.md").read_text(encoding="utf-8")
+    text = StageDir(export_dir).report.read_text(encoding="utf-8")
     for i, part in enumerate(re.split(r"^!\[[^\]]*\]\(([^)]+)\)$", text, flags=re.M)):
         if i % 2:  # a figure's file name
             if (export_dir / part).is_file():
@@ -241,22 +236,31 @@ def md_cell(value) -> str:
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 
+def quality_of(models, tok, heldout, seed: int) -> tuple[dict, dict]:
+    """Each (name, model, response loss)'s answer quality on the fixed sample of the held-out rows, and its answers."""
+    sample = [heldout[i] for i in eval_sample(len(heldout), QUALITY_ROWS)]
+    quality, answers = {}, {}
+    for name, model, loss in models:
+        quality[name], answers[name] = answer_quality(model, tok, sample, seed, name)
+        quality[name]["response_loss"] = loss
+    return quality, answers
+
+
 @quiet_library_bars()
 def run_export_stage(cfg: ExportConfig) -> Path:
     """Stage 4, whole: evaluate both models, write and verify the export, the zip and the report card."""
-    tok_dir = find_stage("tokenizer", cfg.tokenizer_dir, cfg.run_dir)
-    pre = find_stage("pretrain", cfg.pretrain_dir, cfg.run_dir)
-    sft = find_stage("sft", cfg.sft_dir, cfg.run_dir)
-    pre_model, sft_model = load_model(pre / "model"), load_model(sft / "model")  # model/: what 03 exports
-    tuned = read_json(sft / "metrics.json")["exported_model"] == "SFT + DPO"  # model_sft/ is the SFT model before it
-    sft_phase_model = load_model(sft / "model_sft") if tuned else sft_model
-    tok = load_tokenizer(sft / "model")
-    heldout = [(r["prompt"], r["response"]) for r in read_json(sft / "heldout.json")]
-    n_windows = read_json(pre / "manifest.json")["params"].get("eval_windows", PretrainConfig.eval_windows)
+    tok_dir, pre, sft = (StageDir(find_stage(stage, path, cfg.run_dir)) for stage, path in
+                         [("tokenizer", cfg.tokenizer_dir), ("pretrain", cfg.pretrain_dir), ("sft", cfg.sft_dir)])
+    pre_model, sft_model = load_model(pre.model), load_model(sft.model)  # model/: what 03 exports
+    meta, pre_m, sft_m = read_json(tok_dir.meta), read_json(pre.metrics), read_json(sft.metrics)
+    tuned = sft_m["exported_model"] == "SFT + DPO"  # model_sft/ is the SFT model before it
+    sft_phase_model = load_model(sft.sft_model) if tuned else sft_model
+    tok = load_tokenizer(sft.model)
+    heldout = [(r["prompt"], r["response"]) for r in read_json(sft.heldout)]
+    n_windows = read_json(pre.manifest)["params"].get("eval_windows", PretrainConfig.eval_windows)
     pre_eval = eval_val_split(pre_model, tok_dir, n_windows)
     answers = answer_table(sft_model, tok, DEFAULT_PROMPTS + list(cfg.prompts or []), sft_model.config.n_positions,
                            cfg.seed)
-    meta, pre_m, sft_m = read_json(tok_dir / "meta.json"), read_json(pre / "metrics.json"), read_json(sft / "metrics.json")
     c = sft_model.config
     report = {
         "device": device_name(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
@@ -274,34 +278,30 @@ def run_export_stage(cfg: ExportConfig) -> Path:
         **{f"sft_{k}": v for k, v in eval_val_split(sft_model, tok_dir, n_windows).items()},
         "status": {"tokenizer": stage_status(tok_dir), "pretrain": stage_status(pre), "sft": stage_status(sft)},
     }
-    sample = [heldout[i] for i in eval_sample(len(heldout), QUALITY_ROWS)]
-    quality, quality_answers = {}, {}
     models = [("pretrained", pre_model, report["pretrain_response_loss"]),
               ("SFT", sft_phase_model, report["sft_response_loss"])]
     if tuned:
-        pref = read_json(sft / "metrics.json").get("preference", {})
+        pref = sft_m.get(PREFERENCE, {})
         report["preference"] = {k: pref.get(k) for k in ["source", "beta", "rpo_alpha", "learning_rate", "pairs",
                                                           "steps", "final_val_loss", "finished", "warning"]}
         models.append(("SFT + DPO", sft_model, eval_responses(sft_model, tok, heldout)))
-    for name, model, loss in models:
-        quality[name], quality_answers[name] = answer_quality(model, tok, sample, cfg.seed, name)
-        quality[name]["response_loss"] = loss
+    quality, quality_answers = quality_of(models, tok, heldout, cfg.seed)
     report["quality"] = quality
-    inputs = {"tokenizer": tok_dir, "pretrain": pre, "sft": sft}
+    inputs = {"tokenizer": tok_dir.path, "pretrain": pre.path, "sft": sft.path}
     with stage_output(cfg.out_dir, "export", dataclasses.asdict(cfg), inputs) as work:
-        folder = work / "pocketGPT"
+        folder = work.export
         write_export_folder(sft_model, tok, folder, model_card(report, answers))
         report["verify"] = verify_export(folder, sft_model)
-        val_docs = decode_documents(np.asarray(read_bin(tok_dir / "val.bin"))[:200_000], tok)[:200]
+        val_docs = decode_documents(np.asarray(read_bin(tok_dir.val_bin))[:200_000], tok)[:200]
         # more positions to compare logits at: held-out prompts that leave half the context for the greedy text
         gguf_prompts = DEFAULT_PROMPTS + [p for p, _ in heldout
                                           if len(chat_prompt_ids(tok, p)) <= sft_model.config.n_positions // 2][:15]
         report["gguf"] = export_gguf_files(folder, work, cfg.gguf_types, gguf_prompts, val_docs)
-        write_file(work / "pocketGPT.zip", zip_folder(folder), needed=size_of(folder))
-        plot_losses({"pretrain": pre / "log.csv", "sft": sft / "log.csv"}, work / "losses.png", show=False)
-        plot_quality(quality, work / "quality.png", show=False)
-        write_json(work / "answers.json", answers)
-        write_json(work / "quality_answers.json", quality_answers)
-        write_json(work / "metrics.json", report)
-        write_file(work / "report.md", report_markdown(report, answers, library_versions()))
+        write_file(work.export_zip, zip_folder(folder), needed=size_of(folder))
+        plot_losses({"pretrain": pre.log, "sft": sft.log}, work.losses_plot, show=False)
+        plot_quality(quality, work.quality_plot, show=False)
+        write_json(work.answers, answers)
+        write_json(work.quality_answers, quality_answers)
+        write_json(work.metrics, report)
+        write_file(work.report, report_markdown(report, answers, library_versions()))
     return Path(cfg.out_dir)

@@ -3,7 +3,7 @@
 Owns: the tensor mapping and tokenizer metadata of a gpt2 GGUF (with pocketGPT's chat template), the
 checks (logits, greedy text, tokenization, llama.cpp's own chat) and their tolerances, generation speed,
 and the child-process probe that keeps a llama.cpp built for another CPU from taking this process down.
-Imports: common, tokenizer, dialogs (and `gguf`, `llama_cpp` where a function needs them).
+Imports: common, files, tokenizer, dialogs (and `gguf`, `llama_cpp` where a function needs them).
 """
 from __future__ import annotations
 
@@ -24,8 +24,9 @@ import numpy as np
 import torch
 from transformers import GPT2LMHeadModel, GPT2TokenizerFast
 
-from .common import BOS_ID, PocketGPTError, child_env, read_json, write_file
+from .common import BOS_ID, PocketGPTError, child_env, read_json
 from .dialogs import CHAT_TEMPLATE, chat_prompt, chat_prompt_ids
+from .files import write_file
 from .tokenizer import load_tokenizer
 
 GGUF_FTYPES = ("f32", "f16", "q8_0")  # the file types write_gguf can produce
@@ -526,7 +527,7 @@ def export_gguf_files(folder, out_dir, types, prompts, texts) -> list[dict]:
     chat, probes = [chat_prompt(p) for p in prompts], texts + fuzz_strings(texts)
     rows = []
     for ftype in types:
-        path = write_gguf(folder, out_dir / f"pocketGPT-{ftype}.gguf", ftype)
+        path = write_gguf(folder, out_dir / f"{folder.name}-{ftype}.gguf", ftype)  # beside the folder, named after it
         row = {"type": ftype, "file": path.name, "size_mb": path.stat().st_size / 1e6}
         problem = llama_cpp_problem(path)
         if problem is None:

@@ -7,7 +7,7 @@ kernel, on the stage command line the README documents (`python -m pocketgpt_uti
 configuration handed over whole in a JSON file, and makes it feel like a cell: rank 0's lines stream in as
 they come, a worker's failure ends the cell with that worker's own message, an interrupt stops every worker,
 and a start that fails before the first step continues the session on one GPU.
-Imports: common, train (torch when it counts GPUs).
+Imports: common, files (torch when it counts GPUs).
 """
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from .common import LAUNCH_EVENTS, PocketGPTError, child_env, read_json, write_json
+from .common import LAUNCH_EVENTS, PocketGPTError, child_env, read_json
+from .files import write_json
 
 
 def processes_for(cfg) -> tuple[int, str]:

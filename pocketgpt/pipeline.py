@@ -1,6 +1,6 @@
 """The pipeline: notebooks 01 -> 04 under papermill, each stage's folder feeding the next.
 
-Imports: common, data (papermill and nbconvert where a function needs them).
+Imports: common, files, config, data, stages (papermill and nbconvert where a function needs them).
 """
 from __future__ import annotations
 
@@ -11,9 +11,11 @@ import os
 import time
 from pathlib import Path
 
-from .common import HERE, STAGES, PocketGPTError, default_run_dir, duration, stage_status, write_file
+from .common import HERE, STAGES, PocketGPTError, default_run_dir, duration
 from .config import resolve_profile
 from .data import CORPUS_FORMATS, DIALOG_FORMATS, data_files, demo_data
+from .files import write_file
+from .stages import stage_status
 
 
 def parse_value(text: str):

@@ -1,6 +1,6 @@
 """Figures: returned for the notebook to show, saved as PNG beside the data (through the write door).
 
-Imports: common, tokenizer (document lengths), train (the log it plots).
+Imports: common, files, stages, tokenizer (document lengths), train (the log it plots).
 """
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import read_json, stage_status, write_file
+from .common import read_json
+from .files import write_file
+from .stages import PREFERENCE, StageDir, stage_status
 from .tokenizer import document_lengths
 from .train import read_log
 
@@ -88,7 +90,7 @@ def plot_losses(logs: dict, out_png=None, show: bool = True):
             twin.set_ylim(0, 1)
             twin.set_ylabel("reward accuracy")
             twin.legend(loc="upper right")
-        metrics = Path(path).parent / "metrics.json"
+        metrics = StageDir(Path(path).parent).metrics
         epoch = read_json(metrics).get("train_tokens_available") if metrics.is_file() else None
         if epoch and rows:  # pretraining: one pass over train.bin is this many tokens
             for k in range(1, int(rows[-1]["tokens"] // epoch) + 1):
@@ -145,7 +147,7 @@ def table(rows, columns: list[str] | None = None) -> Table:
 
 def metrics_rows(stage_dir) -> list[dict]:
     """A training stage's metrics.json as a small table: how it ended, and its key numbers."""
-    m = read_json(Path(stage_dir) / "metrics.json")
+    m = read_json(StageDir(stage_dir).metrics)
     numbers = [("how it ended", stage_status(stage_dir)), ("steps", f"{m['steps']:,} of {m['max_steps']:,}"),
                ("tokens trained on", f"{m['tokens']:,}"), ("final train loss", m.get("final_train_loss")),
                ("final val loss", m.get("final_val_loss")),
@@ -153,8 +155,8 @@ def metrics_rows(stage_dir) -> list[dict]:
                ("MFU", f"{m['mfu']:.1%}" if m.get("mfu") else None), ("precision", m["precision"]),
                ("device", f"{m['device']}, {m['processes']} process(es)"), ("hours, all sessions", f"{m['hours']:.3f}"),
                ("epochs of the training data", f"{m['epochs']:.2f}" if "epochs" in m else None)]
-    if m.get("preference"):
-        p = m["preference"]
+    if m.get(PREFERENCE):
+        p = m[PREFERENCE]
         numbers += [("preference phase: steps", f"{p['steps']:,} of {p['max_steps']:,}"),
                     ("preference phase: final val loss", p.get("final_val_loss")),
                     ("preference phase: held-out pairs ranked right", f"{p['heldout_reward_accuracy']:.0%}"

@@ -4,7 +4,7 @@ Owns: init_from (a finished run's model starting a new one, its context grown wh
 and the model's lineage in its config (pocketgpt_init: what it started from, at which context, after how many
 tokens), which metrics.json and 04's report card show.
 
-Imports: common, config, tokenizer, device, model, batches, train, launch, plots.
+Imports: common, files, config, stages, tokenizer, device, model, batches, train, launch, plots.
 """
 from __future__ import annotations
 
@@ -13,23 +13,14 @@ import json
 from pathlib import Path
 
 from .batches import TokenWindows
-from .common import (
-    PocketGPTError,
-    duration,
-    find_stage,
-    fingerprint,
-    is_main_process,
-    quiet_library_bars,
-    read_json,
-    resolve_resume,
-    stage_output,
-    write_json,
-)
+from .common import PocketGPTError, duration, is_main_process, quiet_library_bars, read_json
 from .config import MODEL_SHAPE, PretrainConfig
 from .device import cpu_has_native_bf16
+from .files import write_json
 from .launch import processes_for
 from .model import GROW_POSITIONS, build_model, count_params, flops_per_token, grow_positions
 from .plots import plot_losses
+from .stages import StageDir, find_stage, input_fingerprint, resolve_resume, stage_output
 from .tokenizer import load_tokenizer
 from .train import Budget, RunState, load_checkpoint, save_hf_folder, train
 
@@ -43,7 +34,7 @@ def run_pretrain_stage(cfg: PretrainConfig, stop_at_step: int | None = None, pre
     budget = Budget(cfg.max_hours)  # this session's budget counts from the stage's start
     tok_dir = find_stage("tokenizer", cfg.tokenizer_dir, cfg.run_dir)
     tokenizer = load_tokenizer(tok_dir)
-    meta = read_json(tok_dir / "meta.json")
+    meta = read_json(StageDir(tok_dir).meta)
     init_dir = init_source(cfg, tok_dir, meta["vocab_size"]) if cfg.init_from else None
     resume_dir = resolve_resume(cfg.resume_from, "pretrain", cfg.out_dir)
     if resume_dir and init_dir and cfg.resume_from is None and resume_dir.resolve() == init_dir.resolve():
@@ -60,8 +51,8 @@ def run_pretrain_stage(cfg: PretrainConfig, stop_at_step: int | None = None, pre
         if is_main_process():
             print(f"resuming {resume_dir} at step {RunState.from_checkpoint(resume).step} of {cfg.max_steps} "
                   f"(this session's budget: {duration(cfg.max_hours * 3600)})")
-    train_data = TokenWindows(tok_dir / "train.bin", cfg.n_positions, cfg.batch_size, cfg.seed, meta["vocab_size"])
-    val_data = TokenWindows(tok_dir / "val.bin", cfg.n_positions, cfg.batch_size, cfg.seed, meta["vocab_size"])
+    train_data = TokenWindows(StageDir(tok_dir).train_bin, cfg.n_positions, cfg.batch_size, cfg.seed, meta["vocab_size"])
+    val_data = TokenWindows(StageDir(tok_dir).val_bin, cfg.n_positions, cfg.batch_size, cfg.seed, meta["vocab_size"])
     model = build_model(meta["vocab_size"], cfg)
     if resume:  # the weights come from the checkpoint; the lineage with them
         model.config.pocketgpt_init = resume.get("model_config", {}).get("pocketgpt_init")
@@ -69,7 +60,7 @@ def run_pretrain_stage(cfg: PretrainConfig, stop_at_step: int | None = None, pre
         start_from(model, init_dir, grow)
         if is_main_process():
             print(f"init_from {init_dir}: {lineage_line(model.config.pocketgpt_init, cfg.n_positions)}")
-    inputs = {"tokenizer": tok_dir, **({"resumed_from": resume_dir / "ckpt.pt"} if resume else {}),
+    inputs = {"tokenizer": tok_dir, **({"resumed_from": StageDir(resume_dir).ckpt} if resume else {}),
               **({"init_from": init_dir} if init_dir else {})}
     with stage_output(cfg.out_dir, "pretrain", dataclasses.asdict(cfg), inputs, resume_dir) as work:
         result = train(model, train_data, val_data.eval_batches(cfg.eval_windows), cfg, work, budget, resume,
@@ -77,11 +68,11 @@ def run_pretrain_stage(cfg: PretrainConfig, stop_at_step: int | None = None, pre
         if not result.main_process:
             return Path(cfg.out_dir)
         model, result = result.model, result.metrics
-        save_hf_folder(model, tokenizer, work / "model")
-        write_json(work / "metrics.json", {**result, "train_tokens_available": meta["train_tokens"],
+        save_hf_folder(model, tokenizer, work.model)
+        write_json(work.metrics, {**result, "train_tokens_available": meta["train_tokens"],
                                            "epochs": result["tokens"] / max(meta["train_tokens"], 1),
                                            "context": context_report(model.config, result["tokens"])})
-        plot_losses({"pretrain": work / "log.csv"}, work / "loss.png", show=False)
+        plot_losses({"pretrain": work.log}, work.loss_plot, show=False)
     return Path(cfg.out_dir)
 
 
@@ -92,16 +83,17 @@ def init_source(cfg: PretrainConfig, tok_dir: Path, vocab_size: int) -> Path:
     """The finished pretrain folder init_from names (found by its manifest, as every input is), checked
     against this run: the same tokenizer, the same shape, and a context that may only grow."""
     init_dir = find_stage("pretrain", cfg.init_from)
-    trained_with = read_json(init_dir / "manifest.json")["inputs"]["tokenizer"]
+    init = StageDir(init_dir)
+    trained_with = read_json(init.manifest)["inputs"]["tokenizer"]
     theirs = Path(trained_with["path"])
     # the same folder, or one with the same vocabulary and merges (01 run again on the same corpus)
-    if trained_with["fingerprint"] != fingerprint(tok_dir) and bpe_of(init_dir / "model") != bpe_of(tok_dir):
+    if trained_with["fingerprint"] != input_fingerprint(tok_dir) and bpe_of(init.model) != bpe_of(tok_dir):
         raise PocketGPTError(f"init_from={cfg.init_from}: the model in {init_dir} was trained with the tokenizer "
                              f"{theirs}, and this run's tokenizer is {tok_dir}, another one (its vocabulary and merges "
                              f"differ): the same token id would mean other text. Use the tokenizer that model was "
                              f"trained with (tokenizer_dir={theirs}; on Kaggle attach that folder), or train from "
                              f"scratch (init_from=None).")
-    old = read_json(init_dir / "model" / "config.json")
+    old = read_json(init.model / "config.json")
     given = {"n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_embd": cfg.n_embd, "vocab_size": vocab_size}
     wrong = [name for name in given if old[name] != given[name]]
     if wrong:
@@ -130,7 +122,7 @@ def start_from(model, init_dir: Path, grow: str = GROW_POSITIONS) -> None:
     table grown where this run's context is longer; the lineage goes into the model's config."""
     from safetensors.torch import load_file
 
-    weights = load_file(init_dir / "model" / "model.safetensors")
+    weights = load_file(StageDir(init_dir).model / "model.safetensors")
     old_n, n = weights["transformer.wpe.weight"].shape[0], model.config.n_positions
     if n > old_n:
         weights["transformer.wpe.weight"] = grow_positions(weights["transformer.wpe.weight"], n, grow)
@@ -139,10 +131,10 @@ def start_from(model, init_dir: Path, grow: str = GROW_POSITIONS) -> None:
         raise PocketGPTError(f"init_from={init_dir}: its model.safetensors does not fit a pocketGPT model "
                              f"(missing {missing[:3]}, unexpected {unexpected[:3]}): start from a folder 02 wrote.")
     model.tie_weights()
-    before = read_json(init_dir / "metrics.json")
+    before = read_json(StageDir(init_dir).metrics)
     model.config.pocketgpt_init = {"folder": str(init_dir), "n_positions": old_n, "tokens": before["tokens"],
                                    "positions": grow if n > old_n else None,
-                                   "earlier": read_json(init_dir / "model" / "config.json").get("pocketgpt_init")}
+                                   "earlier": read_json(StageDir(init_dir).model / "config.json").get("pocketgpt_init")}
 
 
 def lineage_line(init: dict | None, n_positions: int, tokens: int | None = None) -> str:
@@ -172,11 +164,11 @@ def describe_pretrain(cfg: PretrainConfig) -> dict:
     """What is about to be trained: size, FLOPs per token, tokens per step (over the processes launch
     will start), data, and how many passes over it max_epochs allows."""
     tok_dir = find_stage("tokenizer", cfg.tokenizer_dir, cfg.run_dir)
-    meta = read_json(tok_dir / "meta.json")
+    meta = read_json(StageDir(tok_dir).meta)
     model = build_model(meta["vocab_size"], cfg)
     processes, why = processes_for(cfg)
     init_dir = init_source(cfg, tok_dir, meta["vocab_size"]) if cfg.init_from else None  # its checks, before launch
-    old_n = init_dir and read_json(init_dir / "model" / "config.json")["n_positions"]
+    old_n = init_dir and read_json(StageDir(init_dir).model / "config.json")["n_positions"]
     tokens_per_step = cfg.batch_size * cfg.grad_accum_steps * cfg.n_positions * processes
     return {"tokenizer": str(tok_dir), "vocab_size": meta["vocab_size"], "parameters": count_params(model),
             "flops_per_token": flops_per_token(model), "tokens_per_step": tokens_per_step,

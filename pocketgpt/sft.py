@@ -1,41 +1,27 @@
 """Stage 3: supervised finetuning on instruction/response pairs, loss on the response only (03_sft).
 
-Owns: reading, cleaning, encoding and splitting the dialogs for training; run_sft_stage (the SFT phase,
-then with `preference` the DPO phase; a resume finds its phase by which checkpoint it has); the
+Owns: reading, cleaning, encoding and splitting the dialogs for training; the SFT phase's plan; run_sft_stage
+(the SFT phase, then with `preference` the DPO phase, each resumed from its own folder: stages.Phase); the
 notebook's tables.
 Imports: everything below it (common ... dialogs, dpo).
 """
 from __future__ import annotations
 
 import dataclasses
-import shutil
 from pathlib import Path
 
 from torch import nn
 
 from .batches import DialogBatches, eval_sample
-from .common import (
-    PocketGPTError,
-    duration,
-    files_summary,
-    find_stage,
-    is_main_process,
-    newest_ckpt_file,
-    quiet_library_bars,
-    read_json,
-    resolve_resume,
-    stage_output,
-    world_size,
-    write_file,
-    write_folder,
-    write_json,
-)
+from .common import PocketGPTError, duration, files_summary, is_main_process, quiet_library_bars, read_json, world_size
 from .config import SFTConfig
 from .data import split_of
 from .dialogs import CHAT_TEMPLATE, chat_prompt_ids, dialog_files, dialog_key, encode_dialogs, read_dialogs
 from .dpo import read_preference_pairs, run_preference_phase
+from .files import write_json
 from .model import LMLoss, generate, load_model
 from .plots import plot_losses
+from .stages import PREFERENCE, Phase, StageDir, carry_over, find_stage, resolve_resume, stage_output
 from .tokenizer import load_tokenizer
 from .train import Budget, RunState, load_checkpoint, save_hf_folder, train
 
@@ -77,21 +63,18 @@ def set_dropout(model, p: float) -> None:
     model.config.resid_pdrop = model.config.embd_pdrop = model.config.attn_pdrop = p
 
 
-@quiet_library_bars()
-def run_sft_stage(cfg: SFTConfig, stop_at_step: int | None = None) -> Path:
-    """Stage 3, whole: the pretrained model and tokenizer, the dialogs, the shared loop, the folder;
-    then, with `preference`, DPO on the SFT model (the SFT model is kept in model_sft/, the tuned
-    one is model/). A resume finds which phase it is in by which checkpoint it has. `stop_at_step`
-    (tests) stops the last phase that runs."""
-    budget = Budget(cfg.max_hours)  # this session's budget counts from the stage's start
-    pre = find_stage("pretrain", cfg.pretrain_dir, cfg.run_dir)
-    tok = load_tokenizer(pre / "model")
-    tok.chat_template = CHAT_TEMPLATE
-    model = load_model(pre / "model").train()
-    set_dropout(model, cfg.dropout)
-    data = prepare_sft_data(cfg, tok, model.config.n_positions)
-    if cfg.preference not in (None, "self"):  # a bad preference file stops the stage now, not after hours of SFT
-        read_preference_pairs(cfg.preference)
+@dataclasses.dataclass
+class SFTPlan:
+    """What the SFT phase trains on, and for how long; `report` holds the counts for data_report.json."""
+    train: DialogBatches
+    val: DialogBatches
+    max_steps: int
+    warmup_steps: int
+    report: dict
+
+
+def plan_sft(cfg: SFTConfig, data: dict) -> SFTPlan:
+    """The batches and the step plan of the SFT phase: `epochs` passes over the train rows unless max_steps says."""
     # the global batch (batch_size rows on each process) is fixed before the padding share is measured
     train_data = DialogBatches(data["rows"]["train"], cfg.batch_size, cfg.seed, world=world_size())
     val_data = DialogBatches(data["rows"]["eval"], cfg.batch_size, cfg.seed)
@@ -100,59 +83,82 @@ def run_sft_stage(cfg: SFTConfig, stop_at_step: int | None = None) -> Path:
     warmup_steps = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, max_steps // 33)
     report = {**data["report"], "real_token_fraction": train_data.real_token_fraction(),
               "processes": world_size(), "steps_per_epoch": steps_per_epoch, "max_steps": max_steps}
+    return SFTPlan(train_data, val_data, max_steps, warmup_steps, report)
+
+
+@quiet_library_bars()
+def run_sft_stage(cfg: SFTConfig, stop_at_step: int | None = None) -> Path:
+    """Stage 3, whole: the pretrained model and tokenizer, the dialogs, the shared loop, the folder;
+    then, with `preference`, DPO on the SFT model (the SFT model is kept in model_sft/, the tuned
+    one is model/). Each phase resumes from its own folder in the run resumed from; an SFT phase that
+    finished there is found by it (StageDir.sft_finished) and carried over. `stop_at_step` (tests) stops
+    the last phase that runs."""
+    budget = Budget(cfg.max_hours)  # this session's budget counts from the stage's start
+    pre = StageDir(find_stage("pretrain", cfg.pretrain_dir, cfg.run_dir))
+    tok = load_tokenizer(pre.model)
+    tok.chat_template = CHAT_TEMPLATE
+    model = load_model(pre.model).train()
+    set_dropout(model, cfg.dropout)
+    data = prepare_sft_data(cfg, tok, model.config.n_positions)
+    if cfg.preference not in (None, "self"):  # a bad preference file stops the stage now, not after hours of SFT
+        read_preference_pairs(cfg.preference)
+    plan = plan_sft(cfg, data)
     resume_dir = resolve_resume(cfg.resume_from, "sft", cfg.out_dir)
-    in_phase_two = bool(cfg.preference and resume_dir and (resume_dir / "sft_phase.json").is_file())
-    resume = load_checkpoint(resume_dir) if resume_dir and not in_phase_two else None
+    resumed = StageDir(resume_dir) if resume_dir else None
+    sft_done = bool(cfg.preference and resumed and resumed.sft_finished())  # the preference phase is next
+    resume = load_checkpoint(resume_dir) if resume_dir and not sft_done else None
     if resume_dir and is_main_process():
-        print(f"resuming {resume_dir} " + ("in its preference phase" if in_phase_two else
-              f"at step {RunState.from_checkpoint(resume).step} of {max_steps}") + f" (this session's budget: {duration(cfg.max_hours * 3600)})")
-    inputs = {"pretrain": pre, **{f"dialogs:{Path(f).name}": Path(f) for f in data["report"]["files"]},
-              **({"resumed_from": newest_ckpt_file(resume_dir)} if resume_dir else {}),
+        print(f"resuming {resume_dir} " + ("in its preference phase" if sft_done else
+              f"at step {RunState.from_checkpoint(resume).step} of {plan.max_steps}")
+              + f" (this session's budget: {duration(cfg.max_hours * 3600)})")
+    inputs = {"pretrain": pre.path, **{f"dialogs:{Path(f).name}": Path(f) for f in data["report"]["files"]},
+              **({"resumed_from": resumed.newest_ckpt()} if resumed else {}),
               **({"preference": Path(cfg.preference)} if cfg.preference not in (None, "self") else {})}
     with stage_output(cfg.out_dir, "sft", dataclasses.asdict(cfg), inputs, resume_dir) as work:
-        write_json(work / "data_report.json", report)
-        write_json(work / "heldout.json", [{"prompt": p, "response": r} for p, r in data["pairs"]["eval"]])
-        if in_phase_two:  # the SFT phase ended in an earlier session: its model, log and numbers are there
-            model, result = load_model(resume_dir / "model_sft"), read_json(resume_dir / "sft_phase.json")
-            if is_main_process() and resume_dir.resolve() != work.resolve():
-                for name in ["model_sft", "log.csv", "sft_phase.json", "ckpt.pt"]:
-                    if (resume_dir / name).is_dir():
-                        write_folder(work / name, lambda tmp, src=resume_dir / name: shutil.copytree(src, tmp, dirs_exist_ok=True))
-                    else:
-                        write_file(work / name, lambda tmp, src=resume_dir / name: shutil.copyfile(src, tmp))
+        write_json(work.data_report, plan.report)
+        write_json(work.heldout, [{"prompt": p, "response": r} for p, r in data["pairs"]["eval"]])
+        if sft_done:  # the SFT phase ended in an earlier session: its model, log and numbers are there
+            carry_over(resumed.sft_phase_files(), work)
+            model, result = load_model(resumed.sft_model), read_json(resumed.sft_phase)
         else:
-            trained = train(model, train_data, val_data.eval_batches(len(val_data.rows)), cfg, work, budget, resume,
-                            None if cfg.preference else stop_at_step, stage="sft", loss_module=LMLoss(model, padded=True),
-                            max_steps=max_steps, warmup_steps=warmup_steps)
-            model, result = trained.model, trained.metrics
-            if is_main_process():  # model/ is what 04 exports: the SFT model, until a preference phase finishes
-                save_hf_folder(model, tok, work / "model")
-                if cfg.preference and result["finished"]:  # the preference phase's reference, and 04's "SFT" row
-                    save_hf_folder(model, tok, work / "model_sft")
-                    write_json(work / "sft_phase.json", result)  # the mark of a finished SFT phase
-        logs = {"sft": work / "log.csv"}
+            phase = Phase(work, resumed, budget, None if cfg.preference else stop_at_step)
+            model, result = train_sft_phase(cfg, model, tok, plan, phase, resume)
+        logs = {"sft": work.log}
         if cfg.preference and result["finished"]:
-            preferred = run_preference_phase(cfg, model, tok, data["pairs"]["train"], work,
-                                             resume_dir if in_phase_two else None, budget, stop_at_step)
-            tuned, result["preference"] = preferred.model, preferred.metrics
-            result["finished"] = result["preference"]["finished"]
+            phase = Phase(work.preference, resumed.preference if sft_done else None, budget, stop_at_step)
+            preferred = run_preference_phase(cfg, model, tok, data["pairs"]["train"], phase)
+            result = {**result, PREFERENCE: preferred.metrics, "finished": preferred.metrics["finished"]}
             if is_main_process():  # a phase stopped by its budget leaves the SFT model as the one to use
-                save_hf_folder(tuned if result["finished"] else model, tok, work / "model")
-            logs["preference"] = work / "preference" / "log.csv"
+                save_hf_folder(preferred.model if result["finished"] else model, tok, work.model)
+            logs[PREFERENCE] = work.preference.log
         if not is_main_process():
             return Path(cfg.out_dir)
-        pre_metrics = read_json(pre / "metrics.json")
-        write_json(work / "metrics.json", {**result, **{f"data_{k}": v for k, v in report.items() if k != "columns"},
-                                           "pretrain_val_loss": pre_metrics.get("final_val_loss"),
-                                           "exported_model": "SFT + DPO" if cfg.preference and result["finished"]
-                                           else "SFT"})
-        plot_losses(logs, work / "loss.png", show=False)
+        write_json(work.metrics, {**result, **{f"data_{k}": v for k, v in plan.report.items() if k != "columns"},
+                                  "pretrain_val_loss": read_json(pre.metrics).get("final_val_loss"),
+                                  "exported_model": "SFT + DPO" if cfg.preference and result["finished"] else "SFT"})
+        plot_losses(logs, work.loss_plot, show=False)
     return Path(cfg.out_dir)
+
+
+def train_sft_phase(cfg: SFTConfig, model, tok, plan: SFTPlan, phase: Phase, resume: dict | None):
+    """The SFT phase through the shared loop, from `resume` (the checkpoint of phase.resumed, or None). Saves model/
+    (what 04 exports, until a preference phase finishes) and, when a preference phase follows a finished SFT
+    phase, the SFT model and its numbers (model_sft/, sft_phase.json). Returns the model and its numbers."""
+    trained = train(model, plan.train, plan.val.eval_batches(len(plan.val.rows)), cfg, phase.folder, phase.budget,
+                    resume, phase.stop_at_step, stage="sft", loss_module=LMLoss(model, padded=True),
+                    max_steps=plan.max_steps, warmup_steps=plan.warmup_steps)
+    work = phase.folder
+    if is_main_process():
+        save_hf_folder(trained.model, tok, work.model)
+        if cfg.preference and trained.metrics["finished"]:  # the preference phase's reference, and 04's "SFT" row
+            save_hf_folder(trained.model, tok, work.sft_model)
+            write_json(work.sft_phase, trained.metrics)  # the mark of a finished SFT phase
+    return trained.model, trained.metrics
 
 
 def data_report_rows(stage_dir) -> list[dict]:
     """What reading and cleaning the dialogs did, as rows for the notebook's table."""
-    r = read_json(Path(stage_dir) / "data_report.json")
+    r = read_json(StageDir(stage_dir).data_report)
     layouts = {f"rows_{k}": n for k, n in r.get("rows_by_layout", {}).items()}  # older reports have none
     r = {**r, **layouts}
     names = {"rows_read": "rows read", **{k: f"rows in the {k[5:]} layout" for k in layouts},

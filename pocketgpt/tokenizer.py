@@ -3,7 +3,7 @@
 Owns: training (on an even sample), saving and loading the tokenizer; encoding user text (special-token strings
 stay text); train.bin / val.bin (uint16, each document <|bos|> ... <|eos|>, a long one's pieces hashed to either
 side) and doc_stats.npz (a row per piece), streamed; build_tokenizer_stage, the whole of 01.
-Imports: common, config, data.
+Imports: common, files, config, data, stages.
 """
 from __future__ import annotations
 
@@ -28,13 +28,11 @@ from .common import (
     progress,
     quiet_library_bars,
     read_json,
-    space_for,
-    stage_output,
-    write_file,
-    write_json,
 )
 from .config import TokenizerConfig
 from .data import CORPUS_FORMATS, corpus_files, demo_data, iter_fragments, iter_pieces, scan_corpus, split_piece_chars
+from .files import space_for, write_file, write_json
+from .stages import StageDir, stage_output
 
 
 def train_tokenizer(texts, vocab_size: int, n_texts: int | None = None):
@@ -167,39 +165,18 @@ def encode_corpus(pieces, hf_tok, out_dir, seed: int, val_fraction: float, total
     between pieces. Ids and the per-piece statistics (doc_stats.npz: val, first, last, bytes, tokens) go
     to disk batch by batch, so memory stays flat for any corpus size and shape.
     """
-    from array import array
-
-    from .data import split_of_bytes
-
-    out_dir = Path(out_dir)
+    out_dir = StageDir(out_dir)
     encode = fast_encoder(hf_tok)
     stats = {s: {"pieces": 0, "docs": 0, "tokens": 0, "special": 0, "bytes": 0, "words": 0, "chars": 0}
              for s in ("train", "val")}
     started = time.time()
-    columns = {k: open(out_dir / f"doc_stats.{k}.tmp", "wb") for k in STAT_COLUMNS}  # inside the stage's .partial
+    columns = {k: open(stat_column(out_dir, k), "wb") for k in STAT_COLUMNS}  # inside the stage's .partial
     # ids are 2 bytes and a token is about 4 bytes of text: about half the corpus's size on disk
-    with space_for(out_dir / "train.bin", needed=total_bytes // 2), open(out_dir / "train.bin", "wb") as train, \
-            open(out_dir / "val.bin", "wb") as val:
+    with space_for(out_dir.train_bin, needed=total_bytes // 2), open(out_dir.train_bin, "wb") as train, \
+            open(out_dir.val_bin, "wb") as val:
         outs = {"train": train, "val": val}
         for batch, ids_of in encoded(encode, batched(pieces, max_chars=1 << 20, max_texts=8192, text=lambda p: p[0])):
-            ids = {"train": array("H"), "val": array("H")}
-            col = {k: array("B" if t == "u1" else "I") for k, t in STAT_COLUMNS.items()}
-            for (text, first, last), piece_ids in zip(batch, ids_of):
-                data = text.encode("utf-8", "surrogatepass")
-                s = split_of_bytes(data, seed, val_fraction)
-                out, st = ids[s], stats[s]
-                if first:
-                    out.append(BOS_ID)
-                out.extend(piece_ids)
-                if last:
-                    out.append(EOS_ID)
-                n = len(piece_ids) + first + last
-                st["pieces"] += 1; st["docs"] += first; st["tokens"] += n; st["special"] += first + last
-                st["bytes"] += len(data)
-                if s == "val":
-                    st["words"] += len(text.split()); st["chars"] += len(text)
-                for k, v in (("val", s == "val"), ("first", first), ("last", last), ("bytes", len(data)), ("tokens", n)):
-                    col[k].append(v)
+            ids, col = split_batch(batch, ids_of, seed, val_fraction, stats)
             for s, a in ids.items():
                 outs[s].write(a.tobytes())
             for k, a in col.items():
@@ -229,18 +206,51 @@ def encode_corpus(pieces, hf_tok, out_dir, seed: int, val_fraction: float, total
     }
 
 
+def stat_column(out_dir: StageDir, column: str) -> Path:
+    """Where encode_corpus streams one per-piece column before save_doc_stats gathers them: beside doc_stats.npz."""
+    return out_dir.doc_stats.with_suffix(f".{column}.tmp")
+
+
+def split_batch(batch, ids_of, seed: int, val_fraction: float, stats: dict) -> tuple[dict, dict]:
+    """A batch of encoded pieces sorted into train and val: each side's ids (a document's first piece after
+    <|bos|>, its last before <|eos|>) and the pieces' doc_stats rows; `stats` counts them per side."""
+    from array import array
+
+    from .data import split_of_bytes
+
+    ids = {"train": array("H"), "val": array("H")}
+    col = {k: array("B" if t == "u1" else "I") for k, t in STAT_COLUMNS.items()}
+    for (text, first, last), piece_ids in zip(batch, ids_of):
+        data = text.encode("utf-8", "surrogatepass")
+        s = split_of_bytes(data, seed, val_fraction)
+        out, st = ids[s], stats[s]
+        if first:
+            out.append(BOS_ID)
+        out.extend(piece_ids)
+        if last:
+            out.append(EOS_ID)
+        n = len(piece_ids) + first + last
+        st["pieces"] += 1; st["docs"] += first; st["tokens"] += n; st["special"] += first + last
+        st["bytes"] += len(data)
+        if s == "val":
+            st["words"] += len(text.split()); st["chars"] += len(text)
+        for k, v in (("val", s == "val"), ("first", first), ("last", last), ("bytes", len(data)), ("tokens", n)):
+            col[k].append(v)
+    return ids, col
+
+
 def save_doc_stats(out_dir) -> None:
     """doc_stats.npz from the per-piece columns encode_corpus streamed to disk (written in chunks from
     memory maps, so never all in memory); the column files are removed."""
-    out_dir = Path(out_dir)
-    tmp = {k: out_dir / f"doc_stats.{k}.tmp" for k in STAT_COLUMNS}
+    out_dir = StageDir(out_dir)
+    tmp = {k: stat_column(out_dir, k) for k in STAT_COLUMNS}
     arrays = {k: np.memmap(p, dtype=STAT_COLUMNS[k], mode="r") if p.stat().st_size else np.zeros(0, STAT_COLUMNS[k])
               for k, p in tmp.items()}
 
     def save(path):
         with open(path, "wb") as f:  # a file object: np.savez would add ".npz" to a name
             np.savez(f, **arrays)
-    write_file(out_dir / "doc_stats.npz", save)
+    write_file(out_dir.doc_stats, save)
     del arrays
     for p in tmp.values():
         p.unlink()
@@ -248,7 +258,7 @@ def save_doc_stats(out_dir) -> None:
 
 def document_lengths(stage_dir) -> dict:
     """Per document: its bytes and tokens (<|bos|>/<|eos|> included), summed over its pieces."""
-    d = np.load(Path(stage_dir) / "doc_stats.npz")
+    d = np.load(StageDir(stage_dir).doc_stats)
     starts = np.flatnonzero(d["first"])
     return {k: np.add.reduceat(d[k].astype(np.int64), starts) if len(starts) else np.zeros(0, np.int64)
             for k in ("bytes", "tokens")}
@@ -329,15 +339,15 @@ def build_tokenizer_stage(cfg: TokenizerConfig) -> Path:
                 "bpe_sample_bytes": min(cfg.bpe_sample_bytes, scan["text_bytes"]),
                 "text_columns": scan["text_columns"], "empty_rows": scan["empty_rows"],
                 "invalid_utf8_bytes": scan["invalid_utf8_bytes"], **enc}
-        write_json(work / "meta.json", meta)
-        write_json(work / "metrics.json", {"scan_seconds": scan_seconds, "train_seconds": train_seconds,
+        write_json(work.meta, meta)
+        write_json(work.metrics, {"scan_seconds": scan_seconds, "train_seconds": train_seconds,
                                           "train_mb_per_s": scan["bytes"] / 1e6 / train_seconds, **meta})
     return Path(cfg.out_dir)
 
 
 def compression_table(stage_dir) -> list[dict]:
     """Rows for the notebook's table: how well the tokenizer compresses held-out text."""
-    m = read_json(Path(stage_dir) / "meta.json")
+    m = read_json(StageDir(stage_dir).meta)
     return [
         {"measure": "bytes per token (val)", "value": f"{m['val_bytes_per_token']:.3f}"},
         {"measure": "characters per token (val)", "value": f"{m['val_chars_per_token']:.3f}"},
@@ -374,18 +384,18 @@ def document_ids(stage_dir):
     """Each document's ids in corpus order, put back together from train.bin and val.bin by doc_stats.npz
     (a long document's pieces may lie on both sides), <|bos|> and <|eos|> checked and left off: the check
     that encoding lost nothing. Reads the statistics whole: for tests and tools."""
-    stage_dir = Path(stage_dir)
-    d = np.load(stage_dir / "doc_stats.npz")
-    streams = [read_bin(stage_dir / "train.bin"), read_bin(stage_dir / "val.bin")]
+    stage_dir = StageDir(stage_dir)
+    d = np.load(stage_dir.doc_stats)
+    streams = [read_bin(stage_dir.train_bin), read_bin(stage_dir.val_bin)]
     at, ids = [0, 0], []
     for val, first, last, n in zip(d["val"].tolist(), d["first"].tolist(), d["last"].tolist(), d["tokens"].tolist()):
         piece = streams[val][at[val]:at[val] + n]
         at[val] += n
         if first != (len(piece) > 0 and piece[0] == BOS_ID) or last != (len(piece) > 0 and piece[-1] == EOS_ID):
-            raise ValueError(f"a piece's <|bos|>/<|eos|> do not match doc_stats.npz at {at}")
+            raise ValueError(f"a piece's <|bos|>/<|eos|> do not match {stage_dir.doc_stats.name} at {at}")
         ids.append(piece[first:len(piece) - last])
         if last:
             yield np.concatenate(ids).tolist()
             ids = []
     if at != [len(s) for s in streams]:
-        raise ValueError(f"doc_stats.npz accounts for {at} tokens of {[len(s) for s in streams]}")
+        raise ValueError(f"{stage_dir.doc_stats.name} accounts for {at} tokens of {[len(s) for s in streams]}")

@@ -7,7 +7,7 @@ checkpoint. What the loop keeps lives in three small objects: Budget (this sessi
 from max_hours, what the end keeps back, how many steps fit), LogWindow (the sums behind the next log row)
 and RunState (where the run is: step, tokens, log rows, plan, hours; saved and restored whole). The config
 is read, never written.
-Imports: common, tokenizer, device, model, optim.
+Imports: common, files, stages, tokenizer, device, model, optim.
 """
 from __future__ import annotations
 
@@ -31,24 +31,12 @@ from accelerate.utils import gather_object, set_seed
 from torch import nn
 from tqdm import tqdm
 
-from .common import (
-    BOS_ID,
-    EOS_ID,
-    PAD_ID,
-    PocketGPTError,
-    csv_text,
-    duration,
-    is_number,
-    report_launch_event,
-    tensor_bytes,
-    torch_file,
-    watched,
-    write_file,
-    write_folder,
-)
+from .common import BOS_ID, EOS_ID, PAD_ID, PocketGPTError, duration, is_number, watched
 from .device import autocast, choose_precision, device_name, peak_flops, resolve_compile
+from .files import csv_text, report_launch_event, tensor_bytes, torch_file, write_file, write_folder
 from .model import LMLoss, count_params, flops_per_token
 from .optim import lr_at, make_optimizers, set_lr
+from .stages import StageDir
 from .tokenizer import save_tokenizer
 
 PLAN_PROBE_STEPS = (5, 20)  # max_steps="auto" times this session's steps 6..20, then plans
@@ -170,9 +158,9 @@ def load_checkpoint(folder) -> dict:
     array of an older checkpoint's RNG state), never anything a pickle asks for beyond them: a file from
     someone else (an attached Kaggle input) cannot run code here. What is not a pocketGPT checkpoint is
     refused in one message."""
-    path = Path(folder) / "ckpt.pt"
+    path = StageDir(folder).ckpt
     if not path.is_file():
-        raise PocketGPTError(f"resume_from={folder}: no ckpt.pt there. Point it at a pretrain/sft folder "
+        raise PocketGPTError(f"resume_from={folder}: no {path.name} there. Point it at a pretrain/sft folder "
                              f"(or its .partial) written by an earlier run.")
     try:
         with torch.serialization.safe_globals(legacy_numpy_globals()), warnings.catch_warnings():
@@ -644,7 +632,7 @@ def train(model, train_data, val_batches, cfg, work: Path, budget: Budget | None
             run.add_row(state, row)
         else:  # the last row has its evaluation; a finished run resumed again has nothing left to train
             state.val_loss = state.log[-1]["val_loss"] if state.val_loss is None else state.val_loss
-            write_log(work / "log.csv", state.log, run.columns)  # also into a new folder resumed from a finished one
+            write_log(StageDir(work).log, state.log, run.columns)  # also into a new folder resumed from a finished one
     except Exception as e:  # an out-of-memory later than the first steps: the trial's test, the trial's words
         if not is_out_of_memory(e):
             raise
@@ -728,7 +716,7 @@ class Run:
         return max(step + 1, fit)
 
     def last_checkpoint(self) -> str:
-        path = self.work / "ckpt.pt"
+        path = StageDir(self.work).ckpt
         return str(path) if path.exists() else "none yet"
 
     def diverged(self, what: str, fp32_hint: bool = False) -> PocketGPTError:
@@ -764,7 +752,7 @@ class Run:
     def add_row(self, state: RunState, row: dict) -> None:
         """A log row into the state, log.csv and accelerate's trackers."""
         state.log.append(row)
-        write_log(self.work / "log.csv", state.log, self.columns)
+        write_log(StageDir(self.work).log, state.log, self.columns)
         if self.cfg.log_with:  # rank 0 only, as accelerate does
             self.acc.log({k: float(v) for k, v in row.items() if k != "step" and is_number(v)}, step=int(row["step"]))
 
@@ -781,7 +769,7 @@ class Run:
                     "optimizers": self.kinds, "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
                     "data": self.train_data.state(), "rng": rngs, "config": dataclasses.asdict(self.cfg),
                     "model_config": self.model.config.to_dict(), "stage": self.stage, "state": dataclasses.asdict(state)}
-            write_file(self.work / "ckpt.pt", torch_file(ckpt), needed=tensor_bytes(ckpt))
+            write_file(StageDir(self.work).ckpt, torch_file(ckpt), needed=tensor_bytes(ckpt))
         acc.wait_for_everyone()
         return time.time() - started
 

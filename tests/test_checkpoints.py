@@ -14,8 +14,9 @@ from conftest import TINY
 
 import pocketgpt_utils as pg
 from pocketgpt import train
-from pocketgpt.common import HERE, now_iso, resolve_resume
+from pocketgpt.common import HERE, now_iso
 from pocketgpt.model import build_model
+from pocketgpt.stages import resolve_resume
 from pocketgpt.train import load_checkpoint, read_log
 
 FIXTURES = HERE / "tests" / "fixtures"

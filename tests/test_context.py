@@ -13,7 +13,7 @@ from conftest import TINY
 from test_real_path import kill_after_a_checkpoint, pretrain_params, run_stage
 
 import pocketgpt_utils as pg
-from pocketgpt.common import EOS_ID, PocketGPTError, fingerprint
+from pocketgpt.common import EOS_ID, PocketGPTError
 from pocketgpt.dialogs import CHAT_TEMPLATE
 from pocketgpt.evaluate import answer_table, ask
 from pocketgpt.export import write_export_folder
@@ -21,6 +21,7 @@ from pocketgpt.gguf import hf_logits, llama_cpp_problem, llama_logits, load_llam
 from pocketgpt.model import build_model, grow_positions
 from pocketgpt.pipeline import check_parameters
 from pocketgpt.seed_check import seed_inference
+from pocketgpt.stages import input_fingerprint
 from pocketgpt.tokenizer import decode_documents, load_tokenizer, read_bin
 from pocketgpt.train import read_log, save_hf_folder
 
@@ -120,7 +121,7 @@ def test_init_from_with_another_tokenizer_is_refused_naming_both_folders(demo_da
     again = pg.build_tokenizer_stage(pg.make_config(pg.TokenizerConfig, "demo", run_dir=str(tmp_path / "again"),
                                                     corpus_path=str(demo_data / "corpus.txt"), val_fraction=0.05,
                                                     vocab_size=TINY["vocab_size"]))
-    assert pg.read_json(short / "manifest.json")["inputs"]["tokenizer"]["fingerprint"] != fingerprint(again)
+    assert pg.read_json(short / "manifest.json")["inputs"]["tokenizer"]["fingerprint"] != input_fingerprint(again)
     pg.describe_pretrain(dataclasses.replace(cfg, tokenizer_dir=str(again)))
 
 

@@ -61,3 +61,64 @@ def test_the_seed_and_the_model_shape_are_written_once():
             if isinstance(node, (ast.List, ast.Tuple, ast.Set)):
                 names = {e.value for e in node.elts if isinstance(e, ast.Constant)}
                 assert not shape <= names, f"{path.name}:{node.lineno}: use MODEL_SHAPE"
+
+
+def pipeline_order() -> list[str]:
+    """The modules in the order pocketgpt_utils.py's docstring lists them: each may import only those above it."""
+    doc = ast.get_docstring(ast.parse((HERE / "pocketgpt_utils.py").read_text()))
+    paragraphs = doc.split("\n\n")
+    table = next(paragraphs[i + 1] for i, text in enumerate(paragraphs) if "pipeline order" in text)  # a module a line
+    return [line.split()[0] for line in table.splitlines()]
+
+
+def test_every_module_is_listed_once_and_imports_only_the_ones_above_it():
+    order = pipeline_order()
+    modules = sorted(p.stem for p in (HERE / "pocketgpt").glob("*.py") if p.stem != "__init__")
+    assert sorted(order) == modules, "pocketgpt_utils.py's module list and pocketgpt/ differ"
+    for name in order:
+        tree = ast.parse((HERE / "pocketgpt" / f"{name}.py").read_text())
+        doc = ast.get_docstring(tree)
+        assert doc and "Imports:" in doc, f"{name}.py: its docstring says what it imports"
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
+                below = node.module.split(".")[0]
+                assert order.index(below) < order.index(name), f"{name}.py:{node.lineno} imports {below}, above it"
+
+
+# a stage folder's file names: stages.py spells them, everyone else asks it (StageDir)
+STAGE_FILES = {"ckpt.pt", "metrics.json", "log.csv", "meta.json", "manifest.json", "sft_phase.json", "heldout.json",
+               "data_report.json", "loss.png", "train.bin", "val.bin", "doc_stats.npz", "pairs.json", "pocketGPT.zip",
+               "losses.png", "quality.png", "answers.json", "quality_answers.json", "report.md"}
+# folders: words of their own elsewhere ("model" keys a checkpoint, pocketGPT is the project): a path join counts
+STAGE_FOLDERS = {"model", "preference", "model_sft", "pocketGPT"}
+
+
+def spelled_stage_files(path: Path) -> list[str]:
+    """Where a module spells a stage file's name in code (docstrings and comments may name them for the reader):
+    a string that is one, or holds one as a word, and a path joined with a stage folder's name."""
+    tree = ast.parse(path.read_text())
+    docstrings = {id(n.body[0].value) for n in ast.walk(tree) if isinstance(n, (ast.Module, ast.FunctionDef, ast.ClassDef))
+                  and n.body and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+            words = set(re.findall(r"\w+\.\w+", node.value)) | {node.value}
+            found += [f"{path.name}:{node.lineno}: {name!r}" for name in STAGE_FILES & words]
+            if node.value == "model_sft":
+                found.append(f"{path.name}:{node.lineno}: 'model_sft'")
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div) and isinstance(node.right, ast.Constant) \
+                and node.right.value in STAGE_FOLDERS:
+            found.append(f"{path.name}:{node.lineno}: / {node.right.value!r}")
+    return found
+
+
+def test_each_stage_file_name_is_spelled_in_one_module():
+    """stages.StageDir names every file a stage writes; the stage code, the loop, the report and the plots ask it,
+    so a name changes in one place and a folder's layout is read in one place."""
+    spelled = {p.name: spelled_stage_files(p) for p in sorted((HERE / "pocketgpt").glob("*.py"))}
+    spelled["pocketgpt_utils.py"] = spelled_stage_files(HERE / "pocketgpt_utils.py")
+    assert {name for name, found in spelled.items() if found} == {"stages.py"}, \
+        [hit for name, found in spelled.items() if name != "stages.py" for hit in found]
+    names = {n.value for n in ast.walk(ast.parse((HERE / "pocketgpt" / "stages.py").read_text()))
+             if isinstance(n, ast.Constant)}
+    assert STAGE_FILES | STAGE_FOLDERS <= names, "stages.py names every one"

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pocketgpt_utils as pg  # noqa: E402
 
-from pocketgpt.common import write_json  # noqa: E402
+from pocketgpt.files import write_json  # noqa: E402
 from pocketgpt.tokenizer import read_bin  # noqa: E402
 
 TOKENS_PER_STEP_WINDOWS = 16  # windows of the short context per step; the long runs take a quarter as many
