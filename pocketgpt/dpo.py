@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .batches import PairBatches, eval_sample
+from .budget import Budget
+from .checkpoint import load_checkpoint
 from .common import PAD_ID, PocketGPTError, is_main_process, read_json, world_size, write_json
 from .data import split_of
 from .dialogs import (
@@ -29,7 +31,7 @@ from .dialogs import (
     table_rows,
 )
 from .model import generate_many
-from .train import Budget, TrainResult, load_checkpoint, train
+from .train import TrainOptions, TrainResult, train
 
 
 def answer_logprob(model, x, y):
@@ -216,8 +218,9 @@ def run_preference_phase(cfg, sft_model, tok, dialogs, work: Path, resume_dir: P
     resume = load_checkpoint(resume_dir / "preference") if resume_dir and (resume_dir / "preference" / "ckpt.pt").is_file() else None
     val_batches = PairBatches(val_rows, cfg.batch_size, cfg.seed).eval_batches(len(val_rows))
     loss = DPOLoss(policy, sft_model, cfg.beta, cfg.rpo_alpha)
-    trained = train(policy, train_data, val_batches, dcfg, folder, budget, resume, stop_at_step, stage="preference",
-                    loss_module=loss, max_steps=steps, warmup_steps=max(1, steps // 10))
+    trained = train(policy, train_data, val_batches, dcfg,
+                    TrainOptions(folder, "preference", budget, resume, loss, steps, max(1, steps // 10),
+                                 stop_at_step=stop_at_step))
     result = trained.metrics
     result.update(pairs=len(pairs), train_pairs=len(train_rows), val_pairs=len(val_rows),
                   skipped_near_identical=skipped, beta=cfg.beta, rpo_alpha=cfg.rpo_alpha,

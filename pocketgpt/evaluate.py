@@ -20,8 +20,8 @@ from .dialogs import chat_prompt_ids, dialog_ids, distinct_n, encode_dialogs, eo
 from .dpo import answer_logprob
 from .model import LMLoss, generate, generate_many, load_model
 from .plots import finish_figure, pyplot
+from .step import evaluate
 from .tokenizer import encode_text, load_tokenizer
-from .train import evaluate
 
 
 def sample_continuations(model_dir, prompts, max_new_tokens: int = 40) -> list[dict]:

@@ -13,6 +13,8 @@ import json
 from pathlib import Path
 
 from .batches import TokenWindows
+from .budget import Budget
+from .checkpoint import RunState, load_checkpoint
 from .common import (
     PocketGPTError,
     duration,
@@ -31,7 +33,7 @@ from .launch import processes_for
 from .model import GROW_POSITIONS, build_model, count_params, flops_per_token, grow_positions
 from .plots import plot_losses
 from .tokenizer import load_tokenizer
-from .train import Budget, RunState, load_checkpoint, save_hf_folder, train
+from .train import TrainOptions, save_hf_folder, train
 
 
 @quiet_library_bars()
@@ -72,8 +74,9 @@ def run_pretrain_stage(cfg: PretrainConfig, stop_at_step: int | None = None, pre
     inputs = {"tokenizer": tok_dir, **({"resumed_from": resume_dir / "ckpt.pt"} if resume else {}),
               **({"init_from": init_dir} if init_dir else {})}
     with stage_output(cfg.out_dir, "pretrain", dataclasses.asdict(cfg), inputs, resume_dir) as work:
-        result = train(model, train_data, val_data.eval_batches(cfg.eval_windows), cfg, work, budget, resume,
-                       stop_at_step, precision=precision, max_epochs=cfg.max_epochs)
+        result = train(model, train_data, val_data.eval_batches(cfg.eval_windows), cfg,
+                       TrainOptions(work, budget=budget, resume=resume, stop_at_step=stop_at_step, precision=precision,
+                                    max_epochs=cfg.max_epochs))
         if not result.main_process:
             return Path(cfg.out_dir)
         model, result = result.model, result.metrics

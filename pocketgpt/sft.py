@@ -14,6 +14,8 @@ from pathlib import Path
 from torch import nn
 
 from .batches import DialogBatches, eval_sample
+from .budget import Budget
+from .checkpoint import RunState, load_checkpoint
 from .common import (
     PocketGPTError,
     duration,
@@ -37,7 +39,7 @@ from .dpo import read_preference_pairs, run_preference_phase
 from .model import LMLoss, generate, load_model
 from .plots import plot_losses
 from .tokenizer import load_tokenizer
-from .train import Budget, RunState, load_checkpoint, save_hf_folder, train
+from .train import TrainOptions, save_hf_folder, train
 
 
 def prepare_sft_data(cfg: SFTConfig, tok, context: int) -> dict:
@@ -121,9 +123,9 @@ def run_sft_stage(cfg: SFTConfig, stop_at_step: int | None = None) -> Path:
                     else:
                         write_file(work / name, lambda tmp, src=resume_dir / name: shutil.copyfile(src, tmp))
         else:
-            trained = train(model, train_data, val_data.eval_batches(len(val_data.rows)), cfg, work, budget, resume,
-                            None if cfg.preference else stop_at_step, stage="sft", loss_module=LMLoss(model, padded=True),
-                            max_steps=max_steps, warmup_steps=warmup_steps)
+            trained = train(model, train_data, val_data.eval_batches(len(val_data.rows)), cfg,
+                            TrainOptions(work, "sft", budget, resume, LMLoss(model, padded=True), max_steps, warmup_steps,
+                                         stop_at_step=None if cfg.preference else stop_at_step))
             model, result = trained.model, trained.metrics
             if is_main_process():  # model/ is what 04 exports: the SFT model, until a preference phase finishes
                 save_hf_folder(model, tok, work / "model")
