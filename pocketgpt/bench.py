@@ -1,6 +1,6 @@
 """The benchmark: tokens/s (and MFU on a GPU) of the training step, against a plain PyTorch GPT of the same shape.
 
-Imports: common, config, device, model, optim, train.
+Imports: common, config, device, model, optim, step.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Preference tuning (DPO), 03's optional second phase: its loss, its pairs and the phase through train().
 
 It sits before sft in the import order because 03 (sft.run_sft_stage) runs it after its SFT phase.
-Imports: common, data, model, batches, train, dialogs.
+Imports: common, data, model, batches, checkpoint, budget, train, dialogs.
 """
 from __future__ import annotations
 

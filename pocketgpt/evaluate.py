@@ -2,7 +2,7 @@
 
 Owns: val loss, perplexity and bits per byte; the response loss; answer quality (ROUGE-L, eos share,
 repetition, distinct-2, length) of greedy and sampled answers; ask() for the notebook.
-Imports: common, config, tokenizer, model, batches, train, plots, dialogs, dpo.
+Imports: common, config, tokenizer, model, batches, step, plots, dialogs, dpo.
 """
 from __future__ import annotations
 

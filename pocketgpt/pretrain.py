@@ -4,7 +4,7 @@ Owns: init_from (a finished run's model starting a new one, its context grown wh
 and the model's lineage in its config (pocketgpt_init: what it started from, at which context, after how many
 tokens), which metrics.json and 04's report card show.
 
-Imports: common, config, tokenizer, device, model, batches, train, launch, plots.
+Imports: common, config, tokenizer, device, model, batches, checkpoint, budget, train, launch, plots.
 """
 from __future__ import annotations
 

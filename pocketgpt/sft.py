@@ -3,7 +3,7 @@
 Owns: reading, cleaning, encoding and splitting the dialogs for training; run_sft_stage (the SFT phase,
 then with `preference` the DPO phase; a resume finds its phase by which checkpoint it has); the
 notebook's tables.
-Imports: everything below it (common ... dialogs, dpo).
+Imports: common, config, data, tokenizer, model, batches, checkpoint, budget, train, plots, dialogs, dpo.
 """
 from __future__ import annotations
 
