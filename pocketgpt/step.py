@@ -17,9 +17,9 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from torch import nn
 
+from .checkpoint import RunState
 from .common import PAD_ID, PocketGPTError
 from .device import autocast
-from .checkpoint import RunState
 from .model import LMLoss
 
 
