@@ -219,8 +219,8 @@ def run_preference_phase(cfg, sft_model, tok, dialogs, work: Path, resume_dir: P
     val_batches = PairBatches(val_rows, cfg.batch_size, cfg.seed).eval_batches(len(val_rows))
     loss = DPOLoss(policy, sft_model, cfg.beta, cfg.rpo_alpha)
     trained = train(policy, train_data, val_batches, dcfg,
-                    TrainOptions(folder, "preference", budget, resume, loss, steps, max(1, steps // 10),
-                                 stop_at_step=stop_at_step))
+                    TrainOptions(folder, stage="preference", budget=budget, resume=resume, loss_module=loss,
+                                 max_steps=steps, warmup_steps=max(1, steps // 10), stop_at_step=stop_at_step))
     result = trained.metrics
     result.update(pairs=len(pairs), train_pairs=len(train_rows), val_pairs=len(val_rows),
                   skipped_near_identical=skipped, beta=cfg.beta, rpo_alpha=cfg.rpo_alpha,

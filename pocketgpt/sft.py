@@ -124,8 +124,9 @@ def run_sft_stage(cfg: SFTConfig, stop_at_step: int | None = None) -> Path:
                         write_file(work / name, lambda tmp, src=resume_dir / name: shutil.copyfile(src, tmp))
         else:
             trained = train(model, train_data, val_data.eval_batches(len(val_data.rows)), cfg,
-                            TrainOptions(work, "sft", budget, resume, LMLoss(model, padded=True), max_steps, warmup_steps,
-                                         stop_at_step=None if cfg.preference else stop_at_step))
+                            TrainOptions(work, stage="sft", budget=budget, resume=resume,
+                                         loss_module=LMLoss(model, padded=True), max_steps=max_steps,
+                                         warmup_steps=warmup_steps, stop_at_step=None if cfg.preference else stop_at_step))
             model, result = trained.model, trained.metrics
             if is_main_process():  # model/ is what 04 exports: the SFT model, until a preference phase finishes
                 save_hf_folder(model, tok, work / "model")
