@@ -14,7 +14,10 @@ the ones above it:
     model      GPT2LMHeadModel, its loss, loading and generating; growing its position table
     optim      Muon, AdamW, the WSD / cosine schedule
     batches    pretraining windows, SFT rows, DPO pairs; the fixed evaluation samples
-    train      the loop every stage trains with: its budget (max_hours), log window and resumable state
+    checkpoint a run's resumable state and the checkpoint file: read as data only, restored, random streams
+    step       one optimizer step, one evaluation; the first step fitted to the device (compile, micro-batch)
+    budget     this session's clock (max_hours) and the open log window
+    train      the loop every stage trains with, ending in its own last pass
     launch     a stage on every GPU from a notebook: torchrun as the kernel's child, never a fork
     plots      the figures
     dialogs    the seed's chat template, the four dialog layouts, their ids

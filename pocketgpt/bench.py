@@ -1,6 +1,6 @@
 """The benchmark: tokens/s (and MFU on a GPU) of the training step, against a plain PyTorch GPT of the same shape.
 
-Imports: common, config, device, model, optim, train.
+Imports: common, config, device, model, optim, step.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from .config import PretrainConfig, TokenizerConfig, make_config
 from .device import choose_precision, device_name, peak_flops, resolve_compile
 from .model import LMLoss, build_model, count_params, flops_per_token
 from .optim import make_optimizers
-from .train import train_step
+from .step import StepParts, train_step
 
 
 class PlainGPT(nn.Module):
@@ -60,12 +60,13 @@ def step_timer(loss_module, cfg, vocab_size: int, precision: str, compiled: bool
     batches = [(lambda r: (r[:, :-1].contiguous(), r[:, 1:].contiguous()))(
         torch.randint(0, vocab_size, (cfg.batch_size, cfg.n_positions + 1), generator=g))
         for _ in range(cfg.grad_accum_steps)]
+    parts = StepParts(acc, fn, optimizers, scaler, precision, cfg.grad_clip)
     sync = torch.cuda.synchronize if acc.device.type == "cuda" else (lambda: None)
 
     def one_step() -> float:
         sync()
         started = time.perf_counter()
-        train_step(acc, fn, optimizers, scaler, batches, cfg.grad_clip, precision)
+        train_step(parts, batches)
         sync()
         return time.perf_counter() - started
     return one_step

@@ -1,7 +1,7 @@
 """Preference tuning (DPO), 03's optional second phase: its loss, its pairs and the phase through train().
 
 It sits before sft in the import order because 03 (sft.run_sft_stage) runs it after its SFT phase.
-Imports: common, files, data, stages, model, batches, train, dialogs.
+Imports: common, files, data, stages, model, batches, checkpoint, train, dialogs.
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .batches import PairBatches, eval_sample
+from .checkpoint import load_checkpoint
 from .common import PAD_ID, PocketGPTError, is_main_process, read_json, world_size
 from .data import split_of
 from .dialogs import (
@@ -30,7 +31,7 @@ from .dialogs import (
 from .files import write_json
 from .model import generate_many
 from .stages import PREFERENCE, Phase
-from .train import TrainResult, load_checkpoint, train
+from .train import TrainOptions, TrainResult, train
 
 
 def answer_logprob(model, x, y):
@@ -217,8 +218,9 @@ def run_preference_phase(cfg, sft_model, tok, dialogs, phase: Phase) -> TrainRes
     resume = load_checkpoint(phase.resume_dir()) if phase.resume_dir() else None
     val_batches = PairBatches(val_rows, cfg.batch_size, cfg.seed).eval_batches(len(val_rows))
     loss = DPOLoss(policy, sft_model, cfg.beta, cfg.rpo_alpha)
-    trained = train(policy, train_data, val_batches, dcfg, folder, phase.budget, resume, phase.stop_at_step,
-                    stage=PREFERENCE, loss_module=loss, max_steps=steps, warmup_steps=max(1, steps // 10))
+    trained = train(policy, train_data, val_batches, dcfg,
+                    TrainOptions(folder, stage=PREFERENCE, budget=phase.budget, resume=resume, loss_module=loss,
+                                 max_steps=steps, warmup_steps=max(1, steps // 10), stop_at_step=phase.stop_at_step))
     result = trained.metrics
     result.update(pairs=len(pairs), train_pairs=len(train_rows), val_pairs=len(val_rows),
                   skipped_near_identical=skipped, beta=cfg.beta, rpo_alpha=cfg.rpo_alpha,

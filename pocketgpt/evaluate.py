@@ -2,7 +2,7 @@
 
 Owns: val loss, perplexity and bits per byte; the response loss; answer quality (ROUGE-L, eos share,
 repetition, distinct-2, length) of greedy and sampled answers; ask() for the notebook.
-Imports: common, config, stages, tokenizer, model, batches, train, plots, dialogs, dpo.
+Imports: common, config, stages, tokenizer, model, batches, step, plots, dialogs, dpo.
 """
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ from .dpo import answer_logprob
 from .model import LMLoss, generate, generate_many, load_model
 from .plots import finish_figure, pyplot
 from .stages import StageDir
+from .step import evaluate
 from .tokenizer import encode_text, load_tokenizer
-from .train import evaluate
 
 
 def sample_continuations(model_dir, prompts, max_new_tokens: int = 40) -> list[dict]:

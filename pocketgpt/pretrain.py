@@ -4,7 +4,7 @@ Owns: init_from (a finished run's model starting a new one, its context grown wh
 and the model's lineage in its config (pocketgpt_init: what it started from, at which context, after how many
 tokens), which metrics.json and 04's report card show.
 
-Imports: common, files, config, stages, tokenizer, device, model, batches, train, launch, plots.
+Imports: common, files, config, stages, tokenizer, device, model, batches, checkpoint, budget, train, launch, plots.
 """
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ import json
 from pathlib import Path
 
 from .batches import TokenWindows
+from .budget import Budget
+from .checkpoint import RunState, load_checkpoint
 from .common import PocketGPTError, duration, is_main_process, quiet_library_bars, read_json
 from .config import MODEL_SHAPE, PretrainConfig
 from .device import cpu_has_native_bf16
@@ -22,7 +24,7 @@ from .model import GROW_POSITIONS, build_model, count_params, flops_per_token, g
 from .plots import plot_losses
 from .stages import StageDir, find_stage, input_fingerprint, resolve_resume, stage_output
 from .tokenizer import load_tokenizer
-from .train import Budget, RunState, load_checkpoint, save_hf_folder, train
+from .train import TrainOptions, save_hf_folder, train
 
 
 @quiet_library_bars()
@@ -63,8 +65,9 @@ def run_pretrain_stage(cfg: PretrainConfig, stop_at_step: int | None = None, pre
     inputs = {"tokenizer": tok_dir, **({"resumed_from": StageDir(resume_dir).ckpt} if resume else {}),
               **({"init_from": init_dir} if init_dir else {})}
     with stage_output(cfg.out_dir, "pretrain", dataclasses.asdict(cfg), inputs, resume_dir) as work:
-        result = train(model, train_data, val_data.eval_batches(cfg.eval_windows), cfg, work, budget, resume,
-                       stop_at_step, precision=precision, max_epochs=cfg.max_epochs)
+        result = train(model, train_data, val_data.eval_batches(cfg.eval_windows), cfg,
+                       TrainOptions(work, budget=budget, resume=resume, stop_at_step=stop_at_step, precision=precision,
+                                    max_epochs=cfg.max_epochs))
         if not result.main_process:
             return Path(cfg.out_dir)
         model, result = result.model, result.metrics

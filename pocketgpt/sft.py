@@ -3,7 +3,7 @@
 Owns: reading, cleaning, encoding and splitting the dialogs for training; the SFT phase's plan; run_sft_stage
 (the SFT phase, then with `preference` the DPO phase, each resumed from its own folder: stages.Phase); the
 notebook's tables.
-Imports: everything below it (common ... dialogs, dpo).
+Imports: common, files, config, data, stages, tokenizer, model, batches, checkpoint, budget, train, plots, dialogs, dpo.
 """
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ from pathlib import Path
 from torch import nn
 
 from .batches import DialogBatches, eval_sample
+from .budget import Budget
+from .checkpoint import RunState, load_checkpoint
 from .common import PocketGPTError, duration, files_summary, is_main_process, quiet_library_bars, read_json, world_size
 from .config import SFTConfig
 from .data import split_of
@@ -23,7 +25,7 @@ from .model import LMLoss, generate, load_model
 from .plots import plot_losses
 from .stages import PREFERENCE, Phase, StageDir, carry_over, find_stage, resolve_resume, stage_output
 from .tokenizer import load_tokenizer
-from .train import Budget, RunState, load_checkpoint, save_hf_folder, train
+from .train import TrainOptions, save_hf_folder, train
 
 
 def prepare_sft_data(cfg: SFTConfig, tok, context: int) -> dict:
@@ -144,9 +146,10 @@ def train_sft_phase(cfg: SFTConfig, model, tok, plan: SFTPlan, phase: Phase, res
     """The SFT phase through the shared loop, from `resume` (the checkpoint of phase.resumed, or None). Saves model/
     (what 04 exports, until a preference phase finishes) and, when a preference phase follows a finished SFT
     phase, the SFT model and its numbers (model_sft/, sft_phase.json). Returns the model and its numbers."""
-    trained = train(model, plan.train, plan.val.eval_batches(len(plan.val.rows)), cfg, phase.folder, phase.budget,
-                    resume, phase.stop_at_step, stage="sft", loss_module=LMLoss(model, padded=True),
-                    max_steps=plan.max_steps, warmup_steps=plan.warmup_steps)
+    trained = train(model, plan.train, plan.val.eval_batches(len(plan.val.rows)), cfg,
+                    TrainOptions(phase.folder, stage="sft", budget=phase.budget, resume=resume,
+                                 loss_module=LMLoss(model, padded=True), max_steps=plan.max_steps,
+                                 warmup_steps=plan.warmup_steps, stop_at_step=phase.stop_at_step))
     work = phase.folder
     if is_main_process():
         save_hf_folder(trained.model, tok, work.model)

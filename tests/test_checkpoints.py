@@ -13,11 +13,12 @@ import torch
 from conftest import TINY
 
 import pocketgpt_utils as pg
-from pocketgpt import train
+from pocketgpt import checkpoint
+from pocketgpt.checkpoint import load_checkpoint
 from pocketgpt.common import HERE, now_iso
 from pocketgpt.model import build_model
 from pocketgpt.stages import resolve_resume
-from pocketgpt.train import load_checkpoint, read_log
+from pocketgpt.train import read_log
 
 FIXTURES = HERE / "tests" / "fixtures"
 OLD = FIXTURES / "pretrain_7b6d54f"  # a stopped run of the code before checkpoints held plain types (README there)
@@ -179,11 +180,11 @@ def test_a_checkpoint_written_before_this_change_resumes_exactly(tmp_path):
     shutil.copytree(OLD / "tokenizer", tok)
     old = torch.load(OLD / "pretrain" / "ckpt.pt", map_location="cpu", weights_only=False)  # our fixture: trusted
     assert isinstance(old["rng"][0]["numpy"][1], np.ndarray) and old["state"]["step"] == 7
-    train.set_numpy_state(load_checkpoint(OLD / "pretrain")["rng"][0]["numpy"])  # the safe loader's copy of that stream
+    checkpoint.set_numpy_state(load_checkpoint(OLD / "pretrain")["rng"][0]["numpy"])  # the safe loader's copy of that stream
     assert np.array_equal(np.random.get_state()[1], old["rng"][0]["numpy"][1])
-    saved = train.rng_state(torch.device("cpu"))["numpy"]  # and the plain form of today's checkpoints goes round
+    saved = checkpoint.rng_state(torch.device("cpu"))["numpy"]  # and the plain form of today's checkpoints goes round
     draws = np.random.random(3)
-    train.set_numpy_state(saved)
+    checkpoint.set_numpy_state(saved)
     assert np.array_equal(np.random.random(3), draws)
     full = pg.run_pretrain_stage(pretrain_cfg(tok, tmp_path / "a", **kw))
     resumed = pg.run_pretrain_stage(pretrain_cfg(tok, tmp_path / "b", resume_from=str(OLD / "pretrain"), **kw))

@@ -14,8 +14,8 @@ from conftest import TINY
 from test_real_path import ENV, pretrain_params, stage_cmd
 
 import pocketgpt_utils as pg
+from pocketgpt.checkpoint import load_checkpoint
 from pocketgpt.files import DiskFullError, size_of, write_file, write_folder
-from pocketgpt.train import load_checkpoint
 
 
 @contextmanager

@@ -13,9 +13,11 @@ from test_real_path import ENV, pretrain_params, stage_cmd
 
 import pocketgpt_utils as pg
 from pocketgpt.batches import DialogBatches, PairBatches
+from pocketgpt.budget import PLAN_PROBE_STEPS
+from pocketgpt.checkpoint import load_checkpoint
 from pocketgpt.common import HERE
 from pocketgpt.device import CPU_COMPILE_MIN_HOURS
-from pocketgpt.train import PLAN_PROBE_STEPS, load_checkpoint, read_log
+from pocketgpt.train import read_log
 
 BROKEN_COMPILER = {"CC": "/bin/false", "CXX": "/bin/false"}  # inductor finds no working C++ compiler
 # glibc as a fixed allocator: one arena (a thread's own 64 MB arena would move the address space about), and
@@ -166,7 +168,8 @@ def test_an_out_of_memory_after_the_first_steps_is_said_for_this_device_and_the_
     message names the device's memory and halves the micro-batch actually in use, not the configured batch."""
     import torch
 
-    from pocketgpt.train import RunState, is_out_of_memory, out_of_memory
+    from pocketgpt.checkpoint import RunState
+    from pocketgpt.step import is_out_of_memory, out_of_memory
 
     assert is_out_of_memory(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes"))
     state = RunState(step=41, micro_batch=8, grad_accum_steps=2)

@@ -21,9 +21,10 @@ from test_sft import sft_cfg
 
 import pocketgpt_utils as pg
 from pocketgpt.batches import TokenWindows
+from pocketgpt.checkpoint import load_checkpoint
 from pocketgpt.common import HERE
 from pocketgpt.device import peak_for_name
-from pocketgpt.train import load_checkpoint, read_log
+from pocketgpt.train import read_log
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
 

@@ -9,11 +9,13 @@ from conftest import TINY
 
 import pocketgpt_utils as pg
 from pocketgpt.batches import TokenWindows
+from pocketgpt.budget import PLAN_PROBE_STEPS
+from pocketgpt.checkpoint import load_checkpoint
 from pocketgpt.common import HERE
 from pocketgpt.device import choose_precision, cpu_has_native_bf16, peak_for_name
 from pocketgpt.model import LMLoss, build_model, count_params, generate
 from pocketgpt.optim import Muon, lr_at, make_optimizers, orthogonalize
-from pocketgpt.train import FP16_MAX_SKIPS_IN_A_ROW, PLAN_PROBE_STEPS, load_checkpoint, read_log
+from pocketgpt.train import FP16_MAX_SKIPS_IN_A_ROW, read_log
 
 
 def pretrain_cfg(tokenizer_stage, tmp_path, **kw):
@@ -476,3 +478,44 @@ def test_a_plan_that_the_data_limits_ends_decayed_early_and_a_resumed_session_ke
     m2 = pg.read_json(again / "metrics.json")
     assert m2["steps"] == m2["max_steps"] == limit and m2["finished"]
     assert m2["final_val_loss"] == pytest.approx(m["final_val_loss"], abs=2e-4)
+
+
+def test_a_stop_evaluates_its_step_once_and_a_stop_mid_window_leaves_the_window_open(tokenizer_stage, tmp_path):
+    """The end of a run that stops before max_steps: a stop on an evaluation step adds nothing, a stop on a log step
+    evaluates that row, and a stop between log steps adds an evaluated row without a training loss while the open
+    window (its sums and steps) goes into the checkpoint, so the resumed run's next row is the uninterrupted one's."""
+    kw = dict(max_steps=12, log_interval=2, eval_interval=4)
+    tokens_per_step = TINY["batch_size"] * TINY["n_positions"]
+    full = read_log(pg.run_pretrain_stage(pretrain_cfg(tokenizer_stage, tmp_path / "full", **kw)) / "log.csv")
+    for stop, steps, window_steps in [(8, [2, 4, 6, 8], 0), (6, [2, 4, 6], 0), (7, [2, 4, 6, 7], 1)]:
+        out = pg.run_pretrain_stage(pretrain_cfg(tokenizer_stage, tmp_path / str(stop), **kw), stop_at_step=stop)
+        rows, m = read_log(out / "log.csv"), pg.read_json(out / "metrics.json")
+        state = load_checkpoint(out)["state"]
+        assert [r["step"] for r in rows] == steps and rows[-1]["val_loss"] is not None, stop
+        assert m["stop_reason"] == "stopped" and not m["finished"] and m["steps"] == state["step"] == stop
+        assert m["final_val_loss"] == pytest.approx(rows[-1]["val_loss"], abs=1e-4) and m["tokens"] == stop * tokens_per_step
+        assert state["window"]["steps"] == window_steps and len(state["log"]) == len(rows)
+        last = rows[-1]
+        if window_steps:  # mid-window: the row holds the evaluation; the training loss waits for the resumed run
+            assert last["train_loss"] is None and last["tokens_per_s"] is None and last["grad_norm"] is None
+            assert last["tokens"] == stop * tokens_per_step and state["tokens"] == 6 * tokens_per_step
+            resumed = pg.run_pretrain_stage(pretrain_cfg(tokenizer_stage, tmp_path / str(stop), resume_from=str(out), **kw))
+            again = {r["step"]: r for r in read_log(resumed / "log.csv")}
+            assert again[8]["train_loss"] == pytest.approx(full[3]["train_loss"], abs=2e-4)
+            assert again[8]["tokens"] == full[3]["tokens"] == 8 * tokens_per_step
+        else:  # the stop's own row, once, with its training loss and its evaluation
+            assert last["train_loss"] is not None and last["tokens_per_s"] is not None
+            assert last["train_loss"] == pytest.approx(full[len(steps) - 1]["train_loss"], abs=2e-4)
+
+
+def test_a_finished_run_resumed_again_trains_nothing_and_writes_its_log_into_the_new_folder(tokenizer_stage, tmp_path):
+    kw = dict(max_steps=8, log_interval=2, eval_interval=4)
+    done = pg.run_pretrain_stage(pretrain_cfg(tokenizer_stage, tmp_path / "a", **kw))
+    again = pg.run_pretrain_stage(pretrain_cfg(tokenizer_stage, tmp_path / "b", resume_from=str(done), **kw))
+    assert again != done and (again / "log.csv").read_text() == (done / "log.csv").read_text()
+    m, before = pg.read_json(again / "metrics.json"), pg.read_json(done / "metrics.json")
+    assert m["session_steps"] == 0 and m["steps"] == 8 and m["finished"] and m["stop_reason"] == "max_steps"
+    for key in ["final_val_loss", "final_train_loss", "tokens"]:
+        assert m[key] == before[key], key
+    a, b = pg.load_model(done / "model").state_dict(), pg.load_model(again / "model").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)

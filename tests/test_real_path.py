@@ -19,9 +19,10 @@ from conftest import TINY
 
 import pocketgpt_utils as pg
 from pocketgpt.batches import DialogBatches, TokenWindows
+from pocketgpt.checkpoint import load_checkpoint
 from pocketgpt.common import HERE
 from pocketgpt.sft import prepare_sft_data
-from pocketgpt.train import load_checkpoint, read_log
+from pocketgpt.train import read_log
 
 BUDGET_H = 6 / 3600  # a 6-second session
 

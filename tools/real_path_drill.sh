@@ -17,7 +17,7 @@ done
 echo "== B: kill -9 at ~25 s (checkpoint every 6 s), then resume_from=auto; against an uninterrupted run"
 $PY pocketgpt_utils.py stage pretrain --profile demo $common -p run_dir $D/b -p max_hours 1 -p checkpoint_minutes 0.1 > $D/b1.log 2>&1 &
 pid=$!; sleep 25; kill -9 $pid; wait $pid 2>/dev/null; echo "killed; left: $(ls $D/b)"; ls -la $D/b/pretrain.partial/ckpt.pt 2>/dev/null
-$PY -c "from pocketgpt.train import load_checkpoint; print('checkpoint step', load_checkpoint('$D/b/pretrain.partial')['state']['step'])"
+$PY -c "from pocketgpt.checkpoint import load_checkpoint; print('checkpoint step', load_checkpoint('$D/b/pretrain.partial')['state']['step'])"
 t=$(date +%s.%N); $PY pocketgpt_utils.py stage pretrain --profile demo $common -p run_dir $D/b -p max_hours 1 -p checkpoint_minutes 0.1 -p resume_from auto > $D/b2.log 2>&1; echo "rc=$? wall=$(echo "$(date +%s.%N) - $t" | bc)"; grep -m1 resum $D/b2.log
 m $D/b/pretrain/metrics.json
 t=$(date +%s.%N); $PY pocketgpt_utils.py stage pretrain --profile demo $common -p run_dir $D/full -p max_hours 1 > $D/full.log 2>&1; echo "uninterrupted rc=$? wall=$(echo "$(date +%s.%N) - $t" | bc)"
