@@ -51,7 +51,7 @@ NAMES = {
     "config": ["PROFILES", "resolve_profile", "make_config", "TokenizerConfig", "PretrainConfig", "SFTConfig",
                "ExportConfig"],
     "data": ["make_demo_data"],
-    "stages": ["find_stage", "stage_status"],
+    "stages": ["StageDir", "find_stage", "stage_status"],
     "tokenizer": ["build_tokenizer_stage", "compression_table", "load_tokenizer", "sample_tokenizations"],
     "model": ["load_model"],
     "pretrain": ["describe_pretrain", "run_pretrain_stage"],
