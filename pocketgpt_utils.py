@@ -5,8 +5,10 @@ The code lives in the package pocketgpt/, one module per step, in pipeline order
 the ones above it:
 
     common     errors, paths, processes, progress, the one write door, stage folders and manifests
+    data       a file's format, size and fingerprint; the files a parameter names; tables (strict CSV)
     config     profiles and the stage configurations: every default, once
-    data       the demo corpus and dialogs; reading a corpus in every format (strict CSV included)
+    corpus     a corpus as documents in every format and shape; long ones in pieces; the scan before 01
+    demo       the demo corpus and dialogs, from the installed ML libraries' docstrings
     tokenizer  01: the byte-level BPE, train.bin / val.bin
     device     the precision for this device, peak FLOPS
     model      GPT2LMHeadModel, its loss, loading and generating; growing its position table
@@ -45,7 +47,7 @@ NAMES = {
     "common": ["PocketGPTError", "read_json", "find_stage", "stage_status"],
     "config": ["PROFILES", "resolve_profile", "make_config", "TokenizerConfig", "PretrainConfig", "SFTConfig",
                "ExportConfig"],
-    "data": ["make_demo_data"],
+    "demo": ["make_demo_data"],
     "tokenizer": ["build_tokenizer_stage", "compression_table", "load_tokenizer", "sample_tokenizations"],
     "model": ["load_model"],
     "pretrain": ["describe_pretrain", "run_pretrain_stage"],

@@ -74,7 +74,7 @@ def main(argv=None) -> int:
             from .chat import chat
             return chat(args.path, args.prompt, args.system, args.greedy, args.max_new_tokens, args.seed)
         elif args.command == "demo-data":
-            from .data import make_demo_data
+            from .demo import make_demo_data
             print(json.dumps(make_demo_data(args.out, args.max_bytes, args.max_dialogs)))
     except PocketGPTError as e:
         print(f"error: {e}", file=sys.stderr)

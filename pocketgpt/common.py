@@ -4,15 +4,14 @@ Owns: PocketGPTError; the special tokens and stage names; where a run lives (her
 process may write (rank 0); progress bars for watched and headless runs; write_file / write_folder, the
 only way a stage writes (atomic, rank 0 only, a full disk said once); stage_output (a stage's .partial
 folder, renamed into place with its manifest) and finding finished stages and checkpoints by manifest.
-Imports: the standard library and tqdm only (torch where a function needs it), so the command line's
-help and its checks answer without loading torch.
+Imports: the standard library and tqdm only (torch where a function needs it; data's fingerprint inside
+stage_output, until stage folders move above data), so the command line's help and its checks answer without
+loading torch.
 """
 from __future__ import annotations
 
 import csv
 import errno
-import glob
-import hashlib
 import importlib.metadata
 import io
 import json
@@ -223,46 +222,6 @@ def quiet_library_bars():
 
 
 # -----------------------------------------------------------------------------
-# Data paths: a file's format by its extension
-
-FORMATS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
-COMPRESSIONS = (".gz", ".bz2", ".zst")
-
-
-def data_format(path, default: str | None = None) -> str | None:
-    """How a path is read: by its extension under any .gz/.bz2/.zst (text, json, parquet, csv, arrow);
-    'saved' for a folder written by `datasets`' save_to_disk; else `default`."""
-    p = Path(path)
-    if p.is_dir():
-        return "saved" if (p / "state.json").is_file() or (p / "dataset_dict.json").is_file() else default
-    suffixes = [s.lower() for s in p.suffixes[-2:]]
-    if suffixes and suffixes[-1] in COMPRESSIONS:
-        suffixes.pop()
-    return FORMATS.get(suffixes[-1] if suffixes else "", default)
-
-
-def data_size(path) -> int:
-    """Bytes on disk: a file's size, or the size of a save_to_disk folder's .arrow files."""
-    p = Path(path)
-    return sum(f.stat().st_size for f in p.rglob("*.arrow")) if p.is_dir() else p.stat().st_size
-
-
-def fingerprint(path) -> str:
-    """sha256 of a file, of a stage folder's manifest (which lists and dates its files), or of a
-    save_to_disk folder's state.json files (which hold the fingerprints `datasets` gives its data)."""
-    path = Path(path)
-    parts = [path]
-    if path.is_dir():
-        parts = sorted(path.rglob("state.json")) if data_format(path) == "saved" else [path / "manifest.json"]
-    h = hashlib.sha256()
-    for part in parts:
-        with open(part, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
-
-
-# -----------------------------------------------------------------------------
 # The one door through which files are written
 
 def is_disk_full(e: BaseException) -> bool:
@@ -464,35 +423,6 @@ def find_stage(stage: str, path=None, run_dir=None) -> Path:
     return max(found)[1]
 
 
-def attached_input(name: str, param: str, formats=None) -> Path:
-    """The one input called `name` attached under /kaggle/input, for a parameter left None. With `formats`,
-    `name` is a stem: corpus.txt, corpus.jsonl.gz, corpus.parquet or a save_to_disk folder `corpus` all count.
-
-    Several matches (two datasets each with a corpus.txt, say) are not concatenated in silence:
-    the user says which with `param`."""
-    root = kaggle_root() / "input"
-    pattern = f"{name}*" if formats else name
-    found = sorted(Path(f) for f in glob.glob(str(root / "**" / pattern), recursive=True)
-                   if (not formats and Path(f).is_file()) or (formats and data_format(f) in formats
-                       and Path(f).name.split(".")[0] == name and (Path(f).is_file() or data_format(f) == "saved")))
-    label = f"{name}.txt, {name}.jsonl, {name}.parquet, ... or a saved folder {name}" if formats else name
-    if not found:
-        raise PocketGPTError(f"{param}=None and no {label} is attached under {root}: attach the dataset holding "
-                             f"it, or set {param} to your file.")
-    if len(found) > 1:
-        raise PocketGPTError(f"{param}=None and {len(found)} files named {' / '.join(sorted({f.name for f in found}))} "
-                             f"are attached: {files_summary(found)}. "
-                             f"Set {param} to the one to use (or to a glob, to use them all).")
-    return found[0]
-
-
-def files_summary(files) -> str:
-    """'a.txt (1.2 MB), b.txt (0.3 MB)': what was found and used, printed before the work."""
-    files = list(files)
-    shown = ", ".join(f"{f} ({data_size(f) / 1e6:.1f} MB)" for f in files[:10])
-    return shown + (f" and {len(files) - 10} more" if len(files) > 10 else "")
-
-
 def check_writable(out_dir: Path, param: str = "out_dir") -> None:
     """Fail before hours of work if the output folder cannot be written."""
     parent = Path(out_dir).parent
@@ -531,6 +461,8 @@ def stage_output(out_dir, stage: str, params: dict, inputs: dict | None = None, 
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
     started = now_iso()
+    from .data import fingerprint  # data sits above common: stage_output moves to stages.py, above data (issue 32)
+
     # the inputs as they are now: a checkpoint resumed from is replaced as the run goes on
     fingerprints = {k: {"path": str(v), "fingerprint": fingerprint(v)} for k, v in (inputs or {}).items()}
     try:

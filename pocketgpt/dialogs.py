@@ -4,15 +4,25 @@ Owns: CHAT_TEMPLATE (<|bos|>Instruction: {prompt}\nResponse: {answer}<|eos|>, tu
 the layout and columns of a CSV/JSONL/Parquet file (question/answer, Alpaca, chat messages, ShareGPT);
 reading it into (prompt, answer) examples, one per assistant turn; their ids and targets (loss on the
 answer only), cut to the context; the prompt the seed feeds generate().
-Imports: common, data, tokenizer.
+Imports: common, data, demo, tokenizer.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from .common import BOS_ID, EOS_ID, PocketGPTError, attached_input, data_format, on_kaggle, progress
-from .data import DIALOG_FORMATS, csv_read_as, data_files, demo_data, iter_table, open_table, row_place
+from .common import BOS_ID, EOS_ID, PocketGPTError, on_kaggle, progress
+from .data import (
+    DIALOG_FORMATS,
+    attached_input,
+    csv_read_as,
+    data_files,
+    data_format,
+    iter_table,
+    open_table,
+    row_place,
+)
+from .demo import demo_data
 from .tokenizer import encode_text
 
 CHAT_TEMPLATE = (  # the seed's format: <|bos|>Instruction: {prompt}\nResponse: {answer}<|eos|>, turn after turn;

@@ -4,7 +4,7 @@ Owns: init_from (a finished run's model starting a new one, its context grown wh
 and the model's lineage in its config (pocketgpt_init: what it started from, at which context, after how many
 tokens), which metrics.json and 04's report card show.
 
-Imports: common, config, tokenizer, device, model, batches, train, launch, plots.
+Imports: common, data, config, tokenizer, device, model, batches, train, launch, plots.
 """
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ from .common import (
     PocketGPTError,
     duration,
     find_stage,
-    fingerprint,
     is_main_process,
     quiet_library_bars,
     read_json,
@@ -26,6 +25,7 @@ from .common import (
     write_json,
 )
 from .config import MODEL_SHAPE, PretrainConfig
+from .data import fingerprint
 from .device import cpu_has_native_bf16
 from .launch import processes_for
 from .model import GROW_POSITIONS, build_model, count_params, flops_per_token, grow_positions

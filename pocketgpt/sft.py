@@ -17,7 +17,6 @@ from .batches import DialogBatches, eval_sample
 from .common import (
     PocketGPTError,
     duration,
-    files_summary,
     find_stage,
     is_main_process,
     newest_ckpt_file,
@@ -31,7 +30,7 @@ from .common import (
     write_json,
 )
 from .config import SFTConfig
-from .data import split_of
+from .data import files_summary, split_of
 from .dialogs import CHAT_TEMPLATE, chat_prompt_ids, dialog_files, dialog_key, encode_dialogs, read_dialogs
 from .dpo import read_preference_pairs, run_preference_phase
 from .model import LMLoss, generate, load_model

@@ -3,7 +3,7 @@
 Owns: training (on an even sample), saving and loading the tokenizer; encoding user text (special-token strings
 stay text); train.bin / val.bin (uint16, each document <|bos|> ... <|eos|>, a long one's pieces hashed to either
 side) and doc_stats.npz (a row per piece), streamed; build_tokenizer_stage, the whole of 01.
-Imports: common, config, data.
+Imports: common, data, config, corpus, demo.
 """
 from __future__ import annotations
 
@@ -21,8 +21,6 @@ from .common import (
     SPECIAL_TOKENS,
     UNK_ID,
     PocketGPTError,
-    attached_input,
-    files_summary,
     human_bytes,
     on_kaggle,
     progress,
@@ -34,7 +32,9 @@ from .common import (
     write_json,
 )
 from .config import TokenizerConfig
-from .data import CORPUS_FORMATS, corpus_files, demo_data, iter_fragments, iter_pieces, scan_corpus, split_piece_chars
+from .corpus import corpus_files, iter_fragments, iter_pieces, scan_corpus, split_piece_chars
+from .data import CORPUS_FORMATS, attached_input, files_summary
+from .demo import demo_data
 
 
 def train_tokenizer(texts, vocab_size: int, n_texts: int | None = None):

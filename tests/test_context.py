@@ -13,7 +13,8 @@ from conftest import TINY
 from test_real_path import kill_after_a_checkpoint, pretrain_params, run_stage
 
 import pocketgpt_utils as pg
-from pocketgpt.common import EOS_ID, PocketGPTError, fingerprint
+from pocketgpt.common import EOS_ID, PocketGPTError
+from pocketgpt.data import fingerprint
 from pocketgpt.dialogs import CHAT_TEMPLATE
 from pocketgpt.evaluate import answer_table, ask
 from pocketgpt.export import write_export_folder
