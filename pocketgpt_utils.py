@@ -22,7 +22,8 @@ the ones above it:
     dpo        03's optional preference phase
     sft        03, whole
     evaluate   losses on the held-out samples, answer quality
-    gguf       GGUF files for llama.cpp and their checks against Hugging Face
+    gguf       GGUF files for llama.cpp, written from a Hugging Face folder
+    llama      a GGUF in llama.cpp: checked against Hugging Face, timed; 04's GGUF files
     seed_check the seed's inference code on an exported folder, in a fresh process
     export     04, whole: the report card and the pocketGPT folder
     chat       a conversation with an export folder or a GGUF, in the terminal

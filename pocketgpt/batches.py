@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .common import PAD_ID, PocketGPTError
+from .common import IGNORE_ID, PAD_ID, PocketGPTError
 from .tokenizer import read_bin
 
 
@@ -201,7 +201,7 @@ def pad_rows(rows):
     """(ids, labels) rows as inputs and targets moved by one: inputs padded with <pad>, targets with -100."""
     width = max(len(ids) for ids, _ in rows) - 1
     x = torch.full((len(rows), width), PAD_ID, dtype=torch.long)
-    y = torch.full((len(rows), width), -100, dtype=torch.long)
+    y = torch.full((len(rows), width), IGNORE_ID, dtype=torch.long)
     for k, (ids, labels) in enumerate(rows):
         x[k, :len(ids) - 1] = torch.tensor(ids[:-1])
         y[k, :len(ids) - 1] = torch.tensor(labels[1:])

@@ -1,6 +1,6 @@
 """Chat: talk to an exported model (its folder through transformers, or a GGUF through llama.cpp) in a terminal.
 
-Imports: common, config, tokenizer, model, dialogs, gguf.
+Imports: common, config, tokenizer, model, dialogs, llama.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from transformers import TextStreamer
 from .common import PocketGPTError
 from .config import SEED
 from .dialogs import CHAT_TEMPLATE
-from .gguf import LLAMA_SKIPPED, llama_chat_ids, llama_cpp_problem, load_llama
+from .llama import LLAMA_GREEDY, LLAMA_SKIPPED, llama_chat_ids, llama_cpp_problem, load_llama
 from .model import SAMPLING, generate, load_model
 from .tokenizer import load_tokenizer
 
@@ -77,7 +77,7 @@ class GGUFChat:
         room = self.n_ctx - len(self.prompt_ids(messages))
         if room < 1:
             raise PocketGPTError(f"the message is longer than the model's context ({self.n_ctx} tokens): shorten it.")
-        sampling = (dict(temperature=0.0, top_k=1) if greedy else  # the seed's sampling, as transformers does it
+        sampling = (LLAMA_GREEDY if greedy else  # the seed's sampling, as transformers does it
                     dict(temperature=SAMPLING["temperature"], top_p=SAMPLING["top_p"], top_k=50, min_p=0.0))
         parts = []
         for chunk in self.llm.create_chat_completion(messages=messages, max_tokens=min(max_new_tokens, room),

@@ -34,6 +34,10 @@ from tqdm import tqdm  # noqa: E402
 HERE = Path(__file__).resolve().parent.parent  # the folder of pocketgpt_utils.py, notebooks/ and runs/
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<|bos|>", "<|eos|>"]  # ids 0..3, in this order
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+# the four by the names transformers gives them, in the order of its special_tokens_map.json
+TOKEN_ROLES = {"bos_token": SPECIAL_TOKENS[BOS_ID], "eos_token": SPECIAL_TOKENS[EOS_ID],
+               "unk_token": SPECIAL_TOKENS[UNK_ID], "pad_token": SPECIAL_TOKENS[PAD_ID]}
+IGNORE_ID = -100  # a target the loss skips (a prompt, padding): cross_entropy's ignore_index
 STAGES = {"tokenizer": "01_tokenizer", "pretrain": "02_pretrain", "sft": "03_sft", "export": "04_eval_export"}
 
 

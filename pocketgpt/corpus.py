@@ -4,7 +4,7 @@ Owns: the corpus's files; the documents of a table (the cells of its text column
 documents (streamed in blocks of lines; by blank lines, lines or the whole file, DOCUMENTS), invalid UTF-8
 found by file, line and byte; long documents in pieces cut where the tokenizer splits anyway; the one pass
 that measures a corpus before the work (scan_corpus).
-Imports: common, data, config (DOCUMENTS).
+Imports: common, data, config (DOCUMENTS, TokenizerConfig's defaults).
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 
 from .common import PocketGPTError, progress
-from .config import DOCUMENTS
+from .config import DOCUMENTS, TokenizerConfig  # its defaults are these functions' defaults
 from .data import CORPUS_FORMATS, data_files, data_format, data_size, iter_table, open_data, open_table, row_place
 
 
@@ -111,7 +111,7 @@ class InvalidUTF8:
                 pos += e.end
 
 
-def document_mode(file, documents: str = "auto") -> str:
+def document_mode(file, documents: str = TokenizerConfig.documents) -> str:
     """How a .txt file is read: `documents`, or for "auto" blank_lines where a blank line stands between
     text anywhere in the file (read until the first one), else lines."""
     if documents not in DOCUMENTS:
@@ -235,7 +235,7 @@ def text_fragments(file, mode: str, invalid: InvalidUTF8, progress=None, block_b
 
 
 def iter_fragments(files, invalid: InvalidUTF8 | None = None, progress=None, text_column=None,
-                   counts: dict | None = None, documents="auto"):
+                   counts: dict | None = None, documents=TokenizerConfig.documents):
     """Yield the corpus as (text, starts a document, ends it), at most about READ_BYTES of text at a time.
     A .txt file's documents are found by `documents` (a name of DOCUMENTS, or {file: name}); any other
     file's documents are the cells of its text column (table_documents), each one fragment. `progress`
@@ -251,7 +251,7 @@ def iter_fragments(files, invalid: InvalidUTF8 | None = None, progress=None, tex
         yield from text_fragments(file, mode, invalid, progress)
 
 
-def iter_documents(files, progress=None, text_column=None, documents="auto"):
+def iter_documents(files, progress=None, text_column=None, documents=TokenizerConfig.documents):
     """Yield whole documents (iter_fragments joined): for tests and tools; the stage reads fragments, so a
     document of any length never has to be one string."""
     parts = []
@@ -311,7 +311,8 @@ def iter_pieces(fragments, size: int, counts: dict | None = None):
             buf, first = "", True
 
 
-def scan_corpus(files, on_invalid_utf8: str = "fail", text_column=None, documents="auto") -> dict:
+def scan_corpus(files, on_invalid_utf8: str = TokenizerConfig.on_invalid_utf8, text_column=None,
+                documents=TokenizerConfig.documents) -> dict:
     """One pass before the work: sizes, how each .txt is cut into documents, their count and the longest,
     invalid UTF-8 (fail or replace); for tables the text column of each file and the rows without text."""
     invalid, counts, n_docs, n_text, longest, length = InvalidUTF8(), {}, 0, 0, 0, 0

@@ -71,7 +71,10 @@ def summary_paragraph(doc: str) -> str:
     return " ".join(first.split())
 
 
-def make_demo_data(out_dir, max_bytes: int = 6_000_000, max_dialogs: int = 20_000,
+DEMO_BYTES, DEMO_DIALOGS = 6_000_000, 20_000  # the demo corpus's size and its dialog rows (demo-data's defaults)
+
+
+def make_demo_data(out_dir, max_bytes: int = DEMO_BYTES, max_dialogs: int = DEMO_DIALOGS,
                    packages=DEMO_PACKAGES) -> dict:
     """Write corpus.txt (documents separated by blank lines) and dialogs.csv; deterministic."""
     out_dir = Path(out_dir)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .common import BOS_ID, EOS_ID, PocketGPTError, on_kaggle, progress
+from .common import BOS_ID, EOS_ID, IGNORE_ID, PocketGPTError, on_kaggle, progress
 from .data import (
     DIALOG_FORMATS,
     attached_input,
@@ -229,7 +229,7 @@ def dialog_ids(tok, pairs) -> list[tuple[list[int], list[int]]]:
         for _ in range(len(t) // 2):
             p, a = next(prompts), next(answers)
             ids += [BOS_ID, *p, *a, EOS_ID]
-        rows.append((ids, [-100] * (len(ids) - len(a) - 1) + [*a, EOS_ID]))
+        rows.append((ids, [IGNORE_ID] * (len(ids) - len(a) - 1) + [*a, EOS_ID]))
     return rows
 
 
@@ -257,7 +257,7 @@ def encode_dialogs(tok, pairs, context: int, too_long: str, chunk: int = 2000,
                     prompt = turns[0] if len(turns) == 1 else tuple(turns)
                     history_cut += 1
                 if len(ids) > context + 1:
-                    n_prompt = labels.count(-100)
+                    n_prompt = labels.count(IGNORE_ID)
                     if too_long == "drop" or n_prompt + 2 > context + 1:
                         dropped += 1
                         continue

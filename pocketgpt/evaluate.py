@@ -14,7 +14,7 @@ import torch
 from transformers import TextStreamer
 
 from .batches import DialogBatches, TokenWindows, pad_rows
-from .common import BOS_ID, EOS_ID, read_json, watched
+from .common import BOS_ID, EOS_ID, IGNORE_ID, read_json, watched
 from .config import SEED
 from .dialogs import chat_prompt_ids, dialog_ids, distinct_n, encode_dialogs, eos_and_repeats
 from .dpo import answer_logprob
@@ -130,7 +130,7 @@ def mean_logprobs(model, rows, batch_size: int = 32) -> np.ndarray:
             part = order[start:start + batch_size]
             x, y = pad_rows([rows[i] for i in part])
             x, y = x.to(model.device), y.to(model.device)
-            mean = answer_logprob(model, x, y) / (y != -100).sum(1).clamp(min=1)
+            mean = answer_logprob(model, x, y) / (y != IGNORE_ID).sum(1).clamp(min=1)
             out[part] = mean.float().cpu().numpy()
     return out
 
@@ -157,11 +157,11 @@ def answer_ranking(model, tok, pairs, k: int = RANKING_CANDIDATES, seed: int = 0
     rows = []
     for g in range(len(candidates)):
         group = encoded[g * k:(g + 1) * k]
-        room = min(model.config.n_positions + 1 - labels.count(-100) for _, labels in group)  # answer tokens that fit
+        room = min(model.config.n_positions + 1 - labels.count(IGNORE_ID) for _, labels in group)  # answer tokens that fit
         if room < 1:
             continue  # a question that leaves no room for the answer: this answer is left out
         for ids, labels in group:
-            n = labels.count(-100) + room
+            n = labels.count(IGNORE_ID) + room
             rows.append((ids[:n], labels[:n]))
     scores = mean_logprobs(model, rows).reshape(-1, k)
     share = first_place_share(scores)

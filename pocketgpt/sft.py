@@ -15,6 +15,7 @@ from torch import nn
 
 from .batches import DialogBatches, eval_sample
 from .common import (
+    IGNORE_ID,
     PocketGPTError,
     duration,
     find_stage,
@@ -33,7 +34,7 @@ from .config import SFTConfig
 from .data import files_summary, split_of
 from .dialogs import CHAT_TEMPLATE, chat_prompt_ids, dialog_files, dialog_key, encode_dialogs, read_dialogs
 from .dpo import read_preference_pairs, run_preference_phase
-from .model import LMLoss, generate, load_model
+from .model import ANSWER_TOKENS, LMLoss, generate, load_model
 from .plots import plot_losses
 from .tokenizer import load_tokenizer
 from .train import Budget, RunState, load_checkpoint, save_hf_folder, train
@@ -64,7 +65,7 @@ def prepare_sft_data(cfg: SFTConfig, tok, context: int) -> dict:
     pairs_by_split["eval"] = [pairs_by_split["val"][i] for i in sample]
     report.update(train_rows=len(rows_by_split["train"]), val_rows=len(rows_by_split["val"]),
                   eval_rows=len(sample), train_tokens=sum(len(r[0]) for r in rows_by_split["train"]),
-                  response_tokens=sum(sum(t != -100 for t in r[1]) for r in rows_by_split["train"]))
+                  response_tokens=sum(sum(t != IGNORE_ID for t in r[1]) for r in rows_by_split["train"]))
     return {"rows": rows_by_split, "pairs": pairs_by_split, "report": report}
 
 
@@ -166,7 +167,7 @@ def data_report_rows(stage_dir) -> list[dict]:
             for k, label in names.items() if k in r]
 
 
-def compare_answers(before_dir, after_dir, prompts, max_new_tokens: int = 64) -> list[dict]:
+def compare_answers(before_dir, after_dir, prompts, max_new_tokens: int = ANSWER_TOKENS) -> list[dict]:
     """Answers to the same instructions from two models (before and after SFT), sampled as the seed does."""
     models = {"before": load_model(before_dir), "after": load_model(after_dir)}
     tok = load_tokenizer(after_dir)

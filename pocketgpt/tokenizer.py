@@ -19,6 +19,7 @@ from .common import (
     EOS_ID,
     PAD_ID,
     SPECIAL_TOKENS,
+    TOKEN_ROLES,
     UNK_ID,
     PocketGPTError,
     human_bytes,
@@ -86,8 +87,7 @@ def even_sample(pieces, total_bytes: int, sample_bytes: int):
 
 def wrap_tokenizer(tok, model_max_length: int = 1024):
     """The transformers face of the tokenizer: GPT2TokenizerFast with the four special tokens set."""
-    return GPT2TokenizerFast(tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|eos|>",
-                             pad_token="<pad>", unk_token="<unk>", add_prefix_space=False,
+    return GPT2TokenizerFast(tokenizer_object=tok, **TOKEN_ROLES, add_prefix_space=False,
                              model_max_length=model_max_length)
 
 

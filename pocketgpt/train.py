@@ -34,6 +34,7 @@ from tqdm import tqdm
 from .common import (
     BOS_ID,
     EOS_ID,
+    IGNORE_ID,
     PAD_ID,
     PocketGPTError,
     csv_text,
@@ -544,7 +545,7 @@ def train(model, train_data, val_batches, cfg, work: Path, budget: Budget | None
     val_batches = [piece for b in val_batches for piece in pieces_of(train_data, b, state.micro_batch)]
     budget.begin()
     session_started, first_step, hours_before = time.time(), state.step, state.hours
-    val_tokens = sum(int((y != -100).sum()) for _, y in val_batches)
+    val_tokens = sum(int((y != IGNORE_ID).sum()) for _, y in val_batches)
     window = LogWindow(len(run.loss_module.stat_names), acc.device)
     if state.window:  # a checkpoint taken mid-window
         window.restore(state.window, acc.is_main_process)

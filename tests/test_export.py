@@ -17,13 +17,13 @@ from pocketgpt.common import BOS_ID, HERE, library_versions
 from pocketgpt.dialogs import chat_prompt_ids, distinct_n, repeated_ngram_share
 from pocketgpt.evaluate import QUALITY_ROWS
 from pocketgpt.export import DEFAULT_PROMPTS, report_markdown
-from pocketgpt.gguf import (
+from pocketgpt.gguf import write_gguf
+from pocketgpt.llama import (
     GGUF_TOLERANCES,
     TOKENIZER_PROBES,
     export_gguf_files,
     native_stderr_filtered,
     verify_gguf,
-    write_gguf,
 )
 from pocketgpt.model import generate, generate_many
 

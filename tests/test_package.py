@@ -61,3 +61,49 @@ def test_the_seed_and_the_model_shape_are_written_once():
             if isinstance(node, (ast.List, ast.Tuple, ast.Set)):
                 names = {e.value for e in node.elts if isinstance(e, ast.Constant)}
                 assert not shape <= names, f"{path.name}:{node.lineno}: use MODEL_SHAPE"
+
+
+def pipeline_order() -> list[str]:
+    """The modules as pocketgpt_utils.py's docstring lists them: the table of contents, in pipeline order."""
+    doc = ast.get_docstring(ast.parse((HERE / "pocketgpt_utils.py").read_text()))
+    block = next(part for part in doc.split("\n\n") if part.startswith("    common "))  # the indented list
+    return [line.split()[0] for line in block.splitlines()]
+
+
+# imports that still run up the order, each until the change that ends it lands: (module, the module it imports)
+UPWARD_FOR_NOW = {("common", "data"): "stage_output's fingerprint, until stage folders move to a module above data"}
+
+
+def test_the_table_of_contents_lists_every_module_and_imports_run_down_it():
+    """pocketgpt_utils.py lists each module of the package once, and a module imports only those above it in
+    that list, at its top or inside a function (cli, on top, imports the rest when work starts)."""
+    order = pipeline_order()
+    package = sorted(p.stem for p in (HERE / "pocketgpt").glob("*.py") if p.stem != "__init__")
+    assert sorted(order) == package and len(order) == len(set(order)), "pocketgpt_utils.py's module list"
+    upward = {}
+    for module in order:
+        for node in ast.walk(ast.parse((HERE / "pocketgpt" / f"{module}.py").read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                names = [node.module] if node.module else [a.name for a in node.names]  # `from . import config`
+                for name in (n.split(".")[0] for n in names):
+                    if order.index(name) >= order.index(module):
+                        upward[(module, name)] = f"{module}.py:{node.lineno} imports {name}, which comes after it"
+    assert set(upward) == set(UPWARD_FOR_NOW), "\n".join(v for k, v in upward.items() if k not in UPWARD_FOR_NOW) \
+        or f"no longer upward, take it off UPWARD_FOR_NOW: {set(UPWARD_FOR_NOW) - set(upward)}"
+
+
+def test_the_readmes_table_of_parameters_names_modules_and_functions_that_exist():
+    """README's "Where each parameter is used": every module it names is in the package, and every function it
+    names beside a module is defined there."""
+    readme = (HERE / "README.md").read_text()
+    table = readme.split("### Where each parameter is used", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split("|")[2] for line in table.splitlines() if line.startswith("| `")]
+    assert rows
+    for cell in rows:
+        for module, names in re.findall(r"`(\w+)\.py`(?: \(([^)]*)\))?", cell):
+            path = HERE / "pocketgpt" / f"{module}.py"
+            assert path.is_file(), f"README names {module}.py"
+            defined = {n.name for n in ast.parse(path.read_text()).body
+                       if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+            for name in re.findall(r"`(\w+)`", names):
+                assert name in defined, f"README: {name} is not in {module}.py"
