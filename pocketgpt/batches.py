@@ -23,8 +23,9 @@ class TokenWindows:
     exactly. With several processes each takes its own slice of every global batch.
     """
 
-    def __init__(self, path, context: int, batch_size: int, seed: int, vocab_size: int, rank: int = 0, world: int = 1):
-        self.path, self.T, self.B, self.seed, self.rank, self.world = Path(path), context, batch_size, seed, rank, world
+    def __init__(self, path, context: int, batch_size: int, seed: int, vocab_size: int):
+        self.path, self.T, self.B, self.seed = Path(path), context, batch_size, seed
+        self.rank, self.world = 0, 1  # one process's share of each global batch: train() sets them for its processes
         self.data = read_bin(path)
         self.n = (len(self.data) - 1) // context
         if self.n < 1:

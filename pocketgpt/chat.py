@@ -47,7 +47,7 @@ class FolderChat:
                                                  tokenizer_kwargs={"verbose": False}))  # a long one is cut after
 
     def answer(self, messages, max_new_tokens: int, greedy: bool, seed: int, on_text) -> str:
-        new = generate(self.model, self.tok, self.prompt_ids(messages), max_new_tokens, greedy=greedy, seed=seed,
+        new = generate(self.model, self.prompt_ids(messages), max_new_tokens, greedy=greedy, seed=seed,
                        streamer=PrintStreamer(self.tok, on_text))
         return self.tok.decode(new, skip_special_tokens=True).strip()
 
@@ -116,18 +116,17 @@ def fit_conversation(bot, messages: list[dict], room: int) -> list[dict]:
 
 
 def chat(path, prompt: str | None = None, system: str | None = None, greedy: bool = False,
-         max_new_tokens: int | None = None, seed: int = SEED, stdin=None, out=None) -> int:
+         max_new_tokens: int | None = None, seed: int = SEED) -> int:
     """`python pocketgpt_utils.py chat PATH`: a conversation in the terminal (each answer streams;
     earlier turns stay in the prompt while they fit the context; /reset forgets them; an empty
     line is ignored; Ctrl-D or /quit ends), or with `prompt` one answer, printed, for scripts."""
-    stdin, out = stdin or sys.stdin, out or sys.stdout
     bot = open_chat(path)
     max_new = max_new_tokens or bot.n_ctx // 2
     room = min(max_new, bot.n_ctx // 4)  # what an answer keeps at least, when old turns are dropped
 
     def write(text):
-        out.write(text)
-        out.flush()
+        sys.stdout.write(text)
+        sys.stdout.flush()
 
     base = [{"role": "system", "content": system}] if system else []
     try:
@@ -141,7 +140,7 @@ def chat(path, prompt: str | None = None, system: str | None = None, greedy: boo
         messages, turn = list(base), 0
         while True:
             write("you> ")
-            line = stdin.readline()
+            line = sys.stdin.readline()
             if not line or line.strip() == "/quit":
                 write("\n")
                 return 0

@@ -29,7 +29,7 @@ def sample_continuations(model_dir, prompts, max_new_tokens: int = 40) -> list[d
     model, tok = load_model(model_dir), load_tokenizer(model_dir)
     rows = []
     for p in prompts:
-        ids = generate(model, tok, [BOS_ID, *encode_text(tok, [p])[0]], max_new_tokens)
+        ids = generate(model, [BOS_ID, *encode_text(tok, [p])[0]], max_new_tokens)
         rows.append({"prompt": p, "continuation": tok.decode(ids, skip_special_tokens=True)})
     return rows
 
@@ -64,7 +64,7 @@ def answer_table(model, tok, prompts, max_length: int | None = None, seed: int =
         ids = chat_prompt_ids(tok, p)
         row = {"instruction": p}
         for mode in ["sampled", "greedy"]:
-            new = generate(model, tok, ids, max_length - len(ids), greedy=mode == "greedy", seed=seed)
+            new = generate(model, ids, max_length - len(ids), greedy=mode == "greedy", seed=seed)
             row[mode] = tok.decode(new, skip_special_tokens=True).strip()
             row[f"{mode}_eos"] = bool(new) and new[-1] == EOS_ID
         rows.append(row)
@@ -231,7 +231,7 @@ def ask(model, tok, prompt: str, max_length: int | None = None, stream: bool = F
     ids = chat_prompt_ids(tok, prompt)
     live = stream and watched()
     streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True) if live else None
-    new = generate(model, tok, ids, max_length - len(ids), greedy=greedy, streamer=streamer)
+    new = generate(model, ids, max_length - len(ids), greedy=greedy, streamer=streamer)
     answer = tok.decode(new, skip_special_tokens=True).strip()
     if stream and not live:
         print(answer, flush=True)

@@ -120,7 +120,7 @@ def load_model(folder):
     return model.eval()
 
 
-def generate(model, tok, prompt_ids: list[int], max_new_tokens: int = ANSWER_TOKENS, greedy: bool = False,
+def generate(model, prompt_ids: list[int], max_new_tokens: int = ANSWER_TOKENS, greedy: bool = False,
              seed: int = SEED, streamer=None) -> list[int]:
     """New token ids after the prompt (stopping at <|eos|>), sampled as the seed does or greedy.
 

@@ -60,7 +60,7 @@ class Muon(torch.optim.Optimizer):
     it so), and it needs no torch >= 2.9. Rows or columns, the update is the same up to transpose:
     HF's Conv1D (in x out) layout needs no special case."""
 
-    def __init__(self, params, lr: float, weight_decay: float, momentum: float = 0.95, nesterov: bool = True,
+    def __init__(self, params, lr: float, weight_decay: float = 0.0, momentum: float = 0.95, nesterov: bool = True,
                  split_qkv: bool = True, newton_schulz: str = "bf16"):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
                                       split_qkv=split_qkv, newton_schulz=newton_schulz))

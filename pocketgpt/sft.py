@@ -175,7 +175,7 @@ def compare_answers(before_dir, after_dir, prompts, max_new_tokens: int = ANSWER
     for p in prompts:
         row = {"instruction": p}
         for name, model in models.items():
-            ids = generate(model, tok, chat_prompt_ids(tok, p), max_new_tokens)
+            ids = generate(model, chat_prompt_ids(tok, p), max_new_tokens)
             row[name] = tok.decode(ids, skip_special_tokens=True).strip()
         rows.append(row)
     return rows

@@ -17,7 +17,7 @@ ANOTHER_FACT = {
     ("evaluate.py", "batch_size", 16): "rows per forward pass while evaluating, not the training batch",
     ("evaluate.py", "batch_size", 32): "rows per forward pass while evaluating, not the training batch",
     ("model.py", "batch_size", 32): "prompts generate_many answers at once, not the training batch",
-    ("optim.py", "weight_decay", 0.0): "AdamW's group of biases and norms, which never decay",
+    ("optim.py", "weight_decay", 0.0): "Muon's default as torch's optimizers have one; AdamW's biases and norms never decay",
 }
 # a shared constant as a name spells it (key=value): where it is written, once
 KEYED = {
