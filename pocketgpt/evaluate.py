@@ -157,7 +157,8 @@ def answer_ranking(model, tok, pairs, k: int = RANKING_CANDIDATES, seed: int = 0
     rows = []
     for g in range(len(candidates)):
         group = encoded[g * k:(g + 1) * k]
-        room = min(model.config.n_positions + 1 - labels.count(IGNORE_ID) for _, labels in group)  # answer tokens that fit
+        # answer tokens that fit
+        room = min(model.config.n_positions + 1 - labels.count(IGNORE_ID) for _, labels in group)
         if room < 1:
             continue  # a question that leaves no room for the answer: this answer is left out
         for ids, labels in group:

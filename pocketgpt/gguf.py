@@ -2,7 +2,7 @@
 
 Owns: the tensor mapping and tokenizer metadata of a gpt2 GGUF (with pocketGPT's chat template), the file
 types it writes (f32, f16, q8_0) and reading one back. Running a GGUF in llama.cpp is llama.py's.
-Imports: common, dialogs (CHAT_TEMPLATE) (and `gguf` where a function needs it).
+Imports: common, dialogs (CHAT_TEMPLATE); `gguf` where a function needs it.
 """
 from __future__ import annotations
 
