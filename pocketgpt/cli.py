@@ -56,8 +56,8 @@ def parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="time the training step (tokens/s, MFU) on this device")
     b.add_argument("--profile", default="t4", choices=sorted(PROFILES))
     b.add_argument("--reference", action="store_true", help="also time a plain PyTorch GPT of the same shape")
-    b.add_argument("--steps", type=int, default=argparse.SUPPRESS, help="timed steps (default: bench()'s)")
-    b.add_argument("--warmup", type=int, default=argparse.SUPPRESS, help="steps before timing (default: bench()'s)")
+    b.add_argument("--steps", type=int, default=argparse.SUPPRESS, help="steps to time (their median is reported)")
+    b.add_argument("--warmup", type=int, default=argparse.SUPPRESS, help="steps run before the timed ones")
     b.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"))
     return parser
 
