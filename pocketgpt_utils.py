@@ -6,8 +6,10 @@ the ones above it:
 
     common     errors, special tokens, where a run lives, which process writes, progress, numbers for people
     files      the one write door: atomic, rank 0 only, a full disk said once
+    data       a file's format, size and fingerprint; the files a parameter names; tables (strict CSV)
     config     profiles and the stage configurations: every default, once
-    data       the demo corpus and dialogs; reading a corpus in every format (strict CSV included)
+    corpus     a corpus as documents in every format and shape; long ones in pieces; the scan before 01
+    demo       the demo corpus and dialogs, from the installed ML libraries' docstrings
     stages     a stage folder: its file names, finding it, resuming it, its phases and status line
     tokenizer  01: the byte-level BPE, train.bin / val.bin
     device     the precision for this device, peak FLOPS
@@ -25,7 +27,8 @@ the ones above it:
     dpo        03's optional preference phase
     sft        03, whole
     evaluate   losses on the held-out samples, answer quality
-    gguf       GGUF files for llama.cpp and their checks against Hugging Face
+    gguf       GGUF files for llama.cpp, written from a Hugging Face folder
+    llama      a GGUF in llama.cpp: checked against Hugging Face, timed; 04's GGUF files
     seed_check the seed's inference code on an exported folder, in a fresh process
     export     04, whole: the report card and the pocketGPT folder
     chat       a conversation with an export folder or a GGUF, in the terminal
@@ -50,7 +53,7 @@ NAMES = {
     "common": ["PocketGPTError", "read_json"],
     "config": ["PROFILES", "resolve_profile", "make_config", "TokenizerConfig", "PretrainConfig", "SFTConfig",
                "ExportConfig"],
-    "data": ["make_demo_data"],
+    "demo": ["make_demo_data"],
     "stages": ["StageDir", "find_stage", "stage_status"],
     "tokenizer": ["build_tokenizer_stage", "compression_table", "load_tokenizer", "sample_tokenizations"],
     "model": ["load_model"],

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .common import PAD_ID, PocketGPTError
+from .common import IGNORE_ID, PAD_ID, PocketGPTError
 from .tokenizer import read_bin
 
 
@@ -23,8 +23,9 @@ class TokenWindows:
     exactly. With several processes each takes its own slice of every global batch.
     """
 
-    def __init__(self, path, context: int, batch_size: int, seed: int, vocab_size: int, rank: int = 0, world: int = 1):
-        self.path, self.T, self.B, self.seed, self.rank, self.world = Path(path), context, batch_size, seed, rank, world
+    def __init__(self, path, context: int, batch_size: int, seed: int, vocab_size: int):
+        self.path, self.T, self.B, self.seed = Path(path), context, batch_size, seed
+        self.rank, self.world = 0, 1  # one process's share of each global batch: train() sets them for its processes
         self.data = read_bin(path)
         self.n = (len(self.data) - 1) // context
         if self.n < 1:
@@ -201,7 +202,7 @@ def pad_rows(rows):
     """(ids, labels) rows as inputs and targets moved by one: inputs padded with <pad>, targets with -100."""
     width = max(len(ids) for ids, _ in rows) - 1
     x = torch.full((len(rows), width), PAD_ID, dtype=torch.long)
-    y = torch.full((len(rows), width), -100, dtype=torch.long)
+    y = torch.full((len(rows), width), IGNORE_ID, dtype=torch.long)
     for k, (ids, labels) in enumerate(rows):
         x[k, :len(ids) - 1] = torch.tensor(ids[:-1])
         y[k, :len(ids) - 1] = torch.tensor(labels[1:])

@@ -90,7 +90,7 @@ def t4_memory(device, cfg) -> dict:
                                                 f"grad_accum_steps by the same factor")}
 
 
-def bench(profile: str = "t4", params: dict | None = None, reference: bool = False, steps: int = 10,
+def bench(profile: str, params: dict | None = None, reference: bool = False, steps: int = 10,
           warmup: int = 3) -> dict:
     """The `bench` command: one JSON-able dict of the training step's speed on this device.
 

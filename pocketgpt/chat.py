@@ -1,6 +1,6 @@
 """Chat: talk to an exported model (its folder through transformers, or a GGUF through llama.cpp) in a terminal.
 
-Imports: common, config, stages, tokenizer, model, dialogs, gguf.
+Imports: common, config, stages, tokenizer, model, dialogs, llama.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from transformers import TextStreamer
 from .common import PocketGPTError
 from .config import SEED
 from .dialogs import CHAT_TEMPLATE
-from .gguf import LLAMA_SKIPPED, llama_chat_ids, llama_cpp_problem, load_llama
+from .llama import LLAMA_GREEDY, LLAMA_SKIPPED, llama_chat_ids, llama_cpp_problem, load_llama
 from .model import SAMPLING, generate, load_model
 from .stages import StageDir
 from .tokenizer import load_tokenizer
@@ -48,7 +48,7 @@ class FolderChat:
                                                  tokenizer_kwargs={"verbose": False}))  # a long one is cut after
 
     def answer(self, messages, max_new_tokens: int, greedy: bool, seed: int, on_text) -> str:
-        new = generate(self.model, self.tok, self.prompt_ids(messages), max_new_tokens, greedy=greedy, seed=seed,
+        new = generate(self.model, self.prompt_ids(messages), max_new_tokens, greedy=greedy, seed=seed,
                        streamer=PrintStreamer(self.tok, on_text))
         return self.tok.decode(new, skip_special_tokens=True).strip()
 
@@ -78,7 +78,7 @@ class GGUFChat:
         room = self.n_ctx - len(self.prompt_ids(messages))
         if room < 1:
             raise PocketGPTError(f"the message is longer than the model's context ({self.n_ctx} tokens): shorten it.")
-        sampling = (dict(temperature=0.0, top_k=1) if greedy else  # the seed's sampling, as transformers does it
+        sampling = (LLAMA_GREEDY if greedy else  # the seed's sampling, as transformers does it
                     dict(temperature=SAMPLING["temperature"], top_p=SAMPLING["top_p"], top_k=50, min_p=0.0))
         parts = []
         for chunk in self.llm.create_chat_completion(messages=messages, max_tokens=min(max_new_tokens, room),
@@ -117,18 +117,17 @@ def fit_conversation(bot, messages: list[dict], room: int) -> list[dict]:
 
 
 def chat(path, prompt: str | None = None, system: str | None = None, greedy: bool = False,
-         max_new_tokens: int | None = None, seed: int = SEED, stdin=None, out=None) -> int:
+         max_new_tokens: int | None = None, seed: int = SEED) -> int:
     """`python pocketgpt_utils.py chat PATH`: a conversation in the terminal (each answer streams;
     earlier turns stay in the prompt while they fit the context; /reset forgets them; an empty
     line is ignored; Ctrl-D or /quit ends), or with `prompt` one answer, printed, for scripts."""
-    stdin, out = stdin or sys.stdin, out or sys.stdout
     bot = open_chat(path)
     max_new = max_new_tokens or bot.n_ctx // 2
     room = min(max_new, bot.n_ctx // 4)  # what an answer keeps at least, when old turns are dropped
 
     def write(text):
-        out.write(text)
-        out.flush()
+        sys.stdout.write(text)
+        sys.stdout.flush()
 
     base = [{"role": "system", "content": system}] if system else []
     try:
@@ -142,7 +141,7 @@ def chat(path, prompt: str | None = None, system: str | None = None, greedy: boo
         messages, turn = list(base), 0
         while True:
             write("you> ")
-            line = stdin.readline()
+            line = sys.stdin.readline()
             if not line or line.strip() == "/quit":
                 write("\n")
                 return 0

@@ -2,7 +2,7 @@
 
 The heavy modules (torch, transformers) are imported once the arguments are read and work starts, so
 --help and a mistyped argument answer at once.
-Imports: common, files and config at the top; the module that does the work, when it starts.
+Imports: common, files, config and demo (no torch) at the top; the module that does the work, when it starts.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import sys
 
 from .common import STAGES, PocketGPTError, is_main_process, launcher_mismatch
 from .config import PROFILES, SEED
+from .demo import DEMO_BYTES, DEMO_DIALOGS
 from .files import report_launch_event
 
 STAGE_RUNNERS = {  # stage -> (its config, the module and function that run it)
@@ -39,8 +40,8 @@ def parser() -> argparse.ArgumentParser:
                    help="a notebook parameter, e.g. -p max_steps 100")
     d = sub.add_parser("demo-data", help="write the demo corpus.txt and dialogs.csv")
     d.add_argument("--out", required=True)
-    d.add_argument("--max-bytes", type=int, default=6_000_000)
-    d.add_argument("--max-dialogs", type=int, default=20_000)
+    d.add_argument("--max-bytes", type=int, default=DEMO_BYTES)
+    d.add_argument("--max-dialogs", type=int, default=DEMO_DIALOGS)
     st = sub.add_parser("stage", help="run one stage without a notebook (e.g. under torchrun or accelerate launch)")
     st.add_argument("name", choices=list(STAGES))
     st.add_argument("--profile", choices=sorted(PROFILES), help="default: t4 on a GPU, demo on a CPU")
@@ -56,8 +57,8 @@ def parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="time the training step (tokens/s, MFU) on this device")
     b.add_argument("--profile", default="t4", choices=sorted(PROFILES))
     b.add_argument("--reference", action="store_true", help="also time a plain PyTorch GPT of the same shape")
-    b.add_argument("--steps", type=int, default=10)
-    b.add_argument("--warmup", type=int, default=3)
+    b.add_argument("--steps", type=int, default=argparse.SUPPRESS, help="steps to time (their median is reported)")
+    b.add_argument("--warmup", type=int, default=argparse.SUPPRESS, help="steps run before the timed ones")
     b.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"))
     return parser
 
@@ -75,7 +76,7 @@ def main(argv=None) -> int:
             from .chat import chat
             return chat(args.path, args.prompt, args.system, args.greedy, args.max_new_tokens, args.seed)
         elif args.command == "demo-data":
-            from .data import make_demo_data
+            from .demo import make_demo_data
             print(json.dumps(make_demo_data(args.out, args.max_bytes, args.max_dialogs)))
     except PocketGPTError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -129,7 +130,8 @@ def bench_command(args) -> None:
 
     params = {k: parse_value(v) for k, v in args.param}
     try:
-        print(json.dumps(bench(args.profile, params, args.reference, args.steps, args.warmup)))
+        given = {k: v for k, v in vars(args).items() if k in ("steps", "warmup")}  # else bench()'s defaults
+        print(json.dumps(bench(args.profile, params, args.reference, **given)))
     except torch.cuda.OutOfMemoryError:
         size = params.get("batch_size", make_config(PretrainConfig, args.profile, run_dir="unused").batch_size)
         raise PocketGPTError(f"bench: out of GPU memory at batch_size={size}: try -p batch_size "

@@ -2,15 +2,13 @@
 
 Owns: PocketGPTError; the special tokens and stage names; where a run lives (here or on Kaggle); which
 process may write (rank 0) and how many train together; the launcher's event folder (LAUNCH_EVENTS);
-progress bars for watched and headless runs; a data file's format by its extension; numbers for people.
-The write door is files.py, a stage folder stages.py.
+progress bars for watched and headless runs; numbers for people.
+The write door is files.py, data formats data.py, a stage folder stages.py.
 Imports: the standard library and tqdm only (transformers where a function needs it), so the command line's
 help and its checks answer without loading torch.
 """
 from __future__ import annotations
 
-import glob
-import hashlib
 import importlib.metadata
 import json
 import os
@@ -30,6 +28,10 @@ from tqdm import tqdm  # noqa: E402
 HERE = Path(__file__).resolve().parent.parent  # the folder of pocketgpt_utils.py, notebooks/ and runs/
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<|bos|>", "<|eos|>"]  # ids 0..3, in this order
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+# the four by the names transformers gives them, in the order of its special_tokens_map.json
+TOKEN_ROLES = {"bos_token": SPECIAL_TOKENS[BOS_ID], "eos_token": SPECIAL_TOKENS[EOS_ID],
+               "unk_token": SPECIAL_TOKENS[UNK_ID], "pad_token": SPECIAL_TOKENS[PAD_ID]}
+IGNORE_ID = -100  # a target the loss skips (a prompt, padding): cross_entropy's ignore_index
 STAGES = {"tokenizer": "01_tokenizer", "pretrain": "02_pretrain", "sft": "03_sft", "export": "04_eval_export"}
 
 
@@ -199,75 +201,6 @@ def quiet_library_bars():
     finally:
         if was:
             hf_logging.enable_progress_bar()
-
-
-# -----------------------------------------------------------------------------
-# Data paths: a file's format by its extension
-
-FORMATS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
-COMPRESSIONS = (".gz", ".bz2", ".zst")
-
-
-def data_format(path, default: str | None = None) -> str | None:
-    """How a path is read: by its extension under any .gz/.bz2/.zst (text, json, parquet, csv, arrow);
-    'saved' for a folder written by `datasets`' save_to_disk; else `default`."""
-    p = Path(path)
-    if p.is_dir():
-        return "saved" if (p / "state.json").is_file() or (p / "dataset_dict.json").is_file() else default
-    suffixes = [s.lower() for s in p.suffixes[-2:]]
-    if suffixes and suffixes[-1] in COMPRESSIONS:
-        suffixes.pop()
-    return FORMATS.get(suffixes[-1] if suffixes else "", default)
-
-
-def data_size(path) -> int:
-    """Bytes on disk: a file's size, or the size of a save_to_disk folder's .arrow files."""
-    p = Path(path)
-    return sum(f.stat().st_size for f in p.rglob("*.arrow")) if p.is_dir() else p.stat().st_size
-
-
-def fingerprint(path) -> str:
-    """sha256 of a file, or of a save_to_disk folder's state.json files (which hold the fingerprints `datasets`
-    gives its data). A stage folder is fingerprinted by its manifest: stages.input_fingerprint."""
-    path = Path(path)
-    parts = sorted(path.rglob("state.json")) if path.is_dir() else [path]
-    h = hashlib.sha256()
-    for part in parts:
-        with open(part, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
-
-
-
-def attached_input(name: str, param: str, formats=None) -> Path:
-    """The one input called `name` attached under /kaggle/input, for a parameter left None. With `formats`,
-    `name` is a stem: corpus.txt, corpus.jsonl.gz, corpus.parquet or a save_to_disk folder `corpus` all count.
-
-    Several matches (two datasets each with a corpus.txt, say) are not concatenated in silence:
-    the user says which with `param`."""
-    root = kaggle_root() / "input"
-    pattern = f"{name}*" if formats else name
-    found = sorted(Path(f) for f in glob.glob(str(root / "**" / pattern), recursive=True)
-                   if (not formats and Path(f).is_file()) or (formats and data_format(f) in formats
-                       and Path(f).name.split(".")[0] == name and (Path(f).is_file() or data_format(f) == "saved")))
-    label = f"{name}.txt, {name}.jsonl, {name}.parquet, ... or a saved folder {name}" if formats else name
-    if not found:
-        raise PocketGPTError(f"{param}=None and no {label} is attached under {root}: attach the dataset holding "
-                             f"it, or set {param} to your file.")
-    if len(found) > 1:
-        raise PocketGPTError(f"{param}=None and {len(found)} files named {' / '.join(sorted({f.name for f in found}))} "
-                             f"are attached: {files_summary(found)}. "
-                             f"Set {param} to the one to use (or to a glob, to use them all).")
-    return found[0]
-
-
-def files_summary(files) -> str:
-    """'a.txt (1.2 MB), b.txt (0.3 MB)': what was found and used, printed before the work."""
-    files = list(files)
-    shown = ", ".join(f"{f} ({data_size(f) / 1e6:.1f} MB)" for f in files[:10])
-    return shown + (f" and {len(files) - 10} more" if len(files) > 10 else "")
-
 
 
 # -----------------------------------------------------------------------------

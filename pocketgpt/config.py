@@ -5,7 +5,7 @@ Each stage's dataclass holds its defaults, and they are the seed's real run (the
 the notebooks' comments and the README's table are checked against these (tests/test_pipeline.py).
 A configuration is read, never rewritten: what a run decides on the way (a step plan) lives in the
 run's own state (train.RunState).
-Imports: common only (torch only to ask whether a GPU is here).
+Imports: common, data (data_format; torch only to ask whether a GPU is here).
 """
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ import difflib
 from pathlib import Path
 from typing import ClassVar
 
-from .common import SPECIAL_TOKENS, PocketGPTError, data_format, default_run_dir
+from .common import SPECIAL_TOKENS, PocketGPTError, default_run_dir
+from .data import data_format
 
 SEED = 1337  # the default seed of everything seeded: the stages, sampling answers, the chat
 MODEL_SHAPE = ("n_layer", "n_head", "n_embd", "n_positions")  # what a checkpoint's weights must match to load

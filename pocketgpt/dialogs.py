@@ -4,15 +4,25 @@ Owns: CHAT_TEMPLATE (<|bos|>Instruction: {prompt}\nResponse: {answer}<|eos|>, tu
 the layout and columns of a CSV/JSONL/Parquet file (question/answer, Alpaca, chat messages, ShareGPT);
 reading it into (prompt, answer) examples, one per assistant turn; their ids and targets (loss on the
 answer only), cut to the context; the prompt the seed feeds generate().
-Imports: common, data, tokenizer.
+Imports: common, data, demo, tokenizer.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from .common import BOS_ID, EOS_ID, PocketGPTError, attached_input, data_format, on_kaggle, progress
-from .data import DIALOG_FORMATS, csv_read_as, data_files, demo_data, iter_table, open_table, row_place
+from .common import BOS_ID, EOS_ID, IGNORE_ID, PocketGPTError, on_kaggle, progress
+from .data import (
+    DIALOG_FORMATS,
+    attached_input,
+    csv_read_as,
+    data_files,
+    data_format,
+    iter_table,
+    open_table,
+    row_place,
+)
+from .demo import demo_data
 from .tokenizer import encode_text
 
 CHAT_TEMPLATE = (  # the seed's format: <|bos|>Instruction: {prompt}\nResponse: {answer}<|eos|>, turn after turn;
@@ -219,7 +229,7 @@ def dialog_ids(tok, pairs) -> list[tuple[list[int], list[int]]]:
         for _ in range(len(t) // 2):
             p, a = next(prompts), next(answers)
             ids += [BOS_ID, *p, *a, EOS_ID]
-        rows.append((ids, [-100] * (len(ids) - len(a) - 1) + [*a, EOS_ID]))
+        rows.append((ids, [IGNORE_ID] * (len(ids) - len(a) - 1) + [*a, EOS_ID]))
     return rows
 
 
@@ -247,7 +257,7 @@ def encode_dialogs(tok, pairs, context: int, too_long: str, chunk: int = 2000,
                     prompt = turns[0] if len(turns) == 1 else tuple(turns)
                     history_cut += 1
                 if len(ids) > context + 1:
-                    n_prompt = labels.count(-100)
+                    n_prompt = labels.count(IGNORE_ID)
                     if too_long == "drop" or n_prompt + 2 > context + 1:
                         dropped += 1
                         continue

@@ -15,7 +15,7 @@ from torch import nn
 
 from .batches import PairBatches, eval_sample
 from .checkpoint import load_checkpoint
-from .common import PAD_ID, PocketGPTError, is_main_process, read_json, world_size
+from .common import IGNORE_ID, PAD_ID, PocketGPTError, is_main_process, read_json, world_size
 from .data import split_of
 from .dialogs import (
     CHAT_ROLES,
@@ -38,7 +38,7 @@ def answer_logprob(model, x, y):
     """Each row's summed log-probability of its target tokens (those not -100: the answer and <|eos|>)."""
     h = model.transformer(input_ids=x, attention_mask=(x != PAD_ID).long(), use_cache=False).last_hidden_state
     logits = model.lm_head(h)
-    nll = F.cross_entropy(logits.flatten(0, 1), y.reshape(-1), ignore_index=-100, reduction="none")
+    nll = F.cross_entropy(logits.flatten(0, 1), y.reshape(-1), ignore_index=IGNORE_ID, reduction="none")
     return -nll.view(y.shape).sum(1)
 
 
@@ -79,7 +79,7 @@ class DPOLoss(nn.Module):
         chosen, rejected = self.beta * (policy[:n] - reference[:n]), self.beta * (policy[n:] - reference[n:])
         losses = -F.logsigmoid(chosen - rejected)
         if self.rpo_alpha:
-            losses = losses - self.rpo_alpha * policy[:n] / (y[:n] != -100).sum(1).clamp(min=1)
+            losses = losses - self.rpo_alpha * policy[:n] / (y[:n] != IGNORE_ID).sum(1).clamp(min=1)
         stats = torch.stack([(chosen > rejected).float().mean(), (chosen - rejected).mean()]).detach()
         return (losses.mean() if reduction == "mean" else losses.sum()), stats
 
@@ -172,7 +172,7 @@ def encode_preference_pairs(tok, pairs, context: int) -> list:
         c, r = at[0].get(i), at[1].get(i)
         if c is not None and r is not None and "rejected_ids" in pair:
             prompt = chat_prompt_ids(tok, pair["prompt"])
-            r = (prompt + pair["rejected_ids"], [-100] * len(prompt) + pair["rejected_ids"])
+            r = (prompt + pair["rejected_ids"], [IGNORE_ID] * len(prompt) + pair["rejected_ids"])
         rows.append((c, r) if c is not None and r is not None else None)
     return rows
 
@@ -249,7 +249,7 @@ def memorised_warning(stats: dict, cfg) -> str | None:
 def answers_against_reference(policy, reference, tok, rows, n: int = 32) -> dict:
     """Greedy answers of the tuned model and of the SFT model to (up to n of) the held-out pairs' prompts: the
     change in the share that end with <|eos|> and in the share of repeated 3-grams (positive: more)."""
-    prompts = [ids[:labels.count(-100)] for (ids, labels), _ in rows[:n]]
+    prompts = [ids[:labels.count(IGNORE_ID)] for (ids, labels), _ in rows[:n]]
     measures = []
     for model in (policy, reference):
         new = generate_many(model, prompts, greedy=True)
@@ -272,6 +272,6 @@ def heldout_pair_stats(loss: "DPOLoss", batches) -> dict:
             policy, reference = answer_logprob(loss.model, x, y), answer_logprob(loss.reference, x, y)
             chosen, rejected = policy[:n] - reference[:n], policy[n:] - reference[n:]
             right += int((chosen > rejected).sum())
-            moved, tokens, pairs = moved + float(chosen.sum()), tokens + int((y[:n] != -100).sum()), pairs + n
+            moved, tokens, pairs = moved + float(chosen.sum()), tokens + int((y[:n] != IGNORE_ID).sum()), pairs + n
     loss.model.train(was_training)
     return {"heldout_reward_accuracy": right / max(pairs, 1), "heldout_chosen_logprob_change": moved / max(tokens, 1)}

@@ -13,7 +13,7 @@ import torch
 from transformers import TextStreamer
 
 from .batches import DialogBatches, TokenWindows, pad_rows
-from .common import BOS_ID, EOS_ID, read_json, watched
+from .common import BOS_ID, EOS_ID, IGNORE_ID, read_json, watched
 from .config import SEED
 from .dialogs import chat_prompt_ids, dialog_ids, distinct_n, encode_dialogs, eos_and_repeats
 from .dpo import answer_logprob
@@ -29,7 +29,7 @@ def sample_continuations(model_dir, prompts, max_new_tokens: int = 40) -> list[d
     model, tok = load_model(model_dir), load_tokenizer(model_dir)
     rows = []
     for p in prompts:
-        ids = generate(model, tok, [BOS_ID, *encode_text(tok, [p])[0]], max_new_tokens)
+        ids = generate(model, [BOS_ID, *encode_text(tok, [p])[0]], max_new_tokens)
         rows.append({"prompt": p, "continuation": tok.decode(ids, skip_special_tokens=True)})
     return rows
 
@@ -65,7 +65,7 @@ def answer_table(model, tok, prompts, max_length: int | None = None, seed: int =
         ids = chat_prompt_ids(tok, p)
         row = {"instruction": p}
         for mode in ["sampled", "greedy"]:
-            new = generate(model, tok, ids, max_length - len(ids), greedy=mode == "greedy", seed=seed)
+            new = generate(model, ids, max_length - len(ids), greedy=mode == "greedy", seed=seed)
             row[mode] = tok.decode(new, skip_special_tokens=True).strip()
             row[f"{mode}_eos"] = bool(new) and new[-1] == EOS_ID
         rows.append(row)
@@ -131,7 +131,7 @@ def mean_logprobs(model, rows, batch_size: int = 32) -> np.ndarray:
             part = order[start:start + batch_size]
             x, y = pad_rows([rows[i] for i in part])
             x, y = x.to(model.device), y.to(model.device)
-            mean = answer_logprob(model, x, y) / (y != -100).sum(1).clamp(min=1)
+            mean = answer_logprob(model, x, y) / (y != IGNORE_ID).sum(1).clamp(min=1)
             out[part] = mean.float().cpu().numpy()
     return out
 
@@ -158,11 +158,12 @@ def answer_ranking(model, tok, pairs, k: int = RANKING_CANDIDATES, seed: int = 0
     rows = []
     for g in range(len(candidates)):
         group = encoded[g * k:(g + 1) * k]
-        room = min(model.config.n_positions + 1 - labels.count(-100) for _, labels in group)  # answer tokens that fit
+        # answer tokens that fit
+        room = min(model.config.n_positions + 1 - labels.count(IGNORE_ID) for _, labels in group)
         if room < 1:
             continue  # a question that leaves no room for the answer: this answer is left out
         for ids, labels in group:
-            n = labels.count(-100) + room
+            n = labels.count(IGNORE_ID) + room
             rows.append((ids[:n], labels[:n]))
     scores = mean_logprobs(model, rows).reshape(-1, k)
     share = first_place_share(scores)
@@ -232,7 +233,7 @@ def ask(model, tok, prompt: str, max_length: int | None = None, stream: bool = F
     ids = chat_prompt_ids(tok, prompt)
     live = stream and watched()
     streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True) if live else None
-    new = generate(model, tok, ids, max_length - len(ids), greedy=greedy, streamer=streamer)
+    new = generate(model, ids, max_length - len(ids), greedy=greedy, streamer=streamer)
     answer = tok.decode(new, skip_special_tokens=True).strip()
     if stream and not live:
         print(answer, flush=True)

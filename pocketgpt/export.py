@@ -1,6 +1,6 @@
 """Stage 4: evaluation, the report card, the exported pocketGPT folder, its zip and GGUF files (04_eval_export).
 
-Imports: everything below it (common ... evaluate, gguf); seed_check runs in a fresh process.
+Imports: everything below it (common ... evaluate, gguf, llama); seed_check runs in a fresh process.
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from .common import (
     EOS_ID,
     PAD_ID,
     STAGES,
+    TOKEN_ROLES,
     PocketGPTError,
     child_env,
     duration,
@@ -40,7 +41,7 @@ from .evaluate import (
     quality_table,
 )
 from .files import size_of, tensor_bytes, torch_file, write_file, write_json, zip_folder
-from .gguf import LLAMA_SKIPPED, export_gguf_files
+from .llama import LLAMA_SKIPPED, export_gguf_files
 from .model import SAMPLING, count_params, load_model
 from .plots import plot_losses
 from .stages import PREFERENCE, StageDir, find_stage, stage_output, stage_status
@@ -56,8 +57,7 @@ def write_export_folder(model, tok, out_dir, card: str) -> None:
         setattr(model.generation_config, key, value)
     save_hf_folder(model, tok, out_dir)
     write_file(out_dir / "pytorch_model.bin", torch_file(model.state_dict()), needed=tensor_bytes(model.state_dict()))
-    write_json(out_dir / "special_tokens_map.json", {"bos_token": "<|bos|>", "eos_token": "<|eos|>",
-                                                     "unk_token": "<unk>", "pad_token": "<pad>"})
+    write_json(out_dir / "special_tokens_map.json", TOKEN_ROLES)
     write_file(out_dir / "README.md", card)
 
 
@@ -106,6 +106,9 @@ def model_card(report: dict, answers: list[dict]) -> str:
     r = report
     sample = "\n".join(f"| {md_cell(a['instruction'])} | {md_cell(a['greedy'][:160])} |" for a in answers[:3])
     q = r["quality"][r["exported_model"]]  # the exported model's answers, measured on the held-out sample
+    # "Use it with transformers" is the seed's own code, as a user copies it: its prompt format and sampling
+    # (top_p=0.9, temperature=0.8) stay literals on purpose; pocketGPT's own are model.SAMPLING and dialogs'
+    # chat template (tests/test_facts_once.py knows this copy)
     return f"""# pocketGPT
 
 A small GPT-2 ({r['parameters'] / 1e6:.1f}M parameters, {r['n_layer']} layers, {r['n_embd']} wide, context

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from .common import BOS_ID, EOS_ID, PAD_ID, PocketGPTError, progress, quiet_library_bars
+from .common import BOS_ID, EOS_ID, IGNORE_ID, PAD_ID, PocketGPTError, progress, quiet_library_bars
 from .config import SEED
 
 
@@ -90,17 +90,18 @@ class LMLoss(nn.Module):
     @staticmethod
     def units(y) -> int:
         """What the loss is averaged over: target tokens."""
-        return int((y != -100).sum())
+        return int((y != IGNORE_ID).sum())
 
     def forward(self, x, y, reduction: str = "mean"):
         mask = (x != PAD_ID).long() if self.padded else None
         h = self.model.transformer(input_ids=x, attention_mask=mask, use_cache=False).last_hidden_state  # no KV cache
         logits = self.model.lm_head(h)
-        return F.cross_entropy(logits.flatten(0, 1), y.reshape(-1), ignore_index=-100,
+        return F.cross_entropy(logits.flatten(0, 1), y.reshape(-1), ignore_index=IGNORE_ID,
                                reduction=reduction)
 
 
 SAMPLING = dict(do_sample=True, top_p=0.9, temperature=0.8)  # the seed's sampling
+ANSWER_TOKENS = 64  # new tokens of an answer shown to read, where the caller does not say
 
 
 @quiet_library_bars()
@@ -119,7 +120,7 @@ def load_model(folder):
     return model.eval()
 
 
-def generate(model, tok, prompt_ids: list[int], max_new_tokens: int = 64, greedy: bool = False,
+def generate(model, prompt_ids: list[int], max_new_tokens: int = ANSWER_TOKENS, greedy: bool = False,
              seed: int = SEED, streamer=None) -> list[int]:
     """New token ids after the prompt (stopping at <|eos|>), sampled as the seed does or greedy.
 

@@ -1,6 +1,6 @@
 """The pipeline: notebooks 01 -> 04 under papermill, each stage's folder feeding the next.
 
-Imports: common, files, config, data, stages (papermill and nbconvert where a function needs them).
+Imports: common, files, data, config, demo, stages (papermill and nbconvert where a function needs them).
 """
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from pathlib import Path
 
 from .common import HERE, STAGES, PocketGPTError, default_run_dir, duration
 from .config import resolve_profile
-from .data import CORPUS_FORMATS, DIALOG_FORMATS, data_files, demo_data
+from .data import CORPUS_FORMATS, DIALOG_FORMATS, data_files
+from .demo import demo_data
 from .files import write_file
 from .stages import stage_status
 

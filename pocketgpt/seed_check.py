@@ -3,7 +3,9 @@
     python -m pocketgpt.seed_check FOLDER PROMPT      # prints one JSON line, read by export.verify_export
 
 Imports: only what the seed's code imports (transformers, torch, numpy): nothing of pocketGPT, so the
-folder is checked as it stands on its own.
+folder is checked as it stands on its own. So its literals (the prompt format, top_p=0.9, temperature=0.8, the
+special tokens) are the seed's code, copied, on purpose: pocketGPT's own are model.SAMPLING, dialogs'
+CHAT_TEMPLATE and common.SPECIAL_TOKENS (tests/test_facts_once.py knows this copy).
 """
 import json
 import sys

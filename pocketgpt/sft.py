@@ -15,13 +15,13 @@ from torch import nn
 from .batches import DialogBatches, eval_sample
 from .budget import Budget
 from .checkpoint import RunState, load_checkpoint
-from .common import PocketGPTError, duration, files_summary, is_main_process, quiet_library_bars, read_json, world_size
+from .common import IGNORE_ID, PocketGPTError, duration, is_main_process, quiet_library_bars, read_json, world_size
 from .config import SFTConfig
-from .data import split_of
+from .data import files_summary, split_of
 from .dialogs import CHAT_TEMPLATE, chat_prompt_ids, dialog_files, dialog_key, encode_dialogs, read_dialogs
 from .dpo import read_preference_pairs, run_preference_phase
 from .files import write_json
-from .model import LMLoss, generate, load_model
+from .model import ANSWER_TOKENS, LMLoss, generate, load_model
 from .plots import plot_losses
 from .stages import PREFERENCE, Phase, StageDir, carry_over, find_stage, resolve_resume, stage_output
 from .tokenizer import load_tokenizer
@@ -53,7 +53,7 @@ def prepare_sft_data(cfg: SFTConfig, tok, context: int) -> dict:
     pairs_by_split["eval"] = [pairs_by_split["val"][i] for i in sample]
     report.update(train_rows=len(rows_by_split["train"]), val_rows=len(rows_by_split["val"]),
                   eval_rows=len(sample), train_tokens=sum(len(r[0]) for r in rows_by_split["train"]),
-                  response_tokens=sum(sum(t != -100 for t in r[1]) for r in rows_by_split["train"]))
+                  response_tokens=sum(sum(t != IGNORE_ID for t in r[1]) for r in rows_by_split["train"]))
     return {"rows": rows_by_split, "pairs": pairs_by_split, "report": report}
 
 
@@ -176,7 +176,7 @@ def data_report_rows(stage_dir) -> list[dict]:
             for k, label in names.items() if k in r]
 
 
-def compare_answers(before_dir, after_dir, prompts, max_new_tokens: int = 64) -> list[dict]:
+def compare_answers(before_dir, after_dir, prompts, max_new_tokens: int = ANSWER_TOKENS) -> list[dict]:
     """Answers to the same instructions from two models (before and after SFT), sampled as the seed does."""
     models = {"before": load_model(before_dir), "after": load_model(after_dir)}
     tok = load_tokenizer(after_dir)
@@ -184,7 +184,7 @@ def compare_answers(before_dir, after_dir, prompts, max_new_tokens: int = 64) ->
     for p in prompts:
         row = {"instruction": p}
         for name, model in models.items():
-            ids = generate(model, tok, chat_prompt_ids(tok, p), max_new_tokens)
+            ids = generate(model, chat_prompt_ids(tok, p), max_new_tokens)
             row[name] = tok.decode(ids, skip_special_tokens=True).strip()
         rows.append(row)
     return rows

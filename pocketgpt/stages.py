@@ -5,7 +5,7 @@ finished); stage_output (a stage's .partial folder, renamed into place with its 
 what survived it); find_stage (a finished stage by its manifest, here or among Kaggle's inputs); resolve_resume
 (the folder a run resumes from); stage_status (how a run ended, in one line); carry_over (a finished phase's
 files from the folder resumed from into the new one). Nobody else spells a stage's file names.
-Imports: common, files.
+Imports: common, files, data.
 """
 from __future__ import annotations
 
@@ -21,7 +21,6 @@ from .common import (
     STAGES,
     PocketGPTError,
     duration,
-    fingerprint,
     is_main_process,
     kaggle_root,
     library_versions,
@@ -29,6 +28,7 @@ from .common import (
     on_kaggle,
     read_json,
 )
+from .data import fingerprint
 from .files import DiskFullError, check_writable, disk_full_error, is_disk_full, write_file, write_folder, write_json
 
 PREFERENCE = "preference"  # 03's preference phase: its sub-folder, the parameter that asks for it, its metrics key
@@ -134,7 +134,7 @@ def partial_dir(out_dir) -> Path:
 
 def input_fingerprint(path) -> str:
     """sha256 of a stage's input: a stage folder's manifest (which lists and dates its files), else
-    common.fingerprint's (a file, or a save_to_disk folder)."""
+    data.fingerprint's (a file, or a save_to_disk folder)."""
     manifest = StageDir(path).manifest
     return fingerprint(manifest if Path(path).is_dir() and manifest.is_file() else path)
 

@@ -3,7 +3,7 @@
 Owns: training (on an even sample), saving and loading the tokenizer; encoding user text (special-token strings
 stay text); train.bin / val.bin (uint16, each document <|bos|> ... <|eos|>, a long one's pieces hashed to either
 side) and doc_stats.npz (a row per piece), streamed; build_tokenizer_stage, the whole of 01.
-Imports: common, files, config, data, stages.
+Imports: common, files, data, config, corpus, demo, stages.
 """
 from __future__ import annotations
 
@@ -19,10 +19,9 @@ from .common import (
     EOS_ID,
     PAD_ID,
     SPECIAL_TOKENS,
+    TOKEN_ROLES,
     UNK_ID,
     PocketGPTError,
-    attached_input,
-    files_summary,
     human_bytes,
     on_kaggle,
     progress,
@@ -30,7 +29,9 @@ from .common import (
     read_json,
 )
 from .config import TokenizerConfig
-from .data import CORPUS_FORMATS, corpus_files, demo_data, iter_fragments, iter_pieces, scan_corpus, split_piece_chars
+from .corpus import corpus_files, iter_fragments, iter_pieces, scan_corpus, split_piece_chars
+from .data import CORPUS_FORMATS, attached_input, files_summary
+from .demo import demo_data
 from .files import space_for, write_file, write_json
 from .stages import StageDir, stage_output
 
@@ -84,8 +85,7 @@ def even_sample(pieces, total_bytes: int, sample_bytes: int):
 
 def wrap_tokenizer(tok, model_max_length: int = 1024):
     """The transformers face of the tokenizer: GPT2TokenizerFast with the four special tokens set."""
-    return GPT2TokenizerFast(tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|eos|>",
-                             pad_token="<pad>", unk_token="<unk>", add_prefix_space=False,
+    return GPT2TokenizerFast(tokenizer_object=tok, **TOKEN_ROLES, add_prefix_space=False,
                              model_max_length=model_max_length)
 
 

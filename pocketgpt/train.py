@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from .budget import Budget, LogWindow
 from .checkpoint import RunState, restore_checkpoint, restore_rng, rng_state
-from .common import BOS_ID, EOS_ID, PAD_ID, PocketGPTError, duration, is_number, watched
+from .common import BOS_ID, EOS_ID, IGNORE_ID, PAD_ID, PocketGPTError, duration, is_number, watched
 from .device import choose_precision, device_name, peak_flops, resolve_compile
 from .files import csv_text, report_launch_event, tensor_bytes, torch_file, write_file, write_folder
 from .model import LMLoss, count_params, flops_per_token
@@ -110,7 +110,7 @@ def train(model, train_data, val_batches, cfg, opts: TrainOptions) -> TrainResul
     said_plan = state.max_steps or 0  # the plan the last plan line gave
     scale = run.scaler.get_scale() if run.scaler.is_enabled() else None
     lr = lr_at(state.step, cfg, state.max_steps, opts.warmup_steps)
-    stop_reason, new_step = None, False  # new_step: this pass follows an optimizer step
+    stop_reason, new_step, grad_norm = None, False, None  # new_step: this pass follows an optimizer step (grad_norm's)
 
     # a live bar where someone watches; a headless run has the log lines (with the time left) alone
     bar = tqdm(total=state.max_steps, initial=state.step, desc=opts.stage, unit="step",
@@ -282,7 +282,7 @@ class Run:
         """This session's training starts (after the first minutes' fitting): its clock, its first step, the
         hours of the sessions before it, and the target tokens of one evaluation."""
         self.started, self.first_step, self.hours_before = time.time(), state.step, state.hours
-        self.val_tokens = sum(int((y != -100).sum()) for _, y in val_batches)
+        self.val_tokens = sum(int((y != IGNORE_ID).sum()) for _, y in val_batches)
 
     def hours(self) -> float:
         """Training hours of every session so far, this one included."""

@@ -17,7 +17,8 @@ from pocketgpt.common import EOS_ID, PocketGPTError
 from pocketgpt.dialogs import CHAT_TEMPLATE
 from pocketgpt.evaluate import answer_table, ask
 from pocketgpt.export import write_export_folder
-from pocketgpt.gguf import hf_logits, llama_cpp_problem, llama_logits, load_llama, write_gguf
+from pocketgpt.gguf import write_gguf
+from pocketgpt.llama import hf_logits, llama_cpp_problem, llama_logits, load_llama
 from pocketgpt.model import build_model, grow_positions
 from pocketgpt.pipeline import check_parameters
 from pocketgpt.seed_check import seed_inference

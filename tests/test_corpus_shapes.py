@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import pocketgpt_utils as pg
-from pocketgpt.data import iter_documents
+from pocketgpt.corpus import iter_documents
 from pocketgpt.tokenizer import encode_text
 
 HERE = Path(__file__).resolve().parents[1]
@@ -76,7 +76,7 @@ def test_pieces_encode_to_exactly_the_ids_of_the_whole(tok, texts):
     """Cut where the byte-level pre-tokenizer splits anyway (before a space between two non-spaces, after a
     newline between two), pieces encoded one by one give the whole's ids: unicode, digits, punctuation,
     newlines, runs of spaces, quoted special tokens."""
-    from pocketgpt.data import iter_pieces
+    from pocketgpt.corpus import iter_pieces
     rng = random.Random(29)
     for trial in range(60):
         text = "".join(rng.choice(SNIPPETS + [rng.choice(texts)[:300]]) for _ in range(rng.randint(50, 300)))

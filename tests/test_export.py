@@ -17,13 +17,13 @@ from pocketgpt.common import BOS_ID, HERE, library_versions
 from pocketgpt.dialogs import chat_prompt_ids, distinct_n, repeated_ngram_share
 from pocketgpt.evaluate import QUALITY_ROWS
 from pocketgpt.export import DEFAULT_PROMPTS, report_markdown
-from pocketgpt.gguf import (
+from pocketgpt.gguf import write_gguf
+from pocketgpt.llama import (
     GGUF_TOLERANCES,
     TOKENIZER_PROBES,
     export_gguf_files,
     native_stderr_filtered,
     verify_gguf,
-    write_gguf,
 )
 from pocketgpt.model import generate, generate_many
 
@@ -187,7 +187,7 @@ def test_batched_answers_equal_one_at_a_time(run):
     prompts = [chat_prompt_ids(tok, p) for p in ["What is a tensor?", "What is a vector?", "What is a matrix?",
                                                     "Explain dropout.", "Explain softmax."]]
     batched = generate_many(model, prompts, greedy=True, batch_size=8)
-    single = [generate(model, tok, ids, 500, greedy=True) for ids in prompts]
+    single = [generate(model, ids, 500, greedy=True) for ids in prompts]
     for ids, a, b in zip(prompts, batched, single):
         room = model.config.n_positions - max(len(p) for p in prompts)
         assert a == b[:room], ids
@@ -254,7 +254,7 @@ def test_a_gguf_without_the_chat_template_fails_the_check(run, llama_runs, tmp_p
 
 def greedy_answer(model, tok, messages, n):
     ids = list(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
-    return tok.decode(generate(model, tok, ids, n, greedy=True), skip_special_tokens=True).strip()
+    return tok.decode(generate(model, ids, n, greedy=True), skip_special_tokens=True).strip()
 
 
 def test_the_chat_command_holds_a_conversation_through_stdin(run):

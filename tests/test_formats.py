@@ -12,8 +12,9 @@ import pytest
 import zstandard
 
 import pocketgpt_utils as pg
-from pocketgpt.common import BOS_ID, attached_input, data_size
-from pocketgpt.data import CORPUS_FORMATS, corpus_files, find_text_column, iter_documents, scan_corpus
+from pocketgpt.common import BOS_ID
+from pocketgpt.corpus import corpus_files, find_text_column, iter_documents, scan_corpus
+from pocketgpt.data import CORPUS_FORMATS, attached_input, data_size
 from pocketgpt.dialogs import (
     CHAT_TEMPLATE,
     chat_prompt,

@@ -64,25 +64,46 @@ def test_the_seed_and_the_model_shape_are_written_once():
 
 
 def pipeline_order() -> list[str]:
-    """The modules in the order pocketgpt_utils.py's docstring lists them: each may import only those above it."""
+    """The modules as pocketgpt_utils.py's docstring lists them: the table of contents, in pipeline order."""
     doc = ast.get_docstring(ast.parse((HERE / "pocketgpt_utils.py").read_text()))
-    paragraphs = doc.split("\n\n")
-    table = next(paragraphs[i + 1] for i, text in enumerate(paragraphs) if "pipeline order" in text)  # a module a line
-    return [line.split()[0] for line in table.splitlines()]
+    block = next(part for part in doc.split("\n\n") if part.startswith("    common "))  # the indented list
+    return [line.split()[0] for line in block.splitlines()]
 
 
-def test_every_module_is_listed_once_and_imports_only_the_ones_above_it():
+def test_the_table_of_contents_lists_every_module_and_imports_run_down_it():
+    """pocketgpt_utils.py lists each module of the package once, a module imports only those above it in that
+    list, at its top or inside a function (cli, on top, imports the rest when work starts), and its docstring
+    says what it imports."""
     order = pipeline_order()
-    modules = sorted(p.stem for p in (HERE / "pocketgpt").glob("*.py") if p.stem != "__init__")
-    assert sorted(order) == modules, "pocketgpt_utils.py's module list and pocketgpt/ differ"
-    for name in order:
-        tree = ast.parse((HERE / "pocketgpt" / f"{name}.py").read_text())
-        doc = ast.get_docstring(tree)
-        assert doc and "Imports:" in doc, f"{name}.py: its docstring says what it imports"
+    package = sorted(p.stem for p in (HERE / "pocketgpt").glob("*.py") if p.stem != "__init__")
+    assert sorted(order) == package and len(order) == len(set(order)), "pocketgpt_utils.py's module list"
+    upward = []
+    for module in order:
+        tree = ast.parse((HERE / "pocketgpt" / f"{module}.py").read_text())
+        assert re.search(r"^Imports: ", ast.get_docstring(tree) or "", flags=re.M), f"{module}.py: no Imports: line"
         for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
-                below = node.module.split(".")[0]
-                assert order.index(below) < order.index(name), f"{name}.py:{node.lineno} imports {below}, above it"
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                names = [node.module] if node.module else [a.name for a in node.names]  # `from . import config`
+                upward += [f"{module}.py:{node.lineno} imports {name}, which comes after it"
+                           for name in (n.split(".")[0] for n in names) if order.index(name) >= order.index(module)]
+    assert not upward, "\n".join(upward)
+
+
+def test_the_readmes_table_of_parameters_names_modules_and_functions_that_exist():
+    """README's "Where each parameter is used": every module it names is in the package, and every function it
+    names beside a module is defined there."""
+    readme = (HERE / "README.md").read_text()
+    table = readme.split("### Where each parameter is used", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split("|")[2] for line in table.splitlines() if line.startswith("| `")]
+    assert rows
+    for cell in rows:
+        for module, names in re.findall(r"`(\w+)\.py`(?: \(([^)]*)\))?", cell):
+            path = HERE / "pocketgpt" / f"{module}.py"
+            assert path.is_file(), f"README names {module}.py"
+            defined = {n.name for n in ast.parse(path.read_text()).body
+                       if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+            for name in re.findall(r"`(\w+)`", names):
+                assert name in defined, f"README: {name} is not in {module}.py"
 
 
 # a stage folder's file names: stages.py spells them, everyone else asks it (StageDir)

@@ -259,10 +259,10 @@ def test_the_validation_sample_is_spread_over_the_split_and_fixed(tokenizer_stag
 
 def test_a_prompt_longer_than_the_context_keeps_its_last_tokens(tokenizer_stage):
     cfg = pg.make_config(pg.PretrainConfig, "demo", run_dir="/tmp/unused", **{k: v for k, v in TINY.items() if k != "vocab_size"})
-    model, tok = build_model(TINY["vocab_size"], cfg).eval(), pg.load_tokenizer(tokenizer_stage)
+    model = build_model(TINY["vocab_size"], cfg).eval()
     prompt = list(range(4, 4 + TINY["n_positions"] + 30))
     with pytest.warns(UserWarning, match=f"prompt has {len(prompt)} tokens.*only its last"):
-        new = generate(model, tok, prompt, max_new_tokens=8, greedy=True)
+        new = generate(model, prompt, max_new_tokens=8, greedy=True)
     assert 1 <= len(new) <= 8
 
 

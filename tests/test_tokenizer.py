@@ -10,7 +10,8 @@ from conftest import TINY
 
 import pocketgpt_utils as pg
 from pocketgpt.common import BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS, UNK_ID
-from pocketgpt.data import iter_documents, split_of
+from pocketgpt.corpus import iter_documents
+from pocketgpt.data import split_of
 from pocketgpt.stages import stage_output
 from pocketgpt.tokenizer import decode_documents, document_ids, read_bin
 

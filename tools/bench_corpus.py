@@ -171,7 +171,7 @@ def measure_raw(corpus: Path, shape: str, sample_bytes: int, vocab_size: int = 2
 
 def measure_sample(corpus: Path, val: Path, mb: float, vocab_size: int) -> dict:
     """Compression of held-out text (bytes per token) by a BPE trained on an even sample of `mb` MB."""
-    from pocketgpt.data import iter_fragments, iter_pieces
+    from pocketgpt.corpus import iter_fragments, iter_pieces
     from pocketgpt.tokenizer import even_sample, fast_encoder, train_tokenizer, wrap_tokenizer
     size = corpus.stat().st_size
     started = time.time()
@@ -224,7 +224,7 @@ def in_fresh_process(*args) -> dict:
 
 def demo_docs(work: Path, max_bytes: int = 6_000_000) -> list[str]:
     import pocketgpt_utils as pg
-    from pocketgpt.data import iter_documents
+    from pocketgpt.corpus import iter_documents
     data = work / "demo"
     if not (data / "corpus.txt").exists():
         pg.make_demo_data(data, max_bytes=max_bytes)

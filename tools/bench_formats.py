@@ -56,7 +56,7 @@ def measure_read(corpus: Path, tokenizer_dir: Path, encode_mb: float) -> dict:
 
     import pocketgpt_utils as pg
     from pocketgpt.common import BOS_ID, EOS_ID
-    from pocketgpt.data import iter_documents, scan_corpus
+    from pocketgpt.corpus import iter_documents, scan_corpus
     from pocketgpt.tokenizer import encode_text
     base = peak_rss_mb()
     started = time.time()
@@ -136,7 +136,7 @@ def main(argv=None) -> int:
     import pandas as pd
 
     import pocketgpt_utils as pg
-    from pocketgpt.data import iter_documents
+    from pocketgpt.corpus import iter_documents
     work = Path(args.work or tempfile.mkdtemp(prefix="pocketgpt-bench-formats-"))
     work.mkdir(parents=True, exist_ok=True)
     data = work / "demo"

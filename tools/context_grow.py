@@ -18,7 +18,6 @@ of it (each token predicted with between context/2 and context tokens before it;
 Results go to <out>/results.json; `table` prints the markdown table of the README.
 """
 import argparse
-import json
 import sys
 from pathlib import Path
 
