@@ -74,11 +74,15 @@ def summary_paragraph(doc: str) -> str:
 DEMO_BYTES, DEMO_DIALOGS = 6_000_000, 20_000  # the demo corpus's size and its dialog rows (demo-data's defaults)
 
 
+DEMO_FILES = {"corpus": "corpus.txt", "dialogs": "dialogs.csv"}  # the demo data's two files, by what each holds
+
+
 def make_demo_data(out_dir, max_bytes: int = DEMO_BYTES, max_dialogs: int = DEMO_DIALOGS,
                    packages=DEMO_PACKAGES) -> dict:
     """Write corpus.txt (documents separated by blank lines) and dialogs.csv; deterministic."""
     out_dir = Path(out_dir)
-    check_writable(out_dir / "corpus.txt", "--out")
+    corpus, dialogs_csv = (out_dir / DEMO_FILES[kind] for kind in ("corpus", "dialogs"))
+    check_writable(corpus, "--out")
     out_dir.mkdir(parents=True, exist_ok=True)
     packages = [p for p in packages if importlib.util.find_spec(p) is not None]
     seen, documents, n_bytes, dialogs = set(), [], 0, []
@@ -105,16 +109,16 @@ def make_demo_data(out_dir, max_bytes: int = DEMO_BYTES, max_dialogs: int = DEMO
                 for k in sorted({key[0] % len(QUESTION_TEMPLATES), key[1] % len(QUESTION_TEMPLATES)}):
                     q = QUESTION_TEMPLATES[k].format(name=name, qualname=qualname, kind=kind, package=package)
                     dialogs.append((q, answer))
-    write_file(out_dir / "corpus.txt", "".join(d + "\n\n" for d in documents))
-    write_file(out_dir / "dialogs.csv", csv_text(["instruction", "response"], dialogs[:max_dialogs]))
-    return {"corpus": str(out_dir / "corpus.txt"), "documents": len(documents), "bytes": n_bytes,
-            "dialogs": str(out_dir / "dialogs.csv"), "dialog_rows": min(len(dialogs), max_dialogs)}
+    write_file(corpus, "".join(d + "\n\n" for d in documents))
+    write_file(dialogs_csv, csv_text(["instruction", "response"], dialogs[:max_dialogs]))
+    return {"corpus": str(corpus), "documents": len(documents), "bytes": n_bytes,
+            "dialogs": str(dialogs_csv), "dialog_rows": min(len(dialogs), max_dialogs)}
 
 
-def demo_data(run_dir) -> Path:
-    """The run folder's data/ with the demo corpus.txt and dialogs.csv, built on first use."""
+def demo_data(run_dir, kind: str) -> Path:
+    """The demo's `kind` file ("corpus" or "dialogs") in the run folder's data/, the data built on first use."""
     data = Path(run_dir) / "data"
-    if not ((data / "corpus.txt").exists() and (data / "dialogs.csv").exists()):
+    if not all((data / name).exists() for name in DEMO_FILES.values()):
         print(f"building the demo data in {data}")
         make_demo_data(data)
-    return data
+    return data / DEMO_FILES[kind]

@@ -51,7 +51,7 @@ def dialog_files(dialogs_path, run_dir) -> list[Path]:
     None = the demo dialogs (on Kaggle: the one attached dialogs.csv, dialogs.jsonl, ...)."""
     if dialogs_path is None:
         dialogs_path = str(attached_input("dialogs", "dialogs_path", DIALOG_FORMATS) if on_kaggle()
-                           else demo_data(run_dir) / "dialogs.csv")
+                           else demo_data(run_dir, "dialogs"))
     return data_files(dialogs_path, "dialogs_path", DIALOG_FORMATS, "Pass the file of instruction/response pairs "
                       "or chats (CSV, JSONL, Parquet; on Kaggle, attach its dataset).")
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from .common import HERE, STAGES, PocketGPTError, default_run_dir, duration
 from .config import resolve_profile
 from .data import CORPUS_FORMATS, DIALOG_FORMATS, data_files
-from .demo import demo_data
+from .demo import DEMO_FILES, demo_data
 from .files import write_file
 from .stages import stage_status
 
@@ -57,9 +57,6 @@ def render_html(notebook_path: Path) -> Path:
     html = notebook_path.with_suffix(".html")
     write_file(html, body)
     return html
-
-
-DATA_FILES = {"corpus": "corpus.txt", "dialogs": "dialogs.csv"}
 
 
 DATA_STAGES = {"corpus": "tokenizer", "dialogs": "sft"}  # the stage that reads each
@@ -119,7 +116,7 @@ def check_data(corpus=None, dialogs=None, stages=None) -> None:
             if given[key] is None:
                 other = next(k for k in given if k != key)
                 raise PocketGPTError(f"--{other} was given without --{key}: pass --{key} PATH (your "
-                                     f"{DATA_FILES[key]}), or --{key} demo to use the demo {DATA_FILES[key]}.")
+                                     f"{DEMO_FILES[key]}), or --{key} demo to use the demo {DEMO_FILES[key]}.")
     for key, formats in [("corpus", CORPUS_FORMATS), ("dialogs", DIALOG_FORMATS)]:
         if key in needed and given[key] not in (None, "demo"):
             data_files(given[key], f"--{key}", formats, "Check the path (relative paths are from where you run this).")
@@ -131,7 +128,7 @@ def pipeline_inputs(run_dir, corpus=None, dialogs=None, stages=None) -> dict:
     needed = {k for k, stage in DATA_STAGES.items() if not stages or stage in stages}
     given = {"corpus": corpus, "dialogs": dialogs}
     return {f"{key}_path": str(where_typed(given[key]) if given[key] not in (None, "demo")
-                               else demo_data(run_dir) / DATA_FILES[key]) for key in sorted(needed)}
+                               else demo_data(run_dir, key)) for key in sorted(needed)}
 
 
 def run_pipeline(profile: str | None = None, run_dir=None, corpus=None, dialogs=None, params=None,

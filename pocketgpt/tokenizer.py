@@ -288,7 +288,7 @@ def corpus_lines(scan: dict, files, cfg: TokenizerConfig, piece: int) -> list[st
         + (f", {scan['invalid_utf8_bytes']} invalid UTF-8 bytes replaced" if scan["invalid_utf8_bytes"] else ""),
         f"pieces: a document longer than {2 * piece:,} characters is trained on and encoded in pieces of about "
         f"{piece:,}, cut where the tokenizer splits anyway (the same ids as the whole; no <|bos|>/<|eos|> between)",
-        f"BPE: learns from " + (f"the whole text ({human_bytes(scan['text_bytes'])})" if sample >= scan["text_bytes"] else
+        "BPE: learns from " + (f"the whole text ({human_bytes(scan['text_bytes'])})" if sample >= scan["text_bytes"] else
                                 f"an even sample of {human_bytes(sample)} of the {human_bytes(scan['text_bytes'])} "
                                 f"(bpe_sample_bytes={cfg.bpe_sample_bytes:,}); then the whole corpus is encoded"),
         f"split: each document, or each piece of a long one, goes to val by a seeded hash of its text "
@@ -302,7 +302,7 @@ def build_tokenizer_stage(cfg: TokenizerConfig) -> Path:
     if cfg.corpus_path is None and on_kaggle():  # the attached corpus.txt (.jsonl, .parquet, ...), wherever it is mounted
         cfg.corpus_path = str(attached_input("corpus", "corpus_path", CORPUS_FORMATS))
     elif cfg.corpus_path is None:
-        cfg.corpus_path = str(demo_data(cfg.run_dir) / "corpus.txt")
+        cfg.corpus_path = str(demo_data(cfg.run_dir, "corpus"))
     files = corpus_files(cfg.corpus_path)
     print(f"corpus_path={cfg.corpus_path}: {files_summary(files)}")
     started = time.time()
