@@ -251,7 +251,7 @@ def save_doc_stats(out_dir) -> None:
         with open(path, "wb") as f:  # a file object: np.savez would add ".npz" to a name
             np.savez(f, **arrays)
     write_file(out_dir.doc_stats, save)
-    del arrays
+    arrays.clear()  # the memmaps let go of the column files before they are deleted
     for p in tmp.values():
         p.unlink()
 
