@@ -118,13 +118,15 @@ def wait_for(predicate, timeout: float, proc) -> None:
         time.sleep(0.05)
 
 
-def kill_after_a_checkpoint(params: dict, partial, rng: random.Random, after_mtime: float = 0.0) -> dict:
+def kill_after_a_checkpoint(params: dict, partial, rng: random.Random, after_mtime: float = 0.0,
+                            within: float = 2.5) -> dict:
     """Start the stage, wait for a checkpoint newer than `after_mtime` in `partial`, then kill -9 it at a
-    random moment; returns what the crash left: the checkpoint's step and how old it was at the kill."""
+    random moment up to `within` seconds later; returns what the crash left: the checkpoint's step and how old it
+    was at the kill."""
     proc = start_stage("pretrain", params)
     ckpt = partial / "ckpt.pt"
     wait_for(lambda: ckpt.exists() and ckpt.stat().st_mtime > after_mtime, 120, proc)
-    time.sleep(rng.uniform(0.2, 2.5))
+    time.sleep(rng.uniform(0.2, within))
     age = time.time() - ckpt.stat().st_mtime
     out = kill_group(proc)
     return {"age": age, "step": torch.load(ckpt, weights_only=False)["state"]["step"], "mtime": ckpt.stat().st_mtime,
